@@ -1,0 +1,136 @@
+"""`embedtune` command line: thin over the library. Bad input → one line on stderr, exit 2.
+
+Each subcommand is a `_cmd_<name>(args)` function registered in `build_parser()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from embedtune import env
+from embedtune.errors import EmbedtuneError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        help="sample name (medquad-sample, squad-sample), a .jsonl/.parquet/.csv file, a BEIR folder, or hf:<id>; "
+        "settings may follow after '?', e.g. data.csv?question_column=q&answer_column=a",
+    )
+    p.add_argument("--question-column", help="column holding the question (default: question)")
+    p.add_argument("--answer-column", help="column holding the answer / passage (default: answer)")
+    p.add_argument("--hf-split", help="split of a Hugging Face dataset (default: train)")
+    p.add_argument("--eval-size", type=int, help="held-out eval questions")
+    p.add_argument("--max-train-pairs", type=int, help="cap the training pairs")
+    p.add_argument("--max-pairs", type=int, help="sample this many pairs before splitting")
+
+
+def _data_spec(args: argparse.Namespace):
+    from embedtune.data import parse_data_arg
+
+    return parse_data_arg(
+        args.data,
+        question_column=args.question_column,
+        answer_column=args.answer_column,
+        hf_split=args.hf_split,
+        eval_size=args.eval_size,
+        max_train_pairs=args.max_train_pairs,
+        max_pairs=args.max_pairs,
+    )
+
+
+def _validated(model_cls, **values):
+    """Build a pydantic model from CLI values; a bad value becomes a one-line error naming the flag."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "input"
+        raise EmbedtuneError(f"{flag}: {err['msg']} (got {err.get('input')!r})") from exc
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from embedtune.data import prepare
+    from embedtune.models import resolve_model
+    from embedtune.negatives import MiningSpec, mine
+    from embedtune.train import TrainConfig, train
+
+    config = _validated(
+        TrainConfig,
+        model=args.model,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_seq_length=args.max_seq_length,
+        hard_negatives=not args.no_hard_negatives,
+        threads=args.threads,
+    )
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise EmbedtuneError(f"--out {out} exists and is not empty; pick a new directory or pass --overwrite")
+    resolve_model(config.model)  # fail on an unknown model before loading any data
+    spec = _data_spec(args)
+    data = prepare(spec)
+    print(f"[embedtune] data {data.label} ({data.fingerprint}): " + ", ".join(f"{k}={v}" for k, v in data.counts.items()))
+    triplets = None
+    if config.hard_negatives:
+        triplets = mine(data, _validated(MiningSpec, model=args.miner or config.model))
+        source = "mined" if triplets.mined else "cached"
+        print(f"[embedtune] hard negatives ({source}, key {triplets.key}): {triplets.counts}")
+    result = train(config, data, triplets, out)
+    best = result.best()
+    print(f"[embedtune] wrote {out} in {result.duration_s:.0f}s on {result.device}; best epoch {best.epoch}")
+    if args.json:
+        print(json.dumps(result.to_json()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedtune", description=__doc__)
+    parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune one model on one dataset")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="packaged name, local path or hub id")
+    _add_data_args(p)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--miner", help="model that mines hard negatives (default: the model being trained)")
+    p.add_argument("--no-hard-negatives", action="store_true", help="train on plain pairs")
+    p.add_argument("--out", required=True, help="directory for the final model and metrics.json")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env.apply(offline=True if args.offline else None)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EmbedtuneError as exc:
+        print(f"embedtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("embedtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""One fine-tuning run: sentence-transformers' trainer with MultipleNegativesRankingLoss.
+
+`train()` is the function a sweep trial calls: it evaluates the base model (epoch 0), trains for
+the asked epochs with a TripletEvaluator + InformationRetrievalEvaluator at the end of every
+epoch, hands each epoch's metrics (and, if asked, a checkpoint) to a callback, and writes the
+final model plus `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from embedtune.data import PreparedData
+from embedtune.errors import EmbedtuneError
+from embedtune.negatives import Triplets
+
+log = logging.getLogger(__name__)
+
+IR_K = (1, 5, 10)
+# What the sweep's scheduler and the leaderboard rank by unless told otherwise.
+DEFAULT_METRIC = "ir_recall_at_10"
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters of one trial."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "all-MiniLM-L6-v2"
+    epochs: int = Field(1, ge=1, description="training epochs (>= 1)")
+    lr: float = Field(2e-5, gt=0, lt=1)
+    batch_size: int = Field(32, ge=2, description="MNRL needs in-batch negatives: >= 2")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 42
+    max_seq_length: int | None = Field(128, ge=8, description="truncate inputs (None = the model's own)")
+    hard_negatives: bool = Field(True, description="train on mined triplets; False = plain pairs")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all)")
+    fp16: bool = Field(False, description="mixed precision on GPU")
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    history: list[EpochMetrics] = field(default_factory=list)
+    duration_s: float = 0.0
+    device: str = "cpu"
+
+    def best(self, metric: str = DEFAULT_METRIC) -> EpochMetrics:
+        trained = [h for h in self.history if h.epoch > 0] or self.history
+        return max(trained, key=lambda h: h.metrics.get(metric, float("-inf")))
+
+    def to_json(self) -> dict:
+        return {
+            "model_dir": str(self.model_dir),
+            "duration_s": self.duration_s,
+            "device": self.device,
+            "history": [asdict(h) for h in self.history],
+        }
+
+
+# (epoch, metrics, checkpoint dir or None) -> None. A Ray trial reports to Tune from here.
+EpochCallback = Callable[[int, dict[str, float], Path | None], None]
+
+
+def clean_metric_name(key: str) -> str:
+    """`eval_ir_cosine_recall@10` -> `ir_recall_at_10` (MLflow metric names cannot hold '@')."""
+    key = key.removeprefix("eval_").replace("cosine_", "").replace("@", "_at_")
+    return key
+
+
+def _clean(metrics: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        name = clean_metric_name(k)
+        if name.startswith(("ir_", "triplet_")) and isinstance(v, int | float):
+            out[name] = float(v)
+    return out
+
+
+def build_evaluator(data: PreparedData, triplets: Triplets | None, batch_size: int = 64):
+    from sentence_transformers.sentence_transformer.evaluation import (
+        InformationRetrievalEvaluator,
+        SequentialEvaluator,
+        TripletEvaluator,
+    )
+
+    ir = InformationRetrievalEvaluator(
+        queries=data.queries,
+        corpus=data.corpus,
+        relevant_docs={q: set(c) for q, c in data.relevant.items()},
+        accuracy_at_k=list(IR_K),
+        precision_recall_at_k=list(IR_K),
+        mrr_at_k=[10],
+        ndcg_at_k=[10],
+        map_at_k=[10],
+        batch_size=batch_size,
+        name="ir",
+        write_csv=False,
+        score_functions=None,
+    )
+    evaluators = [ir]
+    if triplets is not None and len(triplets.eval):
+        ev = triplets.eval
+        evaluators.insert(
+            0,
+            TripletEvaluator(ev["anchor"], ev["positive"], ev["negative"], name="triplet", batch_size=batch_size, write_csv=False),
+        )
+    return SequentialEvaluator(evaluators)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train(
+    config: TrainConfig,
+    data: PreparedData,
+    triplets: Triplets | None,
+    out_dir: Path,
+    on_epoch: EpochCallback | None = None,
+    checkpoint_every_epoch: bool = False,
+    resume_from: Path | None = None,
+    start_epoch: int = 0,
+    history: list[EpochMetrics] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune `config.model` on `data` and write the final model to `out_dir`.
+
+    `resume_from` + `start_epoch` continue a run from a per-epoch checkpoint (model weights; the
+    optimizer restarts, with no second warmup)."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
+
+    from embedtune.models import resolve_model
+
+    if config.hard_negatives and triplets is None:
+        raise EmbedtuneError("hard_negatives is on but no triplets were given; mine them first (embedtune.negatives.mine)")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = _device()
+    out_dir = Path(out_dir)
+    started = time.time()
+    source = resolve_model(config.model) if resume_from is None else Path(resume_from)
+    model = SentenceTransformer(str(source), device=device)
+    if config.max_seq_length:
+        model.max_seq_length = min(config.max_seq_length, model.max_seq_length or config.max_seq_length)
+
+    if config.hard_negatives:
+        train_ds = triplets.train.select_columns(["anchor", "positive", "negative"])
+    else:
+        train_ds = Dataset.from_dict({"anchor": [q for q, _ in data.train], "positive": [a for _, a in data.train]})
+    if len(train_ds) < config.batch_size:
+        log.warning("only %d training rows for batch size %d", len(train_ds), config.batch_size)
+    evaluator = build_evaluator(data, triplets)
+    history = list(history or [])
+    if start_epoch == 0:
+        t0 = time.time()
+        base = _clean(evaluator(model))
+        history.append(EpochMetrics(0, base, time.time() - t0))
+        _print_epoch(0, base)
+        if on_epoch:
+            on_epoch(0, base, None)
+
+    remaining = config.epochs - start_epoch
+    scratch = Path(tempfile.mkdtemp(prefix="embedtune-train-"))
+    if remaining > 0:
+        epoch_started = [time.time()]
+
+        class _EpochReporter(TrainerCallback):
+            def on_epoch_begin(self, args, state, control, **kwargs):
+                epoch_started[0] = time.time()
+
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                epoch = start_epoch + max(1, round(state.epoch or 0))
+                cleaned = _clean(metrics or {})
+                losses = [h["loss"] for h in state.log_history if "loss" in h]
+                if losses:
+                    cleaned["train_loss"] = float(losses[-1])
+                history.append(EpochMetrics(epoch, cleaned, time.time() - epoch_started[0]))
+                _print_epoch(epoch, cleaned)
+                ckpt = None
+                if checkpoint_every_epoch:
+                    ckpt = scratch / f"epoch-{epoch}"
+                    model.save(str(ckpt))
+                if on_epoch:
+                    on_epoch(epoch, cleaned, ckpt)
+
+        steps_per_epoch = max(1, math.ceil(len(train_ds) / config.batch_size))
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(scratch / "trainer"),
+            num_train_epochs=remaining,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.lr,
+            warmup_ratio=config.warmup_ratio if start_epoch == 0 else 0.0,
+            weight_decay=config.weight_decay,
+            seed=config.seed,
+            batch_sampler=BatchSamplers.NO_DUPLICATES,  # duplicates in a batch are false in-batch negatives
+            eval_strategy="epoch",
+            save_strategy="no",
+            logging_steps=max(1, steps_per_epoch // 4),
+            report_to="none",
+            disable_tqdm=not progress,
+            use_cpu=device == "cpu",
+            fp16=config.fp16 and device == "cuda",
+            dataloader_num_workers=0,
+        )
+        trainer = SentenceTransformerTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            loss=MultipleNegativesRankingLoss(model),
+            evaluator=evaluator,
+            callbacks=[_EpochReporter()],
+        )
+        trainer.train()
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save(str(staging))
+    result = TrainResult(out_dir, history, time.time() - started, device)
+    (staging / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)  # the final model appears whole or not at all
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _print_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    keys = ["ir_recall_at_10", "ir_accuracy_at_1", "ir_mrr_at_10", "ir_ndcg_at_10", "triplet_accuracy", "train_loss"]
+    shown = "  ".join(f"{k.removeprefix('ir_')}={metrics[k]:.4f}" for k in keys if k in metrics)
+    label = "base" if epoch == 0 else f"epoch {epoch}"
+    print(f"[embedtune] {label:>8}: {shown}", flush=True)
+
+
+def cpu_threads_for(trial_cpus: float) -> int:
+    """Threads a trial may use: its CPU share, at least one (so concurrent trials do not fight)."""
+    return max(1, int(trial_cpus or os.cpu_count() or 1))

@@ -1,0 +1,56 @@
+"""Test-wide hygiene: offline hub, telemetry off, a shared cache home, and no sockets off loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.update(
+    EMBEDTUNE_OFFLINE="1",
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    RAY_USAGE_STATS_ENABLED="0",
+    TOKENIZERS_PARALLELISM="false",
+    DO_NOT_TRACK="1",
+)
+# Models materialise once into this home and are reused by every test (and every test run).
+os.environ.setdefault("EMBEDTUNE_HOME", str(REPO / ".embedtune-test-home"))
+
+
+def _is_loopback(address: object) -> bool:
+    if not isinstance(address, tuple) or not address:
+        return True  # AF_UNIX paths and the like
+    host = str(address[0])
+    if host in {"localhost", ""}:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost: would need DNS, so it is off-box
+
+
+class OffLoopbackConnection(AssertionError):
+    pass
+
+
+def _no_egress(event: str, args: tuple) -> None:
+    if event == "socket.connect" and len(args) >= 2:
+        sock, address = args[0], args[1]
+        if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+            raise OffLoopbackConnection(f"test process tried to connect off loopback: {address!r}")
+
+
+sys.addaudithook(_no_egress)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
