@@ -93,6 +93,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from embedtune.config import load_spec
+    from embedtune.sweep import STATE_FILE, resolve_run_dir, run_sweep
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        spec_file = run_dir / "spec.json"
+        if not (run_dir / STATE_FILE).exists() or not spec_file.exists():
+            raise EmbedtuneError(f"--resume {run_dir}: not a sweep run directory (no {STATE_FILE} / spec.json)")
+        spec = load_spec(spec_file)
+        resume: bool | None = True
+    else:
+        if not args.spec:
+            raise EmbedtuneError("give a sweep spec (e.g. sweeps/local.yaml) or --resume RUN_DIR")
+        spec = load_spec(args.spec)
+        run_dir = resolve_run_dir(spec, args.run_dir)
+        resume = None
+        if args.fresh and run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+            resume = False
+    result = run_sweep(spec, run_dir, resume=resume, final=not args.no_final, ray_address=args.address)
+    print(f"[embedtune] sweep {spec.name}: {len(result.trials)} trials in {result.run_dir}")
+    print(f"[embedtune] MLflow: {result.tracking_uri} (experiment {spec.experiment}); `make mlflow-ui RUN_DIR={result.run_dir}` to browse")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedtune", description=__doc__)
     parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
@@ -114,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="run (or resume) a sweep spec with Ray Tune")
+    p.add_argument("spec", nargs="?", help="sweep YAML, e.g. sweeps/local.yaml")
+    p.add_argument("--run-dir", help="where results go (default: runs/<sweep name>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="resume the sweep stored in RUN_DIR")
+    p.add_argument("--fresh", action="store_true", help="delete RUN_DIR first instead of resuming it")
+    p.add_argument("--no-final", action="store_true", help="skip the final stage (LanceDB + leaderboard)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 

@@ -315,13 +315,15 @@ def split(pairs: list[tuple[str, str]], spec: DataSpec, extra_corpus: list[str] 
             f"dataset {spec.label} is too small for the split asked: only {len(train)} train pair(s) left "
             f"after holding out {len(eval_questions)} eval questions; add data or lower eval_size/eval_fraction"
         )
+    # Distractors: every non-eval answer, also those of train pairs dropped by max_train_pairs.
+    non_eval_answers = [a for _, a in train]
     if spec.max_train_pairs and len(train) > spec.max_train_pairs:
         rng = random.Random(spec.seed + 1)
         train = sorted(rng.sample(train, spec.max_train_pairs), key=pairs.index)
 
     corpus_texts: list[str] = []
     seen: set[str] = set()
-    distractors = [a for _, a in train] + list(extra_corpus or []) if spec.corpus_distractors else []
+    distractors = non_eval_answers + list(extra_corpus or []) if spec.corpus_distractors else []
     for text in [a for _, a in eval_pairs] + distractors:
         if text not in seen:
             seen.add(text)

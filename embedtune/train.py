@@ -59,7 +59,7 @@ class EpochMetrics:
 
 @dataclass
 class TrainResult:
-    model_dir: Path
+    model_dir: Path | None
     history: list[EpochMetrics] = field(default_factory=list)
     duration_s: float = 0.0
     device: str = "cpu"
@@ -137,18 +137,22 @@ def train(
     config: TrainConfig,
     data: PreparedData,
     triplets: Triplets | None,
-    out_dir: Path,
+    out_dir: Path | None,
     on_epoch: EpochCallback | None = None,
     checkpoint_every_epoch: bool = False,
     resume_from: Path | None = None,
     start_epoch: int = 0,
     history: list[EpochMetrics] | None = None,
     progress: bool = True,
+    evaluate_base: bool = True,
 ) -> TrainResult:
     """Fine-tune `config.model` on `data` and write the final model to `out_dir`.
 
     `resume_from` + `start_epoch` continue a run from a per-epoch checkpoint (model weights; the
-    optimizer restarts, with no second warmup)."""
+    optimizer restarts, with no second warmup). With `checkpoint_every_epoch`, each epoch's model is
+    saved to `<ckpt>/model` and `<ckpt>` is passed to `on_epoch`, then deleted once it returns (a
+    Tune report has copied it to storage by then). `out_dir=None` skips writing the final model
+    (a sweep trial's last checkpoint already holds it)."""
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -164,7 +168,6 @@ def train(
     if config.threads:
         torch.set_num_threads(config.threads)
     device = _device()
-    out_dir = Path(out_dir)
     started = time.time()
     source = resolve_model(config.model) if resume_from is None else Path(resume_from)
     model = SentenceTransformer(str(source), device=device)
@@ -179,7 +182,7 @@ def train(
         log.warning("only %d training rows for batch size %d", len(train_ds), config.batch_size)
     evaluator = build_evaluator(data, triplets)
     history = list(history or [])
-    if start_epoch == 0:
+    if start_epoch == 0 and evaluate_base:
         t0 = time.time()
         base = _clean(evaluator(model))
         history.append(EpochMetrics(0, base, time.time() - t0))
@@ -207,9 +210,11 @@ def train(
                 ckpt = None
                 if checkpoint_every_epoch:
                     ckpt = scratch / f"epoch-{epoch}"
-                    model.save(str(ckpt))
+                    model.save(str(ckpt / "model"))
                 if on_epoch:
                     on_epoch(epoch, cleaned, ckpt)
+                if ckpt is not None:
+                    shutil.rmtree(ckpt, ignore_errors=True)
 
         steps_per_epoch = max(1, math.ceil(len(train_ds) / config.batch_size))
         args = SentenceTransformerTrainingArguments(
@@ -238,7 +243,15 @@ def train(
             evaluator=evaluator,
             callbacks=[_EpochReporter()],
         )
+        if not progress:  # no per-step log dicts either (a sweep shows its own progress)
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         trainer.train()
+    if out_dir is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        return TrainResult(None, history, time.time() - started, device)
+    out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save(str(staging))

@@ -1,0 +1,89 @@
+"""Start or join Ray without any traffic off loopback.
+
+At start the Ray head asks cloud metadata addresses (169.254.169.254, metadata.google.internal)
+which cloud it runs on, even with usage stats disabled, unless `~/ray_bootstrap_config.yaml`
+exists; Ray 2.60 also writes `~/.ray/auth_token` for a new local cluster. So a local cluster is
+started with HOME pointing at a private directory that holds a bootstrap config (so the probe is
+skipped and nothing lands in the user's home), token auth off, usage stats off, a private temp
+dir, and every address on 127.0.0.1. Only what this process started is shut down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+BOOTSTRAP = "# written by embedtune: marks a manually started cluster so Ray skips cloud detection\nprovider:\n  type: local\n"
+
+
+def private_home(base: Path | None = None) -> Path:
+    """A HOME for Ray processes holding ray_bootstrap_config.yaml."""
+    home = Path(base or tempfile.mkdtemp(prefix="embedtune-rayhome-"))
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "ray_bootstrap_config.yaml").write_text(BOOTSTRAP)
+    return home
+
+
+def ray_process_env(home: Path) -> dict[str, str]:
+    """Environment for Ray processes (also used by tests that start nodes with the CLI)."""
+    from embedtune import env
+
+    real_home = Path.home()
+    return {
+        "HOME": str(home),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        # Keep caches where they were before HOME moved.
+        "EMBEDTUNE_HOME": str(env.home()),
+        "HF_HOME": os.environ.get("HF_HOME", str(real_home / ".cache" / "huggingface")),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+@contextlib.contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def init(address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None, **kwargs) -> bool:
+    """Join `address` (a running cluster, e.g. on `ray job submit` or `auto`) or start a private local
+    Ray on loopback. Returns True when this call started Ray (so the caller should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, **kwargs)
+        return False
+    home = private_home()
+    # Set for the whole driver too: worker processes inherit it, and Tune reads ~/ray_bootstrap_config.yaml.
+    for key, value in ray_process_env(home).items():
+        if key != "HOME":
+            os.environ.setdefault(key, value)
+    temp_dir = tempfile.mkdtemp(prefix="etray-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    with patched_environ({"HOME": str(home)}):
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp_dir,
+            configure_logging=True,
+            logging_level="WARNING",
+            **kwargs,
+        )
+    return True

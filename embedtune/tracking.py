@@ -1,0 +1,207 @@
+"""MLflow tracking: one experiment per sweep, a parent run, one child run per trial.
+
+All writes happen in the driver (a Tune callback), never in the trial processes: SQLite stores do
+not take many concurrent writers, and the driver sees what a trial cannot — whether the scheduler
+stopped it (KILLED), it crashed (FAILED) or it finished. A resumed sweep finds the child run of a
+trial by its `embedtune.trial_id` tag and reopens it, so there is exactly one run per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from embedtune.models import model_label
+
+log = logging.getLogger(__name__)
+
+TRIAL_TAG = "embedtune.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+LOGGED_PREFIXES = ("ir_", "triplet_", "train_loss", "system/")
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None) -> str:
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = artifact_root.resolve().as_uri() if artifact_root and tracking_uri.startswith("sqlite") else None
+    return c.create_experiment(name, artifact_location=location)
+
+
+def start_parent_run(tracking_uri: str, experiment_id: str, run_id: str | None, name: str) -> str:
+    """Create the sweep's parent run, or reopen `run_id` when resuming."""
+    c = client(tracking_uri)
+    if run_id:
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    run = c.create_run(experiment_id, run_name=name, tags={"embedtune.kind": "sweep"})
+    return run.info.run_id
+
+
+def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    c = client(tracking_uri)
+    existing = c.get_run(run_id).data.params
+    items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
+    if items:
+        client(tracking_uri).log_batch(run_id, metrics=items)
+
+
+def log_sentence_transformer(tracking_uri: str, run_id: str, model_dir: Path, name: str = "model") -> str:
+    """Log a model directory as an MLflow sentence_transformers model; returns its model URI."""
+    import mlflow
+    import sentence_transformers
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    # Explicit requirements: inferring them starts a subprocess that reloads the model.
+    reqs = [f"sentence-transformers=={sentence_transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"]
+    client(tracking_uri).update_run(run_id, status="RUNNING")
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.sentence_transformers.log_model(model, name=name, pip_requirements=reqs)
+    return info.model_uri
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def close_open_children(tracking_uri: str, experiment_id: str, parent_run_id: str, status: str = "KILLED") -> int:
+    """Mark child runs still RUNNING (the driver died or was interrupted) as `status`."""
+    c = client(tracking_uri)
+    runs = c.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    )
+    for run in runs:
+        c.set_terminated(run.info.run_id, status=status)
+    return len(runs)
+
+
+class MlflowTrialCallback(Callback):
+    """Tune callback: a child MLflow run per trial with params, per-epoch metrics, model and status."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        base_metrics: dict[tuple[str, str], dict[str, float]],
+        log_models: bool = True,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.base_metrics = base_metrics
+        self.log_models = log_models
+        self.run_ids: dict[str, str] = {}
+        self.started: dict[str, float] = {}
+
+    # -- helpers
+    def _find_existing(self, trial_id: str) -> str | None:
+        runs = client(self.tracking_uri).search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+        )
+        return runs[0].info.run_id if runs else None
+
+    def run_id_for(self, trial) -> str:
+        if trial.trial_id in self.run_ids:
+            return self.run_ids[trial.trial_id]
+        c = client(self.tracking_uri)
+        run_id = self._find_existing(trial.trial_id)
+        if run_id:
+            c.update_run(run_id, status="RUNNING")
+        else:
+            cfg = trial.config
+            name = f"{model_label(str(cfg.get('model')))}-{cfg.get('dataset', 'data')}-e{cfg.get('epochs')}-{trial.trial_id}"
+            run_id = c.create_run(
+                self.experiment_id,
+                run_name=name,
+                tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, "embedtune.kind": "trial"},
+            ).info.run_id
+            params = {k: v for k, v in cfg.items() if not isinstance(v, dict | list)}
+            log_params(self.tracking_uri, run_id, params)
+            base = self.base_metrics.get((cfg.get("model"), cfg.get("dataset")), {})
+            log_metrics(self.tracking_uri, run_id, base, step=0)
+        self.run_ids[trial.trial_id] = run_id
+        return run_id
+
+    # -- Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.time())
+        self.run_id_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_PREFIXES)}
+        log_metrics(self.tracking_uri, self.run_id_for(trial), metrics, step=int(result.get("epoch", 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        done = int(last.get("epoch", 0))
+        planned = int(trial.config.get("epochs", done))
+        status = "FINISHED" if done >= planned else "KILLED"  # stopped early by the scheduler
+        self._close(trial, status, {"epochs_done": done})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = getattr(trial, "error_file", None)
+        self._close(trial, "FAILED", {"epochs_done": int((trial.last_result or {}).get("epoch", 0))}, error)
+
+    def _close(self, trial, status: str, extra: dict[str, float], error_file: str | None = None) -> None:
+        run_id = self.run_id_for(trial)
+        c = client(self.tracking_uri)
+        duration = (trial.last_result or {}).get("time_total_s")
+        metrics = dict(extra)
+        if duration is not None:
+            metrics["trial_duration_s"] = float(duration)
+        log_metrics(self.tracking_uri, run_id, metrics, step=int(extra.get("epochs_done", 0)))
+        c.set_tag(run_id, "embedtune.status", status)
+        if error_file:
+            c.set_tag(run_id, "embedtune.error_file", str(error_file))
+        if status != "FAILED" and self.log_models and trial.checkpoint is not None:
+            try:
+                with trial.checkpoint.as_directory() as ckpt:
+                    model_dir = Path(ckpt) / "model"
+                    if model_dir.exists():
+                        uri = log_sentence_transformer(self.tracking_uri, run_id, model_dir)
+                        c.set_tag(run_id, "embedtune.model_uri", uri)
+            except Exception as exc:  # a logging failure must not end the sweep
+                log.warning("could not log the model of trial %s: %s", trial.trial_id, exc)
+        c.set_terminated(run_id, status=status)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
