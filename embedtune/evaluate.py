@@ -143,20 +143,315 @@ def retrieval_metrics(ranked_ids, relevant, ks: Sequence[int] = (1, 5, 10)) -> d
     return out
 
 
+# ---------------------------------------------------------------- retrieval legs (batched)
+#
+# A leg result is, per query, a pyarrow table with `id`, `_rowid` and `_distance` (vector) or
+# `_score` (fts), best first: the shape LanceDB's rerankers take in `rerank_hybrid`.
+
+
+def vector_leg(tbl, query_vectors, limit: int, chunk: int = 256, exact: bool = True) -> list:
+    """Top `limit` rows per query vector. LanceDB 0.40 takes a list of vectors in one search and
+    returns a `query_index` column, so this is one search per `chunk` queries, not one per query.
+    `exact` bypasses a vector index if the table has one, so scores carry no ANN recall loss."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    out = []
+    for lo in range(0, len(query_vectors), chunk):
+        vecs = [np.asarray(v, dtype=np.float32) for v in query_vectors[lo : lo + chunk]]
+        query = tbl.search(vecs if len(vecs) > 1 else vecs[0]).distance_type("cosine")
+        query = query.bypass_vector_index() if exact else query
+        res = query.select(["id", "_distance"]).with_row_id(True).limit(limit).to_arrow()
+        if "query_index" not in res.column_names:  # a single vector: no query_index column
+            res = res.append_column(
+                "query_index", pc.cast(pc.multiply(pc.cast(res["_rowid"], "int64"), 0), "int32")
+            )
+        res = res.sort_by([("query_index", "ascending"), ("_distance", "ascending")])
+        qi = res["query_index"].to_numpy()
+        bounds = np.searchsorted(qi, np.arange(len(vecs) + 1))
+        legs = [res.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(len(vecs))]
+        out.extend(leg.select(["id", "_rowid", "_distance"]) for leg in legs)
+    return out
+
+
+def vector_leg_one(tbl, vector, limit: int):
+    """One vector search (the per-query reference `vector_leg` is tested against)."""
+    import numpy as np
+
+    res = (
+        tbl.search(np.asarray(vector, dtype=np.float32))
+        .distance_type("cosine")
+        .bypass_vector_index()
+        .select(["id", "_distance"])
+        .with_row_id(True)
+        .limit(limit)
+        .to_arrow()
+    )
+    return res.select(["id", "_rowid", "_distance"])
+
+
+def fts_leg_one(tbl, text: str, limit: int):
+    res = (
+        tbl.search(text, query_type="fts").select(["id", "_score"]).with_row_id(True).limit(limit).to_arrow()
+    )
+    return res.select(["id", "_rowid", "_score"])
+
+
+def fts_leg(tbl, texts: list[str], limit: int, threads: int = 4) -> list:
+    """Top `limit` rows per query string by BM25. LanceDB 0.40's FTS search takes one query string
+    (a list raises TypeError: "'fts' query must be a string or FullTextQuery"), and a hybrid query
+    takes one vector and one string, so FTS cannot batch: queries run on a thread pool (the search
+    runs in Rust and releases the GIL)."""
+    if threads <= 1:
+        return [fts_leg_one(tbl, t, limit) for t in texts]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda t: fts_leg_one(tbl, t, limit), texts))
+
+
+def _normalize(col):
+    """Min-max to [0, 1], as LanceDB's hybrid query does before fusion (LanceHybridQueryBuilder._normalize_scores)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(col) == 0:
+        return col
+    lo, hi = pc.min_max(col).values()
+    rng = pc.subtract(hi, lo)
+    if not pc.equal(rng, pa.scalar(0.0)).as_py():
+        return pc.divide(pc.subtract(col, lo), rng)
+    if not pc.equal(hi, pa.scalar(0.0)).as_py():
+        return pc.subtract(col, lo)
+    return col
+
+
+def fuse(reranker, query: str, vector_results, fts_results, limit: int):
+    """Hybrid fusion of one query's two legs with a LanceDB reranker, exactly as
+    `tbl.search(query_type="hybrid").vector(v).text(q).rerank(reranker).limit(limit)` does it
+    (scores min-max normalised per leg: distance 0 = best, BM25 1 = best), without re-running the legs."""
+    import pyarrow as pa
+
+    if vector_results.num_rows == 0 and fts_results.num_rows == 0:
+        return vector_results.select(["id", "_rowid"]).append_column(
+            "_relevance_score", pa.array([], pa.float32())
+        )
+    if vector_results.num_rows:
+        i = vector_results.column_names.index("_distance")
+        vector_results = vector_results.set_column(i, "_distance", _normalize(vector_results["_distance"]))
+    if fts_results.num_rows:
+        i = fts_results.column_names.index("_score")
+        fts_results = fts_results.set_column(i, "_score", _normalize(fts_results["_score"]))
+    return reranker.rerank_hybrid(query, vector_results, fts_results).slice(0, limit)
+
+
+def _ids(tbl) -> list[str]:
+    return tbl["id"].to_pylist()
+
+
+def _union_ids(a: list[str], b: list[str]) -> list[str]:
+    return list(dict.fromkeys([*a, *b]))
+
+
+# ---------------------------------------------------------------- rerankers
+
+
+def make_reranker(name: str, spec: EvalSpec):
+    """A LanceDB reranker object for a fusion name."""
+    from lancedb.rerankers import LinearCombinationReranker, RRFReranker
+
+    if name == "rrf":
+        return RRFReranker()
+    if name == "linear":
+        # Deprecated in LanceDB and once shipped with an inverted final score (1 - weighted sum);
+        # 0.40's version ranks in the right direction (tests/test_evaluate.py checks it on real data:
+        # weight 1 reproduces the vector ranking, weight 0 the BM25 ranking).
+        return LinearCombinationReranker(weight=spec.linear_weight)
+    raise ValueError(f"no fusion reranker {name!r}")
+
+
+class BatchedCrossEncoderReranker:
+    """Cross-encoder reranking of many queries' candidate lists in one `predict` call.
+
+    `as_lancedb()` gives the same model as LanceDB's `CrossEncoderReranker` (for `.rerank()` on a
+    single query); `rerank_many` is what evaluation uses: all (query, candidate) pairs of all queries
+    are scored together in batches of `batch_size`, instead of one small predict per query."""
+
+    def __init__(self, model, batch_size: int = 64):
+        self.model = model
+        self.batch_size = batch_size
+
+    def rerank_many(self, queries: list[str], candidates: list[list[str]], corpus: dict[str, str],
+                    limit: int) -> list[list[str]]:  # fmt: skip
+        pairs = [(q, corpus[c]) for q, cands in zip(queries, candidates, strict=True) for c in cands]
+        if not pairs:
+            return [[] for _ in queries]
+        scores = self.model.predict(
+            pairs, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True
+        )
+        out, pos = [], 0
+        for cands in candidates:
+            s = scores[pos : pos + len(cands)]
+            pos += len(cands)
+            order = sorted(range(len(cands)), key=lambda i: -float(s[i]))  # stable: ties keep retrieval order
+            out.append([cands[i] for i in order[:limit]])
+        return out
+
+    def as_lancedb(self):
+        from lancedb.rerankers import CrossEncoderReranker
+
+        rr = CrossEncoderReranker(model_name=str(getattr(self.model, "model_name_or_path", "cross-encoder")),
+                                  batch_size=self.batch_size)  # fmt: skip
+        rr.__dict__["model"] = self.model  # cached_property: reuse the loaded model
+        return rr
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _check_inputs(models: list[ModelEntry], data, spec: EvalSpec) -> None:
+    from embedtune.index import check_model
+
+    if not models:
+        raise EmbedtuneError("no models to evaluate")
+    if not data.queries:
+        raise EmbedtuneError(
+            f"dataset {data.label} has no held-out questions: nothing to evaluate (raise eval_size)"
+        )
+    if not data.corpus:
+        raise EmbedtuneError(f"dataset {data.label} has an empty corpus: nothing to retrieve from")
+    if spec.depth > len(data.corpus):
+        raise EmbedtuneError(
+            f"k={spec.depth} is larger than the corpus of {data.label} ({len(data.corpus)} documents): "
+            "lower ks (MRR@10 / nDCG@10 need at least 10 documents) or use a larger corpus"
+        )
+    missing = [q for q in data.queries if not data.relevant.get(q)]
+    unknown = {c for cs in data.relevant.values() for c in cs if c not in data.corpus}
+    if missing or unknown:
+        raise EmbedtuneError(
+            f"dataset {data.label}: {len(missing)} question(s) without a relevant document and "
+            f"{len(unknown)} relevant id(s) not in the corpus; re-prepare the data"
+        )
+    for m in models:
+        check_model(m.path)
+
+
 def evaluate_models(
     models: list[ModelEntry],
     data,
     spec: EvalSpec | None = None,
     db_uri: str = "lancedb",
     cross_encoder_path: str | None = None,
+    progress: bool = True,
 ):
     """Index each model's embeddings of `data.corpus` in LanceDB at `db_uri` (reused when already
-    there) and score every (query_type, reranker) of `spec` over `data.queries`. Returns a pandas
-    DataFrame with the columns in COLUMNS."""
-    raise NotImplementedError("work in progress")  # filled in below in a later commit
+    there) and score every (query_type, reranker) of `spec` over `data.queries`.
 
+    Returns a pandas DataFrame, one row per (dataset, model, query_type, reranker), columns COLUMNS
+    (with one hit_at_<k> column per k of spec.ks). Notes:
+    - Every query returns spec.depth results (max k, at least 10); a cross-encoder sees
+      depth x overfetch candidates per leg (hybrid: the union of both legs) and keeps the top depth.
+      RRF / linear fuse legs of depth each, as LanceDB's hybrid query does.
+    - FTS rows do not depend on the model: they are computed once per dataset and repeated, with
+      identical numbers, in every model's rows (so each model's block is complete).
+    - Cross-encoder rows need `cross_encoder_path` (a trained or pretrained cross-encoder); without
+      it they are skipped with a warning.
+    - Bad input (not a sentence-transformers model, unloadable reranker, no questions, k larger than
+      the corpus) raises EmbedtuneError before any table is written."""
+    import logging
+    import time
 
-__all__ = [
-    "COLUMNS", "EvalSpec", "ModelEntry", "VALID_RERANKERS", "evaluate_models", "hit_rate_at_k", "mrr_at_k",
-    "ndcg_at_k", "retrieval_metrics", "EmbedtuneError",
-]  # fmt: skip
+    import pandas as pd
+
+    from embedtune.index import build_table, load_model
+
+    log = logging.getLogger(__name__)
+    spec = spec or EvalSpec()
+    _check_inputs(models, data, spec)
+    combos = spec.combos()
+    cross = None
+    if any(r == "cross-encoder" for _, r in combos):
+        if cross_encoder_path is None:
+            log.warning("no cross_encoder_path given: skipping the cross-encoder rows")
+            combos = [c for c in combos if c[1] != "cross-encoder"]
+        else:
+            from embedtune.rerank import load_cross_encoder
+
+            cross = BatchedCrossEncoderReranker(load_cross_encoder(cross_encoder_path), spec.batch_size)
+    if not combos:
+        raise EmbedtuneError(f"no valid (query_type, reranker) pair in {spec.query_types} x {spec.rerankers}")
+
+    qids = list(data.queries)
+    qtexts = [data.queries[q] for q in qids]
+    relevant = [set(data.relevant[q]) for q in qids]
+    depth = spec.depth
+    deep = min(len(data.corpus), depth * spec.overfetch)
+    need_deep = cross is not None
+    need_vec = any(q in ("vector", "hybrid") for q, _ in combos)
+    need_fts = any(q in ("fts", "hybrid") for q, _ in combos)
+    fts_cache: dict[str, tuple[list, float]] = {}  # model-independent FTS legs, computed once
+    fts_rows: dict[tuple[str, str], tuple[dict, float]] = {}
+    rows = []
+
+    def scored(ranked: list[list[str]]) -> dict[str, float]:
+        return retrieval_metrics(ranked, relevant, spec.ks)
+
+    for entry in models:
+        model = load_model(entry.path)
+        indexed = build_table(entry.path, data, db_uri, model_label=entry.label, model=model,
+                              batch_size=spec.batch_size, progress=progress)  # fmt: skip
+        tbl = indexed.open()
+        log.info("%s: table %s (%s)", entry.label, indexed.name, "reused" if indexed.reused else "built")
+        results: dict[tuple[str, str], tuple[list[list[str]], float]] = {}
+        vec_legs, vec_s = None, 0.0
+        if need_vec:
+            t = time.perf_counter()
+            qv = model.encode(qtexts, batch_size=spec.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                              show_progress_bar=False)  # fmt: skip
+            vec_legs = vector_leg(tbl, qv, deep if need_deep else depth)
+            vec_s = time.perf_counter() - t
+        if need_fts and "legs" not in fts_cache:
+            t = time.perf_counter()
+            fts_cache["legs"] = (fts_leg(tbl, qtexts, deep if need_deep else depth, spec.fts_threads), 0.0)
+            fts_cache["legs"] = (fts_cache["legs"][0], time.perf_counter() - t)
+        fts_legs, fts_s = fts_cache.get("legs", (None, 0.0))
+        for qtype, rname in combos:
+            if qtype == "fts" and (qtype, rname) in fts_rows:
+                continue
+            t = time.perf_counter()
+            if qtype in ("vector", "fts"):
+                legs, base_s = (vec_legs, vec_s) if qtype == "vector" else (fts_legs, fts_s)
+                if rname == "none":
+                    ranked = [_ids(leg)[:depth] for leg in legs]
+                else:
+                    ranked = cross.rerank_many(qtexts, [_ids(leg)[:deep] for leg in legs], data.corpus, depth)
+            else:
+                base_s = vec_s + fts_s
+                if rname == "cross-encoder":
+                    cands = [
+                        _union_ids(_ids(v)[:deep], _ids(f)[:deep])
+                        for v, f in zip(vec_legs, fts_legs, strict=True)
+                    ]
+                    ranked = cross.rerank_many(qtexts, cands, data.corpus, depth)
+                else:
+                    rr = make_reranker(rname, spec)
+                    ranked = [_ids(fuse(rr, q, v.slice(0, depth), f.slice(0, depth), depth))
+                              for q, v, f in zip(qtexts, vec_legs, fts_legs, strict=True)]  # fmt: skip
+            metrics, seconds = scored(ranked), base_s + time.perf_counter() - t
+            if qtype == "fts":
+                fts_rows[(qtype, rname)] = (metrics, seconds)
+            results[(qtype, rname)] = (metrics, seconds)
+        for qtype, rname in combos:
+            metrics, seconds = fts_rows[(qtype, rname)] if qtype == "fts" else results[(qtype, rname)]
+            rows.append({
+                "dataset": data.label, "model": entry.label, "model_path": str(entry.path),
+                "base_model": entry.base_model, "kind": entry.kind, "trial_id": entry.trial_id,
+                "epochs": entry.epochs, "query_type": qtype, "reranker": rname, **metrics,
+                "n_queries": len(qids), "seconds": round(seconds, 4),
+            })  # fmt: skip
+        del model
+    hit_cols = [f"hit_at_{k}" for k in spec.ks]
+    columns = [c for c in COLUMNS if not c.startswith("hit_at_")]
+    at = columns.index("mrr_at_10")
+    columns = columns[:at] + hit_cols + columns[at:]
+    return pd.DataFrame(rows, columns=columns)
