@@ -125,12 +125,16 @@ def _resolve_source(spec: DataSpec) -> tuple[Path | str, str]:
         elif name.endswith((".csv", ".csv.gz")):
             fmt = "csv"
         else:
-            raise EmbedtuneError(f"cannot tell the format of {src}: use .jsonl[.gz], .parquet or .csv, or set format")
+            raise EmbedtuneError(
+                f"cannot tell the format of {src}: use .jsonl[.gz], .parquet or .csv, or set format"
+            )
     return path, fmt
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+    return (
+        gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+    )
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -142,7 +146,9 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise EmbedtuneError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line") from exc
+                raise EmbedtuneError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line"
+                ) from exc
     return rows
 
 
@@ -160,23 +166,35 @@ def _read_rows(target: Path | str, fmt: str, spec: DataSpec) -> list[dict]:
         if fmt == "hf":
             return _read_hf(str(target), spec)
     except UnicodeDecodeError as exc:
-        raise EmbedtuneError(f"{target} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8") from exc
+        raise EmbedtuneError(
+            f"{target} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8"
+        ) from exc
     except EmbedtuneError:
         raise
     except Exception as exc:  # pyarrow / csv parse errors
-        raise EmbedtuneError(f"cannot read {target} as {fmt}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        raise EmbedtuneError(
+            f"cannot read {target} as {fmt}: {type(exc).__name__}: {exc}".splitlines()[0]
+        ) from exc
     raise EmbedtuneError(f"unsupported format {fmt!r}")
 
 
 def _read_hf(dataset_id: str, spec: DataSpec) -> list[dict]:
     import datasets
 
+    saved = Path(dataset_id)
     try:
-        if Path(dataset_id).is_dir() and (Path(dataset_id) / "dataset_info.json").exists():
-            ds = datasets.load_from_disk(dataset_id)
-            ds = ds[spec.hf_split] if isinstance(ds, datasets.DatasetDict) else ds
+        if saved.is_dir() and any((saved / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(dataset_id)  # a `save_to_disk` folder (Dataset or DatasetDict)
+            if isinstance(ds, datasets.DatasetDict):
+                if spec.hf_split not in ds:
+                    raise EmbedtuneError(
+                        f"split {spec.hf_split!r} not in {dataset_id}; available splits: {', '.join(ds)} (set hf_split)"
+                    )
+                ds = ds[spec.hf_split]
         else:
             ds = datasets.load_dataset(dataset_id, spec.hf_config, split=spec.hf_split)
+    except EmbedtuneError:
+        raise
     except Exception as exc:
         raise EmbedtuneError(
             f"Hugging Face dataset {dataset_id!r} (split {spec.hf_split!r}) could not be loaded: "
@@ -190,8 +208,12 @@ def _read_hf(dataset_id: str, spec: DataSpec) -> list[dict]:
 
 
 def _column_error(missing: list[str], available: list[str], where: str) -> EmbedtuneError:
+    import difflib
+
+    close = [c for m in missing for c in difflib.get_close_matches(m, available, n=1)]
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     return EmbedtuneError(
-        f"column {', '.join(repr(m) for m in missing)} not found in {where}; available columns: "
+        f"column {', '.join(repr(m) for m in missing)} not found in {where}; {hint}available columns: "
         f"{', '.join(available)} (set question_column / answer_column to map them)"
     )
 
@@ -255,7 +277,8 @@ def load_pairs(spec: DataSpec) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _components(pairs: list[tuple[str, str]]) -> list[list[int]]:
-    """Group pair indices into connected components linked by equal question or equal answer text."""
+    """Group pair indices into connected components linked by shared text: an equal question, an
+    equal answer, or a text that is one pair's question and another's answer (paraphrase data)."""
     parent = list(range(len(pairs)))
 
     def find(i: int) -> int:
@@ -264,10 +287,10 @@ def _components(pairs: list[tuple[str, str]]) -> list[list[int]]:
             i = parent[i]
         return i
 
-    for key_index in (0, 1):
-        first_seen: dict[str, int] = {}
-        for i, pair in enumerate(pairs):
-            j = first_seen.setdefault(pair[key_index], i)
+    first_seen: dict[str, int] = {}
+    for i, pair in enumerate(pairs):
+        for text in pair:
+            j = first_seen.setdefault(text, i)
             parent[find(i)] = find(j)
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(len(pairs)):
@@ -286,7 +309,9 @@ def _sample_by_group(pairs: list[tuple[str, str]], n: int, seed: int) -> list[tu
     return [pairs[i] for i in sorted(chosen)]
 
 
-def split(pairs: list[tuple[str, str]], spec: DataSpec, extra_corpus: list[str] | None = None) -> PreparedData:
+def split(
+    pairs: list[tuple[str, str]], spec: DataSpec, extra_corpus: list[str] | None = None
+) -> PreparedData:
     """Leak-free train / eval / corpus split of cleaned pairs (see module docstring)."""
     comps = _components(pairs)
     n_questions = len({q for q, _ in pairs})
@@ -318,8 +343,8 @@ def split(pairs: list[tuple[str, str]], spec: DataSpec, extra_corpus: list[str] 
     # Distractors: every non-eval answer, also those of train pairs dropped by max_train_pairs.
     non_eval_answers = [a for _, a in train]
     if spec.max_train_pairs and len(train) > spec.max_train_pairs:
-        rng = random.Random(spec.seed + 1)
-        train = sorted(rng.sample(train, spec.max_train_pairs), key=pairs.index)
+        keep = sorted(random.Random(spec.seed + 1).sample(range(len(train)), spec.max_train_pairs))
+        train = [train[i] for i in keep]  # a seeded sample, in the original order
 
     corpus_texts: list[str] = []
     seen: set[str] = set()
@@ -345,17 +370,26 @@ def split(pairs: list[tuple[str, str]], spec: DataSpec, extra_corpus: list[str] 
         "pairs": len(pairs), "components": len(comps), "train_pairs": len(train),
         "eval_pairs": len(eval_pairs), "eval_questions": len(queries), "corpus": len(corpus_texts),
     }  # fmt: skip
-    data = PreparedData(fingerprint, spec.label, train, eval_pairs, queries, {v: k for k, v in cid_of.items()}, relevant, counts)
+    data = PreparedData(
+        fingerprint,
+        spec.label,
+        train,
+        eval_pairs,
+        queries,
+        {v: k for k, v in cid_of.items()},
+        relevant,
+        counts,
+    )
     check_no_leak(data)
     return data
 
 
 def check_no_leak(data: PreparedData) -> None:
-    """Raise if any eval question or any answer of an eval question appears in training."""
-    train_q = {q for q, _ in data.train}
-    train_a = {a for _, a in data.train}
-    leaked_q = [q for q in data.queries.values() if q in train_q]
-    leaked_a = [a for _, a in data.eval_pairs if a in train_a]
+    """Raise if any eval question or any answer of an eval question appears in training (as a
+    question or as an answer)."""
+    train_texts = {t for pair in data.train for t in pair}
+    leaked_q = [q for q in data.queries.values() if q in train_texts]
+    leaked_a = [a for _, a in data.eval_pairs if a in train_texts]
     if leaked_q or leaked_a:
         raise AssertionError(f"train/eval leak: {len(leaked_q)} questions, {len(leaked_a)} answers")
 
