@@ -121,6 +121,61 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from embedtune.data import prepare
+    from embedtune.evaluate import EvalSpec, ModelEntry
+    from embedtune.finalize import FinalSpec, evaluate_and_report
+    from embedtune.models import model_label, resolve_model
+
+    labels = [model_label(m) for m in args.models]
+    if len(set(labels)) != len(labels):
+        raise EmbedtuneError(
+            f"--models: two models share a label ({', '.join(labels)}); pass distinct models"
+        )
+    for m in args.models:
+        resolve_model(m)  # fail on an unknown model before loading any data
+    eval_spec = _validated(EvalSpec, query_types=args.query_types, rerankers=args.rerankers, ks=args.ks)
+    spec = _validated(
+        FinalSpec,
+        eval=eval_spec,
+        cross_encoder=args.cross_encoder,
+        leaderboard_metric=args.metric,
+        lancedb_uri=args.lancedb,
+        probe_size=args.probe_size,
+        register_name=args.register_name,
+    )
+    data = prepare(_data_spec(args))
+    print(
+        f"[embedtune] data {data.label} ({data.fingerprint}): "
+        + ", ".join(f"{k}={v}" for k, v in data.counts.items())
+    )
+    out = Path(args.out or f"runs/evaluate-{data.label}")
+    entries = {
+        data.label: [
+            ModelEntry(label=lab, path=m, base_model=lab, kind="base")
+            for m, lab in zip(args.models, labels, strict=True)
+        ]
+    }
+    result = evaluate_and_report(out, entries, {data.label: data}, {}, [], spec, None, args.tracking_uri)
+    print(f"[embedtune] leaderboard: {result.files['leaderboard_md']}")
+    if result.winner:
+        w, m = result.winner, spec.leaderboard_metric
+        print(f"[embedtune] best: {w['model']} ({w['query_type']}/{w['reranker']}) {m}={w[m]:.4f}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from embedtune.report import rebuild_report
+
+    result = rebuild_report(Path(args.run_dir), metric=args.metric)
+    print(
+        f"[embedtune] leaderboard: {result.files['leaderboard_md']} ({len(result.leaderboard)} rows, {len(result.plots)} plots)"
+    )
+    for ds, v in result.verdicts.items():
+        print(f"[embedtune] should you fine-tune on {ds}? {v['verdict']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedtune", description=__doc__)
     parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
@@ -151,6 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-final", action="store_true", help="skip the final stage (LanceDB + leaderboard)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("evaluate", help="score models for retrieval in LanceDB and write a leaderboard")
+    p.add_argument("--models", nargs="+", required=True, help="packaged names, local model dirs or hub ids")
+    _add_data_args(p)
+    p.add_argument("--out", help="output directory (default: runs/evaluate-<data label>)")
+    p.add_argument("--query-types", nargs="+", choices=["vector", "fts", "hybrid"])
+    p.add_argument("--rerankers", nargs="+", choices=["none", "rrf", "linear", "cross-encoder"])
+    p.add_argument("--ks", nargs="+", type=int, help="hit@k cut-offs (default: 1 5 10)")
+    p.add_argument(
+        "--cross-encoder", default="train", help="'train' (default), a cross-encoder dir or hub id, or none"
+    )
+    p.add_argument(
+        "--metric", default="hit_at_10", help="leaderboard metric (hit_at_k, mrr_at_10, ndcg_at_10)"
+    )
+    p.add_argument("--lancedb", help="LanceDB URI (default: <out>/lancedb)")
+    p.add_argument("--probe-size", type=int, help="questions sampled for the 'should you fine-tune?' probe")
+    p.add_argument("--tracking-uri", help="also log the report to MLflow at this URI")
+    p.add_argument("--register-name", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("report", help="rebuild a run's leaderboard from its stored results")
+    p.add_argument("run_dir", help="a sweep run directory or an `embedtune evaluate` --out directory")
+    p.add_argument("--metric", help="leaderboard metric (default: the one the report was built with)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
