@@ -15,13 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from embedtune.data import DataSpec
 from embedtune.errors import EmbedtuneError
-
-try:
-    from embedtune.finalize import FinalSpec
-except ImportError:  # TEMP until finalize lands
-    class FinalSpec(BaseModel):
-        enabled: bool = True
-        top_k: int = 2
+from embedtune.finalize import FinalSpec
 from embedtune.negatives import MiningSpec
 from embedtune.train import DEFAULT_METRIC
 

@@ -33,6 +33,8 @@ SAMPLES = {
     "medquad-sample": "medquad_sample.jsonl.gz",
     "squad-sample": "squad_sample.jsonl.gz",
 }
+# Bump when the split or corpus construction changes, so every derived artefact is re-made.
+SPLIT_VERSION = 2
 Format = Literal["auto", "jsonl", "parquet", "csv", "beir", "hf"]
 
 
@@ -363,6 +365,7 @@ def split(
         if cid_of[a] not in relevant.setdefault(qid, []):
             relevant[qid].append(cid_of[a])
     fingerprint = stable_hash(
+        SPLIT_VERSION,
         stable_hash(pairs, extra_corpus or [], length=64),
         spec.model_dump(exclude={"name", "source", "format", "hf_split", "hf_config"}),
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -57,7 +56,10 @@ class SweepResult:
 
 def _trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
     """Ray Tune trainable: one fine-tuning run, reporting every epoch with a checkpoint."""
+    import os
+
     import psutil
+    import ray
     import torch
     from datasets import Dataset
     from ray import tune
@@ -100,6 +102,9 @@ def _trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
         report["epoch"] = epoch
         report["system/rss_mb"] = proc.memory_info().rss / 2**20
         report["system/cpu_threads"] = torch.get_num_threads()
+        # Where the trial ran (strings: MLflow metric logging skips them; result.json keeps them).
+        report["system/node_id"] = ray.get_runtime_context().get_node_id()
+        report["system/cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         if torch.cuda.is_available():
             report["system/gpu_max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
             report["gpu_seconds"] = (time.time() - started) * max(gpus, 0)
@@ -309,6 +314,11 @@ def run_sweep(
         t1 = time.time()
         grid = tuner.fit()
         timings["trials_s"] = time.time() - t1
+        # Tune catches SIGINT itself, saves its state and returns early: unfinished trials mean
+        # the sweep was interrupted, not that it is done.
+        unfinished = [t for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+        if unfinished:
+            raise KeyboardInterrupt
         trials = collect_trials(grid, spec, base, run_dir, callback)
         tracking.write_json(run_dir / "trials.json", trials)
         print_results_table(trials, spec.scheduler.metric)
@@ -316,7 +326,7 @@ def run_sweep(
         n = tracking.close_open_children(tracking_uri, experiment_id, parent, "KILLED")
         tracking.finish_run(tracking_uri, parent, "KILLED")
         print(f"[embedtune] interrupted: {n} open trial run(s) marked KILLED; run the same command to resume", flush=True)
-        raise
+        raise KeyboardInterrupt from None
     finally:
         if started_ray:
             ray.shutdown()
@@ -398,10 +408,9 @@ def collect_trials(grid, spec: SweepSpec, base, run_dir: Path, callback=None) ->
     trial's best epoch, not its last."""
     metric, mode = spec.scheduler.metric, spec.scheduler.mode
     records = []
-    for result in grid:
+    for trial, result in zip(grid._experiment_analysis.trials, grid, strict=True):
         cfg = result.config or {}
-        trial_id = Path(result.path).name.split("_")[1] if result.path and "_" in Path(result.path).name else ""
-        trial_id = (result.metrics or {}).get("trial_id", trial_id)
+        trial_id = trial.trial_id
         history = [{"epoch": 0, "metrics": base.get((cfg.get("model"), cfg.get("dataset")), {})}]
         df = result.metrics_dataframe
         if df is not None and len(df):
@@ -477,7 +486,3 @@ def print_results_table(trials: list[dict[str, Any]], metric: str) -> None:
 
 def resolve_run_dir(spec: SweepSpec, run_dir: str | None) -> Path:
     return Path(run_dir) if run_dir else Path("runs") / spec.name
-
-
-def env_summary() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(("HF_", "RAY_", "MLFLOW_", "EMBEDTUNE_"))}

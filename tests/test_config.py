@@ -1,0 +1,108 @@
+"""Sweep spec validation: good specs load, each bad key / value fails before Ray, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from embedtune.config import load_spec, parse_spec
+from embedtune.errors import EmbedtuneError
+from embedtune.sweep import param_space
+
+GOOD = {
+    "name": "t",
+    "datasets": [{"source": "medquad-sample", "eval_size": 20}],
+    "models": ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"],
+    "search": {"epochs": [1, 2, 3], "lr": [2e-5], "batch_size": [16]},
+}
+
+
+def test_shipped_specs_load(repo_root: Path) -> None:
+    for path in sorted((repo_root / "sweeps").glob("*.yaml")):
+        spec = load_spec(path)
+        assert spec.models and spec.datasets, path
+    local = load_spec(repo_root / "sweeps" / "local.yaml")
+    n_trials = len(local.models) * len(local.datasets) * len(local.search.epochs)
+    assert len(local.models) >= 2 and len(local.search.epochs) >= 3 and n_trials >= 6
+
+
+def test_grid_param_space_crosses_models_datasets_epochs() -> None:
+    space = param_space(parse_spec(GOOD))
+    assert space["model"] == {"grid_search": GOOD["models"]}
+    assert space["epochs"] == {"grid_search": [1, 2, 3]}
+    assert space["lr"] == 2e-5  # a single value is fixed, not a grid axis
+
+
+def test_sampled_space_uses_distributions() -> None:
+    raw = dict(GOOD, search={"mode": "optuna", "num_samples": 4, "epochs": [1, 2],
+                             "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-4}})  # fmt: skip
+    space = param_space(parse_spec(raw))
+    assert type(space["lr"]).__name__ == "Float"
+    assert type(space["model"]).__name__ == "Categorical"
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"epochz": [1]}, "epochz: unknown key"),
+        ({"search": {"epochs": [0, 1]}}, "search.epochs"),
+        ({"search": {"batch_size": [1]}}, "search.batch_size"),
+        ({"search": {"lr": [0]}}, "search.lr"),
+        ({"search": {"lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-4}}}, "grid mode takes lists only"),
+        ({"resources": {"gpu": 1.5}}, "resources.gpu"),
+        ({"resources": {"cpu": 0}}, "resources.cpu"),
+        ({"scheduler": {"type": "hyperband"}}, "scheduler.type"),
+        ({"scheduler": {"grace_period": 0}}, "scheduler.grace_period"),
+        ({"checkpoints": {"keep": 0}}, "checkpoints.keep"),
+        ({"models": []}, "models"),
+        ({"models": ["a", "a"]}, "models must not repeat"),
+        ({"datasets": [{"source": "medquad-sample", "question_col": "q"}]}, "datasets.0.question_col: unknown key"),
+        ({"datasets": [{"source": "medquad-sample"}, {"source": "medquad-sample"}]}, "dataset labels must be unique"),
+        ({"mining": {"range_min": 10, "range_max": 5}}, "range_max"),
+        ({"name": "bad name!"}, "name"),
+        ({"max_concurrent_trials": 0}, "max_concurrent_trials"),
+    ],
+)
+def test_bad_spec_names_the_key(patch: dict, needle: str) -> None:
+    raw = {**GOOD, **patch}
+    if "search" in patch:
+        raw["search"] = {**GOOD["search"], **patch["search"]}
+    with pytest.raises(EmbedtuneError) as err:
+        parse_spec(raw, "spec.yaml")
+    message = str(err.value)
+    assert needle in message, message
+    assert "\n" not in message and message.startswith("spec.yaml: ")
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(EmbedtuneError, match="sweep spec not found"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(EmbedtuneError, match="not valid YAML"):
+        load_spec(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(EmbedtuneError, match="mapping"):
+        load_spec(top)
+
+
+def test_relative_data_path_is_relative_to_spec(tmp_path: Path) -> None:
+    (tmp_path / "pairs.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump({**GOOD, "datasets": [{"source": "pairs.jsonl"}]}))
+    spec = load_spec(spec_file)
+    assert spec.datasets[0].source == str(tmp_path / "pairs.jsonl")
+
+
+def test_cli_rejects_bad_spec_before_ray(tmp_path: Path, capsys) -> None:
+    from embedtune.cli import main
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump({**GOOD, "resources": {"gpu": -1}}))
+    assert main(["sweep", str(spec_file), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("embedtune: error:") and "resources.gpu" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,220 @@
+"""Sweeps through real Ray Tune with real MLflow stores (SQLite and a loopback tracking server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from embedtune import tracking
+from embedtune.config import parse_spec
+from embedtune.sweep import run_sweep
+
+TINY_DATA = {"name": "medquad", "source": "medquad-sample", "max_pairs": 200, "eval_size": 30, "max_train_pairs": 48}
+
+
+def tiny_spec(name: str, **overrides) -> dict:
+    raw = {
+        "name": name,
+        "datasets": [TINY_DATA],
+        "models": ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"],
+        "search": {"epochs": [1, 2], "batch_size": [16], "lr": [5e-5]},
+        "train": {"max_seq_length": 48},
+        "scheduler": {"type": "none"},
+        "max_concurrent_trials": 2,
+        "checkpoints": {"keep": 1},
+        "final": {"enabled": False},
+    }
+    raw.update(overrides)
+    return raw
+
+
+def _children(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("embedtune.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("embedtune.kind") == "trial"]
+    return parents, children
+
+
+@pytest.mark.slow
+def test_two_by_two_sweep_sqlite(tmp_path: Path) -> None:
+    spec = parse_spec(tiny_spec("grid2x2"))
+    result = run_sweep(spec, tmp_path / "run", final=False)
+
+    trials = json.loads((tmp_path / "run" / "trials.json").read_text())
+    assert len(trials) == 4 == len(result.trials)
+    assert {(t["model_label"], t["epochs"]) for t in trials} == {
+        (m, e) for m in ("all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2") for e in (1, 2)
+    }
+    for t in trials:
+        assert t["status"] == "FINISHED", t
+        assert [h["epoch"] for h in t["history"]] == list(range(t["epochs"] + 1))
+        for h in t["history"]:
+            assert 0.0 <= h["metrics"]["ir_recall_at_10"] <= 1.0
+        assert t["best_epoch"] in range(1, t["epochs"] + 1)
+        best = max(t["history"][1:], key=lambda h: h["metrics"]["ir_recall_at_10"])
+        assert t["best_metrics"]["ir_recall_at_10"] == best["metrics"]["ir_recall_at_10"]
+        ckpt = Path(t["best_checkpoint"])
+        assert (ckpt / "model.safetensors").exists()
+        # at most `keep` checkpoints stay per trial
+        trial_dir = ckpt.parent.parent
+        assert len(list(trial_dir.glob("checkpoint_*"))) <= spec.checkpoints.keep
+
+    client = MlflowClient(result.tracking_uri)
+    assert result.tracking_uri.startswith("sqlite:///") and (tmp_path / "run" / "mlflow.db").exists()
+    parents, children = _children(client, spec.experiment)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["git_commit"]
+    assert any(k.startswith("fingerprint.") for k in parents[0].data.params)
+    assert len(children) == 4
+    by_trial = {c.data.tags[tracking.TRIAL_TAG]: c for c in children}
+    for t in trials:
+        run = by_trial[t["trial_id"]]
+        assert run.data.tags[tracking.PARENT_TAG] == parents[0].info.run_id
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["epochs"]) == t["epochs"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "ir_recall_at_10")]
+        assert sorted(steps) == list(range(t["epochs"] + 1))  # epoch 0 = base model, then every epoch
+        assert run.data.metrics["trial_duration_s"] > 0
+        assert run.data.tags["embedtune.model_uri"].startswith("models:/")
+        assert client.list_artifacts(run.info.run_id) is not None
+
+
+def test_callback_marks_scheduler_stops_killed_and_errors_failed(tmp_path: Path) -> None:
+    """The driver-side callback's status logic on a real SQLite store (fake trial objects)."""
+    uri = tracking.default_tracking_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "cb", tmp_path / "art")
+    parent = tracking.start_parent_run(uri, exp, None, "p")
+    cb = tracking.MlflowTrialCallback(uri, exp, parent, {("m", "d"): {"ir_recall_at_10": 0.5}}, log_models=False)
+
+    def trial(tid: str, epochs: int, done: int):
+        return SimpleNamespace(
+            trial_id=tid, config={"model": "m", "dataset": "d", "epochs": epochs, "lr": 1e-5},
+            last_result={"epoch": done, "time_total_s": 3.0}, checkpoint=None, error_file=None,
+        )  # fmt: skip
+
+    stopped, finished, crashed = trial("a", 3, 1), trial("b", 2, 2), trial("c", 2, 1)
+    for t in (stopped, finished, crashed):
+        cb.on_trial_start(0, [], t)
+        cb.on_trial_result(0, [], t, {"epoch": 1, "ir_recall_at_10": 0.6, "training_iteration": 1})
+    cb.on_trial_complete(0, [], stopped)
+    cb.on_trial_complete(0, [], finished)
+    cb.on_trial_error(0, [], crashed)
+    client = MlflowClient(uri)
+    runs = [r for r in client.search_runs([exp]) if tracking.TRIAL_TAG in r.data.tags]
+    status = {r.data.tags[tracking.TRIAL_TAG]: r.info.status for r in runs}
+    assert status == {"a": "KILLED", "b": "FINISHED", "c": "FAILED"}
+    # a resumed driver reuses the run of a trial instead of opening a second one
+    cb2 = tracking.MlflowTrialCallback(uri, exp, parent, {}, log_models=False)
+    assert cb2.run_id_for(stopped) == cb.run_ids["a"]
+    assert len(client.search_runs([exp])) == 4  # the parent + one run per trial
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start")
+        yield uri, tmp_path / "server-artifacts"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_sweep_against_loopback_tracking_server(tmp_path: Path, mlflow_server) -> None:
+    uri, artifacts = mlflow_server
+    raw = tiny_spec("remote", models=["paraphrase-MiniLM-L3-v2"], search={"epochs": [1], "batch_size": [16]},
+                    mlflow={"tracking_uri": uri, "experiment": "embedtune-remote-test"})  # fmt: skip
+    spec = parse_spec(raw)
+    result = run_sweep(spec, tmp_path / "run", final=False)
+    assert result.tracking_uri == uri
+    assert not (tmp_path / "run" / "mlflow.db").exists()  # nothing went to a local store
+    parents, children = _children(MlflowClient(uri), "embedtune-remote-test")
+    assert len(parents) == 1 and len(children) == 1
+    assert children[0].info.status == "FINISHED"
+    assert "ir_recall_at_10" in children[0].data.metrics
+    assert any(artifacts.rglob("model.safetensors"))  # the model went through the server's artifact store
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
+    raw = tiny_spec("resume", models=["paraphrase-MiniLM-L3-v2"], max_concurrent_trials=1,
+                    search={"epochs": [1, 3], "batch_size": [16]})  # fmt: skip
+    spec_file = tmp_path / "resume.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "embedtune.cli", "sweep", str(spec_file), "--run-dir", str(run_dir), "--no-final"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Interrupt once the 3-epoch trial has reported (and checkpointed) its first epoch.
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if any(p.name.startswith("checkpoint_") for d in (run_dir / "tune").glob("*epochs=3*") for p in d.iterdir()):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = json.loads((run_dir / "sweep_state.json").read_text())
+    assert state["finished"] is False
+    client = MlflowClient(state["tracking_uri"])
+    _, children = _children(client, "embedtune-resume")
+    assert all(c.info.status != "RUNNING" for c in children)  # interrupted runs are closed, not left RUNNING
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming sweep" in second.stdout
+    trials = json.loads((run_dir / "trials.json").read_text())
+    assert [t["status"] for t in trials] == ["FINISHED", "FINISHED"]
+    parents, children = _children(client, "embedtune-resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)  # one run per trial
+    for t in trials:
+        (trial_dir,) = (run_dir / "tune").glob(f"*{t['trial_id']}*")
+        epochs = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()]
+        # the finished trial was not rerun; the unfinished one continued from its checkpoint
+        assert epochs == list(range(1, t["epochs"] + 1)), (t["trial_id"], epochs)
+        run = next(c for c in children if c.data.tags[tracking.TRIAL_TAG] == t["trial_id"])
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "ir_recall_at_10"))
+        assert steps == list(range(t["epochs"] + 1))
