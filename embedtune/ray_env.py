@@ -58,6 +58,38 @@ def patched_environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def is_loopback_address(address: str) -> bool:
+    """True for `127.x.x.x:PORT`, `localhost:PORT`, `[::1]:PORT` (a cluster on this machine's loopback)."""
+    import ipaddress
+
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def _keep_loopback(address: str) -> Iterator[None]:
+    """Before connecting, Ray rewrites a loopback address to this machine's outward IP ("remotely
+    reachable"), where a cluster started with `--node-ip-address=127.0.0.1` does not listen, so
+    the driver would knock on a non-loopback address and time out. While joining a loopback
+    address, make Ray keep it as given (what Ray itself does on macOS and Windows)."""
+    from ray._private import ray_constants
+
+    if not is_loopback_address(address) or address.startswith("ray://"):
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def init(address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None, **kwargs) -> bool:
     """Join `address` (a running cluster, e.g. on `ray job submit` or `auto`) or start a private local
     Ray on loopback. Returns True when this call started Ray (so the caller should shut it down)."""
@@ -67,7 +99,8 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: floa
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, **kwargs)
+        with _keep_loopback(address):
+            ray.init(address=address, log_to_driver=True, **kwargs)
         return False
     home = private_home()
     # Set for the whole driver too: worker processes inherit it, and Tune reads ~/ray_bootstrap_config.yaml.
