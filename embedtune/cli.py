@@ -121,13 +121,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+_LEADERBOARD_METRICS = ["hit_at_1", "hit_at_5", "hit_at_10", "mrr_at_10", "ndcg_at_10"]
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from embedtune.data import prepare
     from embedtune.evaluate import EvalSpec, ModelEntry
     from embedtune.finalize import FinalSpec, evaluate_and_report
     from embedtune.models import model_label, resolve_model
 
+    if len(set(args.models)) != len(args.models):
+        raise EmbedtuneError(f"--models: a model is given twice ({' '.join(args.models)})")
     labels = [model_label(m) for m in args.models]
+    if len(set(labels)) != len(labels):  # e.g. two checkpoints both named .../model: add parent folders
+        labels = [model_label("-".join(Path(m).parts[-3:])) for m in args.models]
     if len(set(labels)) != len(labels):
         raise EmbedtuneError(
             f"--models: two models share a label ({', '.join(labels)}); pass distinct models"
@@ -217,9 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cross-encoder", default="train", help="'train' (default), a cross-encoder dir or hub id, or none"
     )
-    p.add_argument(
-        "--metric", default="hit_at_10", help="leaderboard metric (hit_at_k, mrr_at_10, ndcg_at_10)"
-    )
+    p.add_argument("--metric", default="hit_at_10", choices=_LEADERBOARD_METRICS, help="leaderboard metric")
     p.add_argument("--lancedb", help="LanceDB URI (default: <out>/lancedb)")
     p.add_argument("--probe-size", type=int, help="questions sampled for the 'should you fine-tune?' probe")
     p.add_argument("--tracking-uri", help="also log the report to MLflow at this URI")
@@ -228,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild a run's leaderboard from its stored results")
     p.add_argument("run_dir", help="a sweep run directory or an `embedtune evaluate` --out directory")
-    p.add_argument("--metric", help="leaderboard metric (default: the one the report was built with)")
+    p.add_argument("--metric", choices=_LEADERBOARD_METRICS, help="leaderboard metric (default: as built)")
     p.set_defaults(func=_cmd_report)
     return parser
 

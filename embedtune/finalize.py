@@ -238,9 +238,7 @@ def evaluate_and_report(
     run_dir = Path(run_dir).resolve()
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     for label, data in datasets.items():
-        target = run_dir / "data" / f"{label}.json"
-        if not target.exists():
-            data.save(target)
+        data.save(run_dir / "data" / f"{label}.json")  # what `embedtune report` rebuilds from
     db_uri = spec.lancedb_uri or str(run_dir / "lancedb")
     eval_spec = spec.eval
     cross = _cross_encoders(spec, datasets, triplets, run_dir)
