@@ -30,15 +30,22 @@ class MiningSpec(BaseModel):
     num_negatives: int = Field(1, ge=1, description="negatives per pair (one triplet each)")
     range_min: int = Field(0, ge=0, description="skip the top range_min candidates (likely false negatives)")
     range_max: int | None = Field(50, ge=1, description="consider only the top range_max candidates")
-    relative_margin: float | None = Field(0.05, ge=0, lt=1, description="negative must score < (1-m) x positive")
+    relative_margin: float | None = Field(
+        0.05, ge=0, lt=1, description="negative must score < (1-m) x positive"
+    )
     absolute_margin: float | None = Field(None, ge=0)
     sampling_strategy: str = Field("top", pattern="^(top|random)$")
     batch_size: int = Field(64, ge=1)
+    max_seq_length: int | None = Field(
+        None, ge=8, description="truncate texts while mining (None = the model's own)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MiningSpec:
         if self.range_max is not None and self.range_max <= self.range_min:
-            raise ValueError(f"range_max ({self.range_max}) must be greater than range_min ({self.range_min})")
+            raise ValueError(
+                f"range_max ({self.range_max}) must be greater than range_min ({self.range_min})"
+            )
         return self
 
 
@@ -58,7 +65,14 @@ class Triplets:
 
 
 def cache_key(data: PreparedData, spec: MiningSpec) -> str:
-    return stable_hash(data.fingerprint, spec.model_dump())
+    """Key of (data fingerprint, mining settings); `sentence-transformers/<name>` of a packaged
+    model keys like its short name (same weights)."""
+    from embedtune.models import packaged_name
+
+    settings = spec.model_dump() | {"model": packaged_name(spec.model) or spec.model}
+    if settings["max_seq_length"] is None:
+        del settings["max_seq_length"]  # keys made before this setting existed stay valid
+    return stable_hash(data.fingerprint, settings)
 
 
 def _mine(pairs: list[tuple[str, str]], corpus: list[str], model, spec: MiningSpec):
@@ -91,7 +105,7 @@ def mine(data: PreparedData, spec: MiningSpec | None = None, cache_dir: Path | N
 
     spec = spec or MiningSpec()
     key = cache_key(data, spec)
-    target = (cache_dir or env.home() / "negatives") / f"{data.label}-{key}"
+    target = (Path(cache_dir) if cache_dir else env.home() / "negatives") / f"{data.label}-{key}"
 
     def build(tmp: Path) -> None:
         from sentence_transformers import SentenceTransformer
@@ -99,6 +113,8 @@ def mine(data: PreparedData, spec: MiningSpec | None = None, cache_dir: Path | N
         from embedtune.models import resolve_model
 
         model = SentenceTransformer(str(resolve_model(spec.model)), device=_device())
+        if spec.max_seq_length:
+            model.max_seq_length = min(spec.max_seq_length, model.max_seq_length or spec.max_seq_length)
         train_corpus = list(dict.fromkeys(a for _, a in data.train))
         log.info("mining hard negatives for %s with %s", data.label, spec.model)
         train = _mine(data.train, train_corpus, model, spec)

@@ -54,3 +54,30 @@ sys.addaudithook(_no_egress)
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+# Small real data shared by the negatives / train tests: mining and training on the whole medquad
+# sample take about a minute each on CPU; this is ~480 pairs (whole groups), 100 held-out
+# questions, 256 training pairs, and a ~480-answer eval corpus.
+SMALL_DATA = {"source": "medquad-sample", "max_pairs": 480, "eval_size": 100, "max_train_pairs": 256}
+SMALL_MINING = {"max_seq_length": 128}
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    from embedtune.data import DataSpec, prepare
+
+    return prepare(DataSpec(**SMALL_DATA))
+
+
+@pytest.fixture(scope="session")
+def negatives_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("negatives-cache")
+
+
+@pytest.fixture(scope="session")
+def small_triplets(small_data, negatives_cache):
+    """Triplets mined once per session (into a fresh cache: `.mined` is True), truncating like training."""
+    from embedtune.negatives import MiningSpec, mine
+
+    return mine(small_data, MiningSpec(**SMALL_MINING), cache_dir=negatives_cache)
