@@ -1,0 +1,285 @@
+"""The cluster configs under cluster/ parse, agree with each other and with the sweep specs, and
+their commands are accepted by the real CLIs they call (ray start, mlflow server, embedtune)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from embedtune.config import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "cluster"
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+GPU_SPECS = [p for p in SWEEPS if p.stem in ("gooaq", "squad")]
+
+
+def _load(path: Path):
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _after(words: list[str], *prefix: str) -> list[str]:
+    """The arguments after `prefix` (e.g. `mlflow server`) in a shell word list, up to a `>` redirect."""
+    n = len(prefix)
+    for i in range(len(words) - n + 1):
+        if tuple(words[i : i + n]) == prefix:
+            rest = words[i + n :]
+            return rest[: rest.index(">")] if ">" in rest else rest
+    raise AssertionError(f"{' '.join(prefix)!r} not in {words}")
+
+
+def _click_parses(command, args: list[str]) -> dict:
+    """Parse `args` with a click command without running it (unknown flags / bad values raise)."""
+    ctx = command.make_context(command.name, list(args), resilient_parsing=False)
+    return ctx.params
+
+
+def _mlflow_server_params(args: list[str]) -> dict:
+    from mlflow.cli import server
+
+    return _click_parses(server, args)
+
+
+def _allowed_hosts(params: dict) -> list[str]:
+    return [h.strip() for h in params["allowed_hosts"].split(",")]
+
+
+def _host_ok(allowed: list[str], host: str) -> bool:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    return is_allowed_host_header(allowed, host)
+
+
+def _gpu_spec_needs() -> list[tuple[str, float, float, int]]:
+    out = []
+    for path in GPU_SPECS:
+        spec = load_spec(path)
+        out.append((path.name, spec.resources.cpu, spec.resources.gpu, spec.max_concurrent_trials or 1))
+    return out
+
+
+def _tracking_hosts() -> set[str]:
+    return {urlparse(load_spec(p).mlflow.tracking_uri).netloc for p in GPU_SPECS}
+
+
+# ------------------------------------------------------------------ sweep specs
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_every_sweep_spec_loads(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.name and spec.models and spec.datasets
+
+
+def test_gpu_specs_exist_and_share_storage_and_tracking() -> None:
+    assert [p.stem for p in GPU_SPECS] == ["gooaq", "squad"]
+    for path in GPU_SPECS:
+        spec = load_spec(path)
+        # Every node reads and writes checkpoints: storage must be shared, not a local path.
+        assert spec.storage_path and "://" in spec.storage_path, path
+        assert spec.mlflow.tracking_uri.startswith("http"), path
+    assert _tracking_hosts() == {"mlflow.embedtune.svc:5000"}
+
+
+# ------------------------------------------------------------------ ray up (cluster launcher)
+
+
+@pytest.fixture(scope="module")
+def launcher() -> dict:
+    return _load(CLUSTER / "ray-cluster.yaml")
+
+
+def test_launcher_config_passes_ray_schema(launcher) -> None:
+    from ray.autoscaler._private.util import validate_config
+
+    validate_config(launcher)  # ray's own JSON schema for `ray up`
+    assert launcher["provider"]["type"] == "aws"
+    assert launcher["head_node_type"] in launcher["available_node_types"]
+
+
+def test_launcher_installs_torch_first_then_the_project(launcher) -> None:
+    cmds = launcher["setup_commands"]
+    torch_at = next(i for i, c in enumerate(cmds) if "torch==2.13.0" in c)
+    project_at = next(i for i, c in enumerate(cmds) if "~/embedtune" in c and "pip install" in c)
+    assert torch_at < project_at
+    assert "constraints.txt" in cmds[project_at]
+    assert launcher["file_mounts"] == {"~/embedtune": "."}  # the repo, synced from where `ray up` runs
+    assert ".venv" in launcher["rsync_exclude"]
+    assert launcher["docker"]["image"].startswith("rayproject/ray:2.60.0-py311")
+
+
+def test_launcher_nodes_fit_the_gpu_sweeps(launcher) -> None:
+    types = launcher["available_node_types"]
+    head = types[launcher["head_node_type"]]
+    assert head["resources"] == {"CPU": 0, "GPU": 0}  # the driver's node: no trials there
+    workers = [t for name, t in types.items() if name != launcher["head_node_type"]]
+    gpu_workers = [t for t in workers if t["resources"].get("GPU", 0) >= 1]
+    assert gpu_workers
+    for name, cpu, gpu, concurrent in _gpu_spec_needs():
+        assert any(w["resources"]["CPU"] >= cpu and w["resources"]["GPU"] >= gpu for w in gpu_workers), name
+        assert launcher["max_workers"] >= concurrent * gpu, name
+
+
+def test_launcher_start_commands_parse_and_carry_the_env(launcher) -> None:
+    from ray.scripts.scripts import start
+
+    head_cmd = next(c for c in launcher["head_start_ray_commands"] if "ray start" in c)
+    worker_cmd = next(c for c in launcher["worker_start_ray_commands"] if "ray start" in c)
+    for cmd in (head_cmd, worker_cmd):
+        assert "MLFLOW_TRACKING_URI=http://" in cmd
+        assert "RAY_USAGE_STATS_ENABLED=0" in cmd
+    head = _click_parses(start, _after(shlex.split(head_cmd), "ray", "start"))
+    worker = _click_parses(
+        start, _after(shlex.split(worker_cmd.replace("$RAY_HEAD_IP", "10.0.0.1")), "ray", "start")
+    )
+    assert head["head"] and head["port"] == 6379
+    assert worker["address"] == "10.0.0.1:6379" and not worker["head"]
+
+
+def test_launcher_mlflow_server_command(launcher) -> None:
+    cmd = next(c for c in launcher["head_start_ray_commands"] if "mlflow server" in c)
+    params = _mlflow_server_params(
+        _after(shlex.split(cmd.replace("(", " ").replace(")", " ")), "mlflow", "server")
+    )
+    assert params["serve_artifacts"] and params["artifacts_destination"].startswith("s3://")
+    assert params["backend_store_uri"].startswith("sqlite:////")
+    assert params["port"] == 5000
+    allowed = _allowed_hosts(params)
+    assert _host_ok(allowed, "127.0.0.1:5000") and _host_ok(allowed, "localhost:5000")
+    assert not _host_ok(allowed, "attacker.example.com")
+
+
+# ------------------------------------------------------------------ KubeRay
+
+
+@pytest.fixture(scope="module")
+def raycluster() -> dict:
+    return _load(CLUSTER / "kuberay" / "raycluster.yaml")
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    return _load(CLUSTER / "kuberay" / "rayjob.yaml")
+
+
+def _containers(spec: dict) -> tuple[dict, list[dict]]:
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    workers = [g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]]
+    return head, workers
+
+
+def test_raycluster_shape(raycluster) -> None:
+    import ray
+
+    assert raycluster["apiVersion"] == "ray.io/v1" and raycluster["kind"] == "RayCluster"
+    spec = raycluster["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    head, workers = _containers(spec)
+    assert workers
+    for c in [head, *workers]:
+        env = _env(c)
+        assert urlparse(env["MLFLOW_TRACKING_URI"]).netloc in _tracking_hosts()
+        assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+        assert c["image"] == head["image"]
+    assert all(_env(w) == _env(head) for w in workers)
+    # No trials on the head (it runs the driver).
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+
+
+def test_raycluster_start_params_are_ray_start_flags(raycluster) -> None:
+    from ray.scripts.scripts import start
+
+    spec = raycluster["spec"]
+    head_args = ["--head", *(f"--{k}={v}" for k, v in spec["headGroupSpec"]["rayStartParams"].items())]
+    assert _click_parses(start, head_args)["num_cpus"] == 0
+    for group in spec["workerGroupSpecs"]:
+        _click_parses(
+            start, ["--address=10.0.0.1:6379", *(f"--{k}={v}" for k, v in group["rayStartParams"].items())]
+        )
+
+
+def test_raycluster_workers_fit_the_gpu_sweeps(raycluster) -> None:
+    groups = raycluster["spec"]["workerGroupSpecs"]
+    for name, cpu, gpu, concurrent in _gpu_spec_needs():
+        fits = [
+            g
+            for g in groups
+            if float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) >= cpu
+            and float(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+            >= gpu
+        ]
+        assert fits, name
+        assert max(g["maxReplicas"] for g in fits) >= concurrent * gpu, name
+
+
+def test_rayjob_runs_the_sweep_and_shuts_down(rayjob, raycluster) -> None:
+    from embedtune.cli import build_parser
+
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    spec = rayjob["spec"]
+    words = shlex.split(spec["entrypoint"])
+    assert words[:2] == ["embedtune", "sweep"]
+    args = build_parser().parse_args(words[1:])  # the real CLI accepts it
+    assert args.spec == "sweeps/gooaq.yaml" and args.run_dir == "/tmp/embedtune-run"
+    load_spec(REPO / args.spec)
+    # shutdownAfterJobFinishes only acts on a cluster the RayJob creates itself (not with clusterSelector).
+    assert spec["shutdownAfterJobFinishes"] is True and "clusterSelector" not in spec
+    assert spec["rayClusterSpec"] == raycluster["spec"]  # the same cluster as raycluster.yaml
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"].endswith(".zip")  # sweeps/gooaq.yaml resolves against it
+    assert urlparse(runtime_env["env_vars"]["MLFLOW_TRACKING_URI"]).netloc in _tracking_hosts()
+    submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
+    assert submitter["image"] == _containers(raycluster["spec"])[0]["image"]
+
+
+# ------------------------------------------------------------------ MLflow server
+
+
+@pytest.fixture(scope="module")
+def mlflow_docs() -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all((CLUSTER / "mlflow-server.yaml").read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def test_mlflow_server_manifest(mlflow_docs) -> None:
+    assert set(mlflow_docs) == {"Deployment", "Service"}
+    dep, svc = mlflow_docs["Deployment"], mlflow_docs["Service"]
+    # The service is what the specs and the Ray pods point at.
+    port = svc["spec"]["ports"][0]["port"]
+    assert f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc:{port}" in _tracking_hosts()
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    script = " ".join(container["args"])
+    assert "mlflow server" in script
+    words = shlex.split(script.replace("$MLFLOW_BACKEND_STORE_URI", "postgresql://u:p@db:5432/mlflow"))
+    params = _mlflow_server_params(_after(words, "exec", "mlflow", "server"))
+    assert params["backend_store_uri"].startswith("postgresql")
+    assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"]
+    assert params["host"] == "0.0.0.0" and params["port"] == container["ports"][0]["containerPort"]
+    backend = next(e for e in container["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
+    assert "secretKeyRef" in backend["valueFrom"]  # credentials stay out of the manifest
+    # Host-header allowlist: the in-cluster names the clients use, and localhost for port-forward.
+    allowed = _allowed_hosts(params)
+    for host in (
+        *_tracking_hosts(),
+        "mlflow:5000",
+        "mlflow.embedtune.svc.cluster.local:5000",
+        "localhost:5000",
+    ):
+        assert _host_ok(allowed, host), host
+    assert not _host_ok(allowed, "attacker.example.com")
+    from mlflow.server.security_utils import HEALTH_ENDPOINTS
+
+    assert container["readinessProbe"]["httpGet"]["path"] in HEALTH_ENDPOINTS  # exempt from the host check
