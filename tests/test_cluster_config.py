@@ -237,6 +237,9 @@ def test_rayjob_runs_the_sweep_and_shuts_down(rayjob, raycluster) -> None:
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip")  # sweeps/gooaq.yaml resolves against it
     assert urlparse(runtime_env["env_vars"]["MLFLOW_TRACKING_URI"]).netloc in _tracking_hosts()
+    # A stop reaches the sweep as Ctrl-C (its KeyboardInterrupt path), with time to close runs.
+    assert runtime_env["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
+    assert int(runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
     assert submitter["image"] == _containers(raycluster["spec"])[0]["image"]
 
