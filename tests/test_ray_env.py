@@ -1,0 +1,46 @@
+"""ray_env: Ray started or joined on loopback only, with a private HOME (no Ray process needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedtune import ray_env
+
+
+@pytest.mark.parametrize(
+    "address, loopback",
+    [
+        ("127.0.0.1:6379", True),
+        ("127.0.1.1:6379", True),
+        ("localhost:6379", True),
+        ("[::1]:6379", True),
+        ("10.0.0.5:6379", False),
+        ("embedtune-head-svc.embedtune.svc:6379", False),
+        ("auto", False),
+    ],
+)
+def test_is_loopback_address(address: str, loopback: bool) -> None:
+    assert ray_env.is_loopback_address(address) is loopback
+
+
+def test_joining_a_loopback_address_stays_on_loopback() -> None:
+    """Ray rewrites 127.0.0.1 to the machine's outward IP before connecting; while joining a
+    loopback address ray_env keeps it as given, and restores Ray's behaviour afterwards."""
+    from ray._private import ray_constants, services
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with ray_env._keep_loopback("127.0.0.1:6379"):
+        assert services.canonicalize_bootstrap_address("127.0.0.1:6379") == "127.0.0.1:6379"
+    assert ray_constants.ENABLE_RAY_CLUSTER == before
+    with ray_env._keep_loopback("10.0.0.5:6379"):  # a real cluster address: untouched
+        assert ray_constants.ENABLE_RAY_CLUSTER == before
+        assert services.canonicalize_bootstrap_address("10.0.0.5:6379") == "10.0.0.5:6379"
+
+
+def test_private_home_and_process_env(tmp_path) -> None:
+    home = ray_env.private_home(tmp_path / "home")
+    assert (home / "ray_bootstrap_config.yaml").read_text().strip()  # Ray skips its cloud probes
+    env = ray_env.ray_process_env(home)
+    assert env["HOME"] == str(home)
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert env["RAY_AUTH_MODE"] in ("disabled", "token")
