@@ -314,10 +314,10 @@ def run_sweep(
         t1 = time.time()
         grid = tuner.fit()
         timings["trials_s"] = time.time() - t1
-        # Tune catches SIGINT itself, saves its state and returns early: unfinished trials mean
-        # the sweep was interrupted, not that it is done.
-        unfinished = [t for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
-        if unfinished:
+        # Tune catches SIGINT itself, saves its state one last time and returns early (stopping the
+        # running trials in memory). The saved state tells: unfinished trials there = interrupted.
+        saved = tune.ExperimentAnalysis(tune_path).trials
+        if any(t.status not in ("TERMINATED", "ERROR") for t in saved):
             raise KeyboardInterrupt
         trials = collect_trials(grid, spec, base, run_dir, callback)
         tracking.write_json(run_dir / "trials.json", trials)

@@ -127,6 +127,7 @@ class MlflowTrialCallback(Callback):
         self.log_models = log_models
         self.run_ids: dict[str, str] = {}
         self.started: dict[str, float] = {}
+        self.logged_epochs: dict[str, set[int]] = {}
 
     # -- helpers
     def _find_existing(self, trial_id: str) -> str | None:
@@ -143,6 +144,8 @@ class MlflowTrialCallback(Callback):
         run_id = self._find_existing(trial.trial_id)
         if run_id:
             c.update_run(run_id, status="RUNNING")
+            history = c.get_metric_history(run_id, "ir_recall_at_10")
+            self.logged_epochs[trial.trial_id] = {m.step for m in history}
         else:
             cfg = trial.config
             name = f"{model_label(str(cfg.get('model')))}-{cfg.get('dataset', 'data')}-e{cfg.get('epochs')}-{trial.trial_id}"
@@ -164,8 +167,16 @@ class MlflowTrialCallback(Callback):
         self.run_id_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_id_for(trial)
+        epoch = int(result.get("epoch", 0))
+        done = self.logged_epochs.setdefault(trial.trial_id, set())
+        if epoch in done:
+            # A trial restored from a checkpoint older than its last report repeats an epoch;
+            # keep one point per epoch so the run's curves stay one line.
+            return
+        done.add(epoch)
         metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_PREFIXES)}
-        log_metrics(self.tracking_uri, self.run_id_for(trial), metrics, step=int(result.get("epoch", 0)))
+        log_metrics(self.tracking_uri, run_id, metrics, step=epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

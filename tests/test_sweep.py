@@ -187,7 +187,10 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
         # Interrupt once the 3-epoch trial has reported (and checkpointed) its first epoch.
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if any(p.name.startswith("checkpoint_") for d in (run_dir / "tune").glob("*epochs=3*") for p in d.iterdir()):
+            # the driver has processed the epoch-1 result (and snapshotted the experiment with it)
+            if any((d / "result.json").exists() and (d / "result.json").stat().st_size
+                   for d in (run_dir / "tune").glob("*epochs=3*")):  # fmt: skip
+                time.sleep(1.0)
                 break
             time.sleep(0.5)
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
