@@ -74,15 +74,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EmbedtuneError(f"--out {out} is a file, not a directory; pick a new directory")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise EmbedtuneError(f"--out {out} exists and is not empty; pick a new directory or pass --overwrite")
     resolve_model(config.model)  # fail on an unknown model before loading any data
+    if args.miner and not args.no_hard_negatives:
+        resolve_model(args.miner)
     spec = _data_spec(args)
     data = prepare(spec)
     print(f"[embedtune] data {data.label} ({data.fingerprint}): " + ", ".join(f"{k}={v}" for k, v in data.counts.items()))
     triplets = None
     if config.hard_negatives:
-        triplets = mine(data, _validated(MiningSpec, model=args.miner or config.model))
+        miner = _validated(MiningSpec, model=args.miner or config.model, max_seq_length=config.max_seq_length)
+        triplets = mine(data, miner)
         source = "mined" if triplets.mined else "cached"
         print(f"[embedtune] hard negatives ({source}, key {triplets.key}): {triplets.counts}")
     result = train(config, data, triplets, out)

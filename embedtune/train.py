@@ -153,6 +153,8 @@ def train(
     saved to `<ckpt>/model` and `<ckpt>` is passed to `on_epoch`, then deleted once it returns (a
     Tune report has copied it to storage by then). `out_dir=None` skips writing the final model
     (a sweep trial's last checkpoint already holds it)."""
+    if config.hard_negatives and triplets is None:
+        raise EmbedtuneError("hard_negatives is on but no triplets were given; mine them first (embedtune.negatives.mine)")
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -163,8 +165,6 @@ def train(
 
     from embedtune.models import resolve_model
 
-    if config.hard_negatives and triplets is None:
-        raise EmbedtuneError("hard_negatives is on but no triplets were given; mine them first (embedtune.negatives.mine)")
     if config.threads:
         torch.set_num_threads(config.threads)
     device = _device()
@@ -247,16 +247,25 @@ def train(
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        try:
+            trainer.train()
+        except BaseException:  # a crash or Ctrl-C leaves no per-epoch checkpoints behind in /tmp
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
     if out_dir is None:
         shutil.rmtree(scratch, ignore_errors=True)
         return TrainResult(None, history, time.time() - started, device)
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save(str(staging))
     result = TrainResult(out_dir, history, time.time() - started, device)
-    (staging / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+    try:
+        model.save(str(staging))
+        (staging / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+    except BaseException:  # nothing half-written next to out_dir either
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)  # the final model appears whole or not at all

@@ -1,0 +1,116 @@
+"""One training run: a real fine-tune of all-MiniLM-L6-v2 on real MedQuAD pairs (slow), and the
+small pieces around it (config validation, metric names, best-epoch choice)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from embedtune.errors import EmbedtuneError
+from embedtune.train import EpochMetrics, TrainConfig, TrainResult, clean_metric_name, cpu_threads_for, train
+
+METRICS = {"ir_recall_at_10", "ir_accuracy_at_1", "ir_mrr_at_10", "ir_ndcg_at_10", "triplet_accuracy"}
+
+
+def test_config_rejects_bad_hyperparameters():
+    for bad in ({"epochs": 0}, {"batch_size": 1}, {"lr": 0}, {"max_seq_length": 4}, {"unknown": 1}):
+        with pytest.raises(ValidationError):
+            TrainConfig(**bad)
+
+
+def test_metric_names_are_mlflow_safe():
+    assert clean_metric_name("eval_ir_cosine_recall@10") == "ir_recall_at_10"
+    assert clean_metric_name("eval_triplet_cosine_accuracy") == "triplet_accuracy"
+    assert clean_metric_name("ir_cosine_mrr@10") == "ir_mrr_at_10"
+
+
+def test_best_is_the_best_trained_epoch_not_the_last_nor_the_base():
+    history = [
+        EpochMetrics(0, {"ir_recall_at_10": 0.9}, 1.0),
+        EpochMetrics(1, {"ir_recall_at_10": 0.7}, 1.0),
+        EpochMetrics(2, {"ir_recall_at_10": 0.8}, 1.0),
+        EpochMetrics(3, {"ir_recall_at_10": 0.6}, 1.0),
+    ]
+    assert TrainResult(None, history).best().epoch == 2
+    assert TrainResult(None, history[:1]).best().epoch == 0
+    assert cpu_threads_for(0.5) == 1 and cpu_threads_for(4) == 4
+
+
+def test_hard_negatives_without_triplets_fails_at_once(small_data, tmp_path):
+    with pytest.raises(EmbedtuneError, match="no triplets were given"):
+        train(TrainConfig(), small_data, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_one_epoch_fine_tune_on_medquad(small_data, small_triplets, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    seen: list[tuple[int, dict, object]] = []
+    out = tmp_path / "model"
+    config = TrainConfig(epochs=1, batch_size=32, max_seq_length=128, lr=5e-5, seed=7)
+    result = train(
+        config,
+        small_data,
+        small_triplets,
+        out,
+        on_epoch=lambda e, m, c: seen.append((e, m, c)),
+        progress=False,
+    )
+
+    assert [h.epoch for h in result.history] == [0, 1]
+    base, tuned = (h.metrics for h in result.history)
+    assert METRICS <= base.keys() and METRICS | {"train_loss"} <= tuned.keys()
+    assert tuned["ir_recall_at_10"] >= base["ir_recall_at_10"], (base, tuned)
+    assert 0 < tuned["train_loss"] < 10
+    assert [(e, c) for e, _, c in seen] == [(0, None), (1, None)]
+    assert result.best().epoch == 1 and result.model_dir == out
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in saved["history"]] == [0, 1]
+    assert saved["history"][1]["metrics"]["ir_recall_at_10"] == tuned["ir_recall_at_10"]
+    assert not list(tmp_path.glob(".*partial*"))
+
+    model = SentenceTransformer(str(out), device="cpu")
+    assert model.max_seq_length == 128
+    emb = model.encode(
+        ["How is asthma treated?", "What are the treatments for asthma ?", "SQuAD is a dataset."]
+    )
+    assert emb.shape == (3, 384)
+    assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])
+
+
+@pytest.mark.slow
+def test_plain_pairs_with_checkpoints_and_no_final_model(small_data, tmp_path):
+    """The sweep's path: no hard negatives, a checkpoint per epoch handed to the callback, no out_dir."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.data import DataSpec, prepare
+
+    tiny = {"max_pairs": 60, "eval_size": 10, "max_train_pairs": 32, "corpus_distractors": False}
+    data = prepare(DataSpec(source="squad-sample", **tiny))
+    loaded: list[int] = []
+
+    def on_epoch(epoch, metrics, ckpt):
+        assert METRICS - {"triplet_accuracy"} <= metrics.keys()
+        if epoch > 0:
+            assert ckpt is not None and (ckpt / "model" / "modules.json").exists()
+            SentenceTransformer(str(ckpt / "model"), device="cpu")
+            loaded.append(epoch)
+
+    config = TrainConfig(epochs=2, batch_size=16, max_seq_length=32, hard_negatives=False)
+    result = train(
+        config,
+        data,
+        None,
+        None,
+        on_epoch=on_epoch,
+        checkpoint_every_epoch=True,
+        progress=False,
+        evaluate_base=False,
+    )
+    assert result.model_dir is None
+    assert [h.epoch for h in result.history] == [1, 2] and loaded == [1, 2]
+    assert "triplet_accuracy" not in result.history[0].metrics
