@@ -2,11 +2,13 @@
 
 Sources: a packaged sample name (`medquad-sample`, `squad-sample`), a local JSONL(.gz) /
 Parquet / CSV file, a BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv), or a
-Hugging Face dataset (`hf:org/name`, or `format: hf`) loaded with `datasets.load_dataset`.
+Hugging Face dataset (`hf:org/name`, or `format: hf`) loaded with `datasets.load_dataset`, or a
+folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`hf:<dir>`).
 
 The split is leak-free by construction: pairs are grouped into connected components over shared
-question text and shared answer text (union-find), and whole components go to eval or train. So
-no eval question, and no answer of an eval question, ever appears in training. Eval for
+text (union-find; a text links pairs whether it is a question or an answer), and whole components
+go to eval or train. So no eval question, and no answer of an eval question, ever appears in
+training, on either side of a pair. Eval for
 retrieval = the held-out questions + a corpus of distinct answers (train answers stay in the
 corpus as distractors unless told otherwise); a question is relevant to every answer it was
 paired with.
