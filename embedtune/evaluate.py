@@ -389,7 +389,7 @@ def evaluate_models(
     need_deep = cross is not None
     need_vec = any(q in ("vector", "hybrid") for q, _ in combos)
     need_fts = any(q in ("fts", "hybrid") for q, _ in combos)
-    fts_cache: dict[str, tuple[list, float]] = {}  # model-independent FTS legs, computed once
+    fts_legs, fts_s = None, 0.0  # model-independent: computed once, on the first model's table
     fts_rows: dict[tuple[str, str], tuple[dict, float]] = {}
     rows = []
 
@@ -402,7 +402,7 @@ def evaluate_models(
                               batch_size=spec.batch_size, progress=progress)  # fmt: skip
         tbl = indexed.open()
         log.info("%s: table %s (%s)", entry.label, indexed.name, "reused" if indexed.reused else "built")
-        results: dict[tuple[str, str], tuple[list[list[str]], float]] = {}
+        results: dict[tuple[str, str], tuple[dict, float]] = {}
         vec_legs, vec_s = None, 0.0
         if need_vec:
             t = time.perf_counter()
@@ -410,11 +410,10 @@ def evaluate_models(
                               show_progress_bar=False)  # fmt: skip
             vec_legs = vector_leg(tbl, qv, deep if need_deep else depth)
             vec_s = time.perf_counter() - t
-        if need_fts and "legs" not in fts_cache:
+        if need_fts and fts_legs is None:
             t = time.perf_counter()
-            fts_cache["legs"] = (fts_leg(tbl, qtexts, deep if need_deep else depth, spec.fts_threads), 0.0)
-            fts_cache["legs"] = (fts_cache["legs"][0], time.perf_counter() - t)
-        fts_legs, fts_s = fts_cache.get("legs", (None, 0.0))
+            fts_legs = fts_leg(tbl, qtexts, deep if need_deep else depth, spec.fts_threads)
+            fts_s = time.perf_counter() - t
         for qtype, rname in combos:
             if qtype == "fts" and (qtype, rname) in fts_rows:
                 continue

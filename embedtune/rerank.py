@@ -35,18 +35,28 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def training_pairs(triplets: Triplets, max_pairs: int | None, seed: int = 42) -> list[tuple[str, str, float]]:
-    """(question, answer, label) from train triplets: each positive (1.0) and its hard negative (0.0),
-    balanced, sampled by seed down to `max_pairs` pairs in total."""
+def training_pairs(
+    triplets: Triplets, max_pairs: int | None, seed: int = 42, random_negatives: bool = False
+) -> list[tuple[str, str, float]]:
+    """(question, answer, label) from train triplets: each positive (1.0) and its mined hard negative
+    (0.0); with `random_negatives` also one random other train answer (0.0) per question, an easy
+    negative that teaches the fresh head the coarse signal quickly. Sampled by seed to `max_pairs`."""
     ds = triplets.train
     rows = list(zip(ds["anchor"], ds["positive"], ds["negative"], strict=True))
-    random.Random(seed).shuffle(rows)
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    answers = list(dict.fromkeys(ds["positive"]))
     pairs: list[tuple[str, str, float]] = []
     seen_pos: set[tuple[str, str]] = set()
     for anchor, pos, neg in rows:
         if (anchor, pos) not in seen_pos:  # one positive per (q, a) even with num_negatives > 1
             seen_pos.add((anchor, pos))
             pairs.append((anchor, pos, 1.0))
+            if random_negatives and len(answers) > 1:
+                other = rng.choice(answers)
+                while other == pos:
+                    other = rng.choice(answers)
+                pairs.append((anchor, other, 0.0))
         pairs.append((anchor, neg, 0.0))
         if max_pairs and len(pairs) >= max_pairs:
             break
@@ -84,10 +94,11 @@ def train_reranker(
     out_dir: Path | None = None,
     epochs: int = 1,
     batch_size: int = 16,
-    max_pairs: int | None = 400,
+    max_pairs: int | None = 256,
     max_length: int = 128,
-    lr: float = 5e-5,
+    lr: float = 2e-4,
     seed: int = 42,
+    random_negatives: bool = True,
 ) -> Path:
     """Fine-tune a cross-encoder (num_labels=1) from `base` on BCE over train positives and mined
     hard negatives; return the directory of the saved CrossEncoder (cached: a second call with the
@@ -102,7 +113,7 @@ def train_reranker(
             f"no train triplets for {data.label}: mine hard negatives before training a reranker"
         )
     settings = {"epochs": epochs, "batch_size": batch_size, "max_pairs": max_pairs, "max_length": max_length,
-                "lr": lr, "seed": seed}  # fmt: skip
+                "lr": lr, "seed": seed, "random_negatives": random_negatives}  # fmt: skip
     key = reranker_key(data, triplets, base, settings)
     target = Path(out_dir or env.home() / "rerankers") / f"{data.label}-{key}"
 
@@ -115,7 +126,7 @@ def train_reranker(
         )
         from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-        pairs = training_pairs(triplets, max_pairs, seed)
+        pairs = training_pairs(triplets, max_pairs, seed, random_negatives)
         base_dir = _base_dir(base)
         log.info("training a cross-encoder reranker from %s on %d pairs", base, len(pairs))
         model = CrossEncoder(str(base_dir), num_labels=1, max_length=max_length, device=_device())
@@ -127,7 +138,7 @@ def train_reranker(
             num_train_epochs=epochs,
             per_device_train_batch_size=batch_size,
             learning_rate=lr,
-            warmup_ratio=0.1,
+            warmup_steps=0.1,  # a float is a ratio (warmup_ratio is deprecated in transformers 5)
             seed=seed,
             save_strategy="no",
             logging_strategy="no",

@@ -1,0 +1,130 @@
+"""LanceDB ingest: identity, reuse, interrupted ingest, indexes, the embedding registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import lancedb
+import pytest
+
+from embedtune.data import DataSpec, PreparedData, prepare
+from embedtune.errors import EmbedtuneError
+from embedtune.index import (
+    COMPLETE_TAG,
+    build_registry_table,
+    build_table,
+    is_complete,
+    load_model,
+    model_identity,
+    table_name,
+)
+from embedtune.models import resolve_model
+
+
+def test_model_identity_follows_content_not_location(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "config.json").write_text('{"x": 1}')
+    (a / "model.safetensors").write_bytes(b"\0" * (3 << 20))
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert model_identity(a) == model_identity(b)
+    raw = bytearray((b / "model.safetensors").read_bytes())
+    raw[-10] = 1  # retrained weights differ somewhere in the tail
+    (b / "model.safetensors").write_bytes(bytes(raw))
+    assert model_identity(a) != model_identity(b)
+    before = model_identity(a)
+    (a / "config.json").write_text('{"x": 2}')
+    assert model_identity(a) != before
+    with pytest.raises(EmbedtuneError):
+        model_identity(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A real MedQuAD sample, corpus cut to 60 documents to keep encoding short."""
+    data = prepare(DataSpec(source="medquad-sample", eval_size=20, max_pairs=200))
+    corpus = dict(list(data.corpus.items())[:60])
+    relevant = {q: [c for c in cs if c in corpus] for q, cs in data.relevant.items()}
+    queries = {q: t for q, t in data.queries.items() if relevant[q]}
+    data = dataclasses.replace(
+        data, corpus=corpus, queries=queries, relevant={q: relevant[q] for q in queries}
+    )
+    path = resolve_model("all-MiniLM-L6-v2")
+    return data, path, load_model(path)
+
+
+@pytest.mark.slow
+def test_build_then_reuse(small, tmp_path):
+    data, path, model = small
+    first = build_table(path, data, tmp_path / "db", model=model, progress=False)
+    assert not first.reused and first.rows == len(data.corpus) and first.dim == 384
+    assert first.vector_index is None
+    tbl = first.open()
+    assert tbl.schema.names == ["id", "text", "vector"]
+    indexed = {i.columns[0]: i.index_type for i in tbl.list_indices()}
+    assert indexed["text"] == "FTS" and "vector" not in indexed  # 60 rows: exhaustive search
+    assert COMPLETE_TAG in tbl.tags.list()
+    assert first.name == table_name(model_identity(path), data)
+    again = build_table(path, data, tmp_path / "db", model=model, progress=False)
+    assert again.reused and again.name == first.name and again.seconds < first.seconds
+    assert again.open().version == tbl.version  # nothing written
+    # Full-text search works on the native index.
+    some_text = next(iter(data.corpus.values()))
+    hits = (
+        tbl.search(" ".join(some_text.split()[:6]), query_type="fts").limit(3).to_arrow()["text"].to_pylist()
+    )
+    assert some_text in hits
+
+
+@pytest.mark.slow
+def test_interrupted_ingest_is_rebuilt(small, tmp_path):
+    data, path, model = small
+    data = dataclasses.replace(data, corpus=dict(list(data.corpus.items())[:24]))
+    db = tmp_path / "db"
+    with pytest.raises(KeyboardInterrupt):
+        build_table(path, data, db, model=model, progress=False, chunk_rows=8, _stop_after_rows=16)
+    name = table_name(model_identity(path), data)
+    half = lancedb.connect(str(db)).open_table(name)
+    assert half.count_rows() == 16 and not is_complete(half)
+    rebuilt = build_table(path, data, db, model=model, progress=False, chunk_rows=8)
+    assert not rebuilt.reused and rebuilt.rows == len(data.corpus)
+    assert is_complete(rebuilt.open())
+    # A complete-tagged table that lost rows afterwards is not trusted either.
+    rebuilt.open().delete("id = 'd0'")
+    assert not is_complete(rebuilt.open())
+    again = build_table(path, data, db, model=model, progress=False, chunk_rows=8)
+    assert not again.reused and again.rows == len(data.corpus)
+
+
+@pytest.mark.slow
+def test_forced_vector_index(small, tmp_path):
+    data, path, model = small
+    built = build_table(path, data, tmp_path / "db", model=model, progress=False, vector_index=True)
+    assert built.vector_index == "IVF_HNSW_SQ"
+    indexed = {i.columns[0]: i.index_type for i in built.open().list_indices()}
+    assert indexed["vector"] == "IvfHnswSq" and indexed["text"] == "FTS"
+
+
+@pytest.mark.slow
+def test_embedding_registry_with_a_local_tuned_model_path(small, tmp_path):
+    """LanceDB's registry embeds on add and on search from a local model directory (as a tuned
+    checkpoint would be), and records the path in the table's schema."""
+    data, path, _ = small
+    tuned = shutil.copytree(path, tmp_path / "tuned-checkpoint")  # any local ST directory
+    few = dataclasses.replace(data, corpus=dict(list(data.corpus.items())[:12]))
+    tbl = build_registry_table(tuned, few, tmp_path / "db")
+    assert tbl.count_rows() == 12
+    assert str(tuned) in tbl.schema.metadata[b"embedding_functions"].decode()
+    cid, text = list(few.corpus.items())[5]
+    top = tbl.search(text).limit(1).to_arrow()  # the query string is embedded by the registry
+    assert top["id"].to_pylist() == [cid]
+
+
+def test_registry_rejects_non_model(tmp_path):
+    data = PreparedData("fp", "tiny", [], [], {"q": "x"}, {"d": "y"}, {"q": ["d"]})
+    (tmp_path / "x").mkdir()
+    with pytest.raises(EmbedtuneError, match="not a sentence-transformers model"):
+        build_registry_table(tmp_path / "x", data, tmp_path / "db")
+    assert not (tmp_path / "db").exists()
