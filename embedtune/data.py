@@ -253,7 +253,14 @@ def load_pairs(spec: DataSpec) -> tuple[list[tuple[str, str]], list[str]]:
     target, fmt = _resolve_source(spec)
     extra: list[str] = []
     if fmt == "beir":
-        raw_pairs, extra = _read_beir(Path(target), spec)
+        try:
+            raw_pairs, extra = _read_beir(Path(target), spec)
+        except UnicodeDecodeError as exc:
+            raise EmbedtuneError(
+                f"BEIR folder {target} has a file that is not UTF-8 text ({exc.reason})"
+            ) from exc
+        except (KeyError, ValueError) as exc:  # a row without _id / text, a bad qrels score
+            raise EmbedtuneError(f"BEIR folder {target} is malformed: {type(exc).__name__}: {exc}") from exc
     else:
         rows = _read_rows(target, fmt, spec)
         if not rows:

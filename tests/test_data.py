@@ -336,3 +336,20 @@ def test_prepared_data_round_trips(tmp_path):
     data = prepare(DataSpec(source="squad-sample", eval_size=30, max_train_pairs=50))
     data.save(tmp_path / "d.json")
     assert PreparedData.load(tmp_path / "d.json") == data
+
+
+def test_malformed_beir_folder_is_one_clear_line(tmp_path):
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "queries.jsonl").write_text('{"_id": "1", "text": "a claim"}\n')
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\td1\t1\n")
+    (beir / "corpus.jsonl").write_bytes('{"_id": "d1", "text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(EmbedtuneError, match="not UTF-8"):
+        load_pairs(DataSpec(source=str(beir)))
+    (beir / "corpus.jsonl").write_text('{"text": "no id"}\n')
+    with pytest.raises(EmbedtuneError, match="malformed"):
+        load_pairs(DataSpec(source=str(beir)))
+    (beir / "corpus.jsonl").write_text('{"_id": "d1", "title": "T", "text": "an abstract"}\n')
+    with pytest.raises(EmbedtuneError, match="qrels/dev.tsv"):
+        load_pairs(DataSpec(source=str(beir), beir_split="dev"))
+    assert load_pairs(DataSpec(source=str(beir))) == ([("a claim", "T an abstract")], ["T an abstract"])
