@@ -234,13 +234,14 @@ def overfitting_flags(trials: list[dict[str, Any]], metric: str = "ir_recall_at_
 
 
 def fine_tune_probe(
-    data: PreparedData, model_path: str, sample: int = 200, corpus_size: int = 2000, seed: int = 0
+    data: PreparedData, model_path: str, sample: int = 200, corpus_size: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
     """How familiar the data already is to a base model, measured with the base model alone:
     - `eval_to_train_sim`: mean cosine similarity of each eval question to its nearest train
       question; `train_to_train_sim`: the same for train questions among themselves (nearest other
-      train question). Eval questions that sit as close to the train questions as those do to each
-      other mean fine-tuning on train teaches little that eval needs beyond what it already shares.
+      train question). Eval close to train-to-train: the eval questions look like the training
+      questions, so what training teaches can carry over; well below: training fits another
+      distribution than the one that is evaluated, and gains there need not transfer.
     - `train_hit_at_10` / `eval_hit_at_10`: the base model's zero-shot hit@10 for a sample of train
       and of eval questions, both over the same corpus (their answers plus distractors from the
       eval corpus, `corpus_size` documents at most). A high train score says the base model
@@ -251,7 +252,7 @@ def fine_tune_probe(
 
     rng = random.Random(seed)
     train_q = list(dict.fromkeys(q for q, _ in data.train))
-    pool = rng.sample(train_q, min(len(train_q), sample * 5))
+    pool = rng.sample(train_q, min(len(train_q), sample * 3))
     eval_ids = sorted(data.queries)
     eval_ids = rng.sample(eval_ids, min(len(eval_ids), sample))
     model = SentenceTransformer(str(model_path), device="cpu")

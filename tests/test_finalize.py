@@ -210,7 +210,8 @@ def test_cli_evaluate_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "ev"
     argv = ["evaluate", "--models", "all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2", "--data", "medquad-sample",
-            "--eval-size", "60", "--max-pairs", "300", "--out", str(out), "--probe-size", "40"]  # fmt: skip
+            "--eval-size", "60", "--max-pairs", "300", "--out", str(out), "--probe-size", "40",
+            "--query-types", "vector", "hybrid"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "leaderboard" in printed and "best:" in printed
@@ -220,7 +221,12 @@ def test_cli_evaluate_end_to_end(tmp_path, capsys):
     assert set(board["model"]) == {"all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"}
     assert set(board["kind"]) == {"base"}
     combos = set(zip(board["query_type"], board["reranker"], strict=True))
-    assert {("vector", "none"), ("fts", "none"), ("hybrid", "rrf"), ("vector", "cross-encoder")} <= combos
+    assert {
+        ("vector", "none"),
+        ("hybrid", "rrf"),
+        ("hybrid", "linear"),
+        ("vector", "cross-encoder"),
+    } <= combos
     assert (board["n_queries"] == 60).all()
     assert (board["delta_hit_at_10"] == 0).all()
     assert (out / "report" / "plots" / "best_combinations.png").exists()
