@@ -60,7 +60,7 @@ def repo_root() -> Path:
 # sample take about a minute each on CPU; this is ~480 pairs (whole groups), 100 held-out
 # questions, 256 training pairs, and a ~480-answer eval corpus.
 SMALL_DATA = {"source": "medquad-sample", "max_pairs": 480, "eval_size": 100, "max_train_pairs": 256}
-SMALL_MINING = {"max_seq_length": 128}
+SMALL_MINING = {"max_seq_length": 64}
 
 
 @pytest.fixture(scope="session")

@@ -173,7 +173,7 @@ def test_cli_train_end_to_end(tmp_path):
     args = [
         "-m", "embedtune.cli", "--offline", "train",
         "--model", "all-MiniLM-L6-v2", "--data", "medquad-sample",
-        "--max-pairs", "300", "--eval-size", "50", "--max-train-pairs", "128",
+        "--max-pairs", "200", "--eval-size", "30", "--max-train-pairs", "64",
         "--epochs", "1", "--batch-size", "16", "--max-seq-length", "64",
         "--out", str(out), "--json",
     ]  # fmt: skip

@@ -50,14 +50,14 @@ def test_first_mine_builds_triplets_from_the_right_texts(small_data, small_tripl
 
 def test_second_call_with_the_same_key_loads_the_cache(small_data, small_triplets, negatives_cache):
     started = time.time()
-    again = mine(small_data, MiningSpec(max_seq_length=128), cache_dir=negatives_cache)
+    again = mine(small_data, MiningSpec(max_seq_length=64), cache_dir=negatives_cache)
     assert again.mined is False
     assert time.time() - started < 10  # no model loaded, nothing encoded
     assert (again.key, again.path) == (small_triplets.key, small_triplets.path)
     assert again.train.to_list() == small_triplets.train.to_list()
     assert again.eval.to_list() == small_triplets.eval.to_list()
     # the hub spelling of a packaged miner is the same model, so the same cache
-    hub_spelling = MiningSpec(model="sentence-transformers/all-MiniLM-L6-v2", max_seq_length=128)
+    hub_spelling = MiningSpec(model="sentence-transformers/all-MiniLM-L6-v2", max_seq_length=64)
     hub = mine(small_data, hub_spelling, cache_dir=negatives_cache)
     assert (hub.mined, hub.key) == (False, small_triplets.key)
 

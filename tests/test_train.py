@@ -50,7 +50,7 @@ def test_one_epoch_fine_tune_on_medquad(small_data, small_triplets, tmp_path):
 
     seen: list[tuple[int, dict, object]] = []
     out = tmp_path / "model"
-    config = TrainConfig(epochs=1, batch_size=32, max_seq_length=128, lr=5e-5, seed=7)
+    config = TrainConfig(epochs=1, batch_size=32, max_seq_length=64, lr=5e-5, seed=7)
     result = train(
         config,
         small_data,
@@ -74,7 +74,7 @@ def test_one_epoch_fine_tune_on_medquad(small_data, small_triplets, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
     model = SentenceTransformer(str(out), device="cpu")
-    assert model.max_seq_length == 128
+    assert model.max_seq_length == 64
     emb = model.encode(
         ["How is asthma treated?", "What are the treatments for asthma ?", "SQuAD is a dataset."]
     )
