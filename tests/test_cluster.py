@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,32 +40,38 @@ TRIAL_KEYS = {
 }  # fmt: skip
 
 
-def _spec(name: str, resources: dict, epochs: list[int], seeds: list[int]):
-    """A sweep small enough for two CPU cores: one small model on real MedQuAD pairs."""
+def _raw_spec(name: str, resources: dict, epochs: list[int], seeds: list[int], smaller: bool = False) -> dict:
+    """A sweep small enough for two CPU cores: one small model on 80 real MedQuAD pairs (`smaller`:
+    no hard negatives either, where only the placement of trials is under test)."""
+    raw = {
+        "name": name,
+        "datasets": [
+            {
+                "name": "medquad",
+                "source": "medquad-sample",
+                "max_pairs": 80,
+                "eval_size": 10,
+                "max_train_pairs": 16,
+            }
+        ],
+        "models": ["paraphrase-MiniLM-L3-v2"],
+        "search": {"epochs": epochs, "batch_size": [16], "seed": seeds},
+        "train": {"max_seq_length": 64},
+        "mining": {"model": "paraphrase-MiniLM-L3-v2"},
+        "resources": resources,
+        "scheduler": {"type": "none"},
+        "max_concurrent_trials": 2,
+        "mlflow": {"log_models": False},
+    }
+    if smaller:
+        raw["train"]["hard_negatives"] = False
+    return raw
+
+
+def _spec(name: str, resources: dict, epochs: list[int], seeds: list[int], smaller: bool = False):
     from embedtune.config import parse_spec
 
-    return parse_spec(
-        {
-            "name": name,
-            "datasets": [
-                {
-                    "name": "medquad",
-                    "source": "medquad-sample",
-                    "max_pairs": 150,
-                    "eval_size": 20,
-                    "max_train_pairs": 32,
-                }
-            ],
-            "models": ["paraphrase-MiniLM-L3-v2"],
-            "search": {"epochs": epochs, "batch_size": [16], "seed": seeds},
-            "train": {"max_seq_length": 64},
-            "mining": {"model": "paraphrase-MiniLM-L3-v2"},
-            "resources": resources,
-            "scheduler": {"type": "none"},
-            "max_concurrent_trials": 2,
-            "mlflow": {"log_models": False},
-        }
-    )
+    return parse_spec(_raw_spec(name, resources, epochs, seeds, smaller))
 
 
 def _real_home_ray_files() -> dict[str, float]:
@@ -125,17 +133,40 @@ def loopback_cluster():
                 mp.setenv(key, value)
         node_args = {
             "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
             "dashboard_agent_listen_port": None,  # pick free ports: other Ray instances may run here
             "object_store_memory": 100 * 2**20,
         }
+        node_env = env | {
+            # The `embedtune` command of this environment, for job entrypoints.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            # Ray's own processes join the cluster too (the dashboard agent does for every submitted
+            # job) and rewrite 127.0.0.1 to the machine's outward IP first, where nothing listens
+            # here. This switch (meant for macOS/Windows, where Ray clusters are single-machine)
+            # makes them keep loopback addresses; `ray start --address` would refuse it, Cluster
+            # does not use that path. The driver side is embedtune.ray_env's own business.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
         cluster = Cluster(shutdown_at_exit=True)
         try:
-            with ray_env.patched_environ(env):
+            with ray_env.patched_environ(node_env):
                 cluster.add_node(
-                    num_cpus=1, resources={HEAD_RESOURCE: 1}, temp_dir=str(base / "ray"), **node_args
+                    num_cpus=1,
+                    resources={HEAD_RESOURCE: 1},
+                    temp_dir=str(base / "ray"),
+                    include_dashboard=True,  # the job API (ray job submit), on 127.0.0.1
+                    dashboard_port=None,  # 8265, or the next free port
+                    **node_args,
                 )
-                cluster.add_node(num_cpus=1, num_gpus=1, resources={WORKER_RESOURCE: 1}, **node_args)
+                cluster.add_node(
+                    num_cpus=1,
+                    num_gpus=1,
+                    resources={WORKER_RESOURCE: 1},
+                    # Its own runtime-env dir, as on a machine of its own: the nodes share one
+                    # filesystem here, and a node's agent deletes a job's working_dir copy when
+                    # its last user there exits, while the driver on the head still runs in it.
+                    runtime_env_dir_name="runtime_resources_worker",
+                    **node_args,
+                )
             cluster.wait_for_nodes()
             yield LoopbackCluster(cluster, base, home, env)
         finally:
@@ -176,6 +207,26 @@ def _disconnect_and_check_released(timeout: float = 20.0) -> None:
         assert {k: free.get(k, 0) for k in ("CPU", "GPU")} == {k: total.get(k, 0) for k in ("CPU", "GPU")}
     finally:
         ray.shutdown()
+
+
+def _within(seconds: float, fn, *args, **kwargs):
+    """fn(*args, **kwargs), failing the test instead of hanging when it does not return in time
+    (the job client's HTTP calls have no timeout; teardown then stops the cluster, which ends them)."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} did not return within {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _shape(trials: list[dict]) -> list[tuple]:
@@ -288,7 +339,7 @@ def test_half_gpu_trials_share_one_gpu(loopback_cluster, tmp_path):
     c = loopback_cluster
     # Only the worker declares a GPU (logical: no device here), with one CPU: both trials
     # (0.5 CPU + 0.5 GPU each) fit on it at the same time, and nowhere else.
-    spec = _spec("cluster-half-gpu", {"cpu": 0.5, "gpu": 0.5}, epochs=[1], seeds=[1, 2])
+    spec = _spec("cluster-half-gpu", {"cpu": 0.5, "gpu": 0.5}, epochs=[1], seeds=[1, 2], smaller=True)
     try:
         run_sweep(spec, tmp_path / "gpu", final=False, ray_address=c.address)
     finally:
@@ -304,3 +355,43 @@ def test_half_gpu_trials_share_one_gpu(loopback_cluster, tmp_path):
     windows = [(rs[-1]["timestamp"] - rs[-1]["time_total_s"], rs[-1]["timestamp"]) for rs in rows.values()]
     (s1, e1), (s2, e2) = windows
     assert max(s1, s2) < min(e1, e2), windows
+
+
+def test_ray_job_submit_runs_the_sweep_on_the_head(loopback_cluster, tmp_path):
+    """The README's path: `ray job submit --working-dir DIR -- embedtune sweep SPEC`. The entrypoint
+    runs on the head with RAY_ADDRESS set to the cluster (on loopback here), the spec path is
+    relative to the uploaded working dir, and the trial runs on the cluster."""
+    import yaml
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    c = loopback_cluster
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "spec.yaml").write_text(
+        yaml.safe_dump(_raw_spec("cluster-job", {"cpu": 1, "gpu": 0}, epochs=[1], seeds=[42], smaller=True))
+    )
+    run_dir = tmp_path / "run"
+    assert c.head.webui_url.startswith("127.0.0.1:")
+    client = JobSubmissionClient(f"http://{c.head.webui_url}")
+    job_id = _within(
+        60,
+        client.submit_job,
+        entrypoint=f"embedtune sweep spec.yaml --run-dir {run_dir} --no-final",
+        runtime_env={"working_dir": str(job_dir)},
+    )
+    deadline = time.time() + 240
+    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := _within(30, client.get_job_status, job_id)) not in done:
+        assert time.time() < deadline, "job did not finish in time"
+        time.sleep(2)
+    logs = _within(30, client.get_job_logs, job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "[embedtune] data medquad" in logs
+    assert client.get_job_info(job_id).driver_node_id == c.head.node_id
+
+    trials = json.loads((run_dir / "trials.json").read_text())
+    assert [t["status"] for t in trials] == ["FINISHED"]
+    rows = _results(run_dir)
+    assert {r["system/node_id"] for rs in rows.values() for r in rs} <= {c.head.node_id, c.worker.node_id}
+    state = json.loads((run_dir / "sweep_state.json").read_text())
+    assert state["finished"] is True
