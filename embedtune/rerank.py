@@ -5,8 +5,15 @@ with a random head that ranks at chance. `train_reranker` therefore fine-tunes o
 bi-encoder (all-MiniLM-L6-v2 by default) with sentence-transformers' `CrossEncoderTrainer` and
 `BinaryCrossEntropyLoss` on (question, positive answer, 1) and (question, mined hard negative, 0)
 pairs from the train triplets only (no eval text), and caches the result under a key of (data
-fingerprint, triplets key, base model, settings) exactly like mined negatives. A few hundred pairs
-at max_length 128 train in about a minute on two CPU cores and already beat the untrained head.
+fingerprint, triplets key, base model, settings) exactly like mined negatives.
+
+Making it learn in a few dozen CPU steps (measured on medquad-sample, 240 pairs, max_length 64,
+batch 16, one epoch, held-out eval triplets): lr 5e-5..1e-4 alone leaves the loss at chance
+(0.69) and ranks the true answer above the mined hard negative only 58-69 % of the time; lr 5e-4
+collapses. What works is one random (easy) negative per question besides the hard one, and a
+10x learning rate for the fresh head and pooler (`head_lr`, via learning_rate_mapping): true
+answer above a random answer 91 %, above the hard negative 68 % (untrained head: ~39-50 %).
+That run took ~2.5 min wall (~1 min CPU) on this shared 2-core machine.
 
 `resolve_reranker` accepts a trained directory, any pretrained cross-encoder directory, or a hub id
 (loaded with `CrossEncoder(id)`; offline this fails with a one-line EmbedtuneError).
@@ -99,6 +106,7 @@ def train_reranker(
     lr: float = 2e-4,
     seed: int = 42,
     random_negatives: bool = True,
+    head_lr: float | None = 2e-3,
 ) -> Path:
     """Fine-tune a cross-encoder (num_labels=1) from `base` on BCE over train positives and mined
     hard negatives; return the directory of the saved CrossEncoder (cached: a second call with the
@@ -113,7 +121,7 @@ def train_reranker(
             f"no train triplets for {data.label}: mine hard negatives before training a reranker"
         )
     settings = {"epochs": epochs, "batch_size": batch_size, "max_pairs": max_pairs, "max_length": max_length,
-                "lr": lr, "seed": seed, "random_negatives": random_negatives}  # fmt: skip
+                "lr": lr, "seed": seed, "random_negatives": random_negatives, "head_lr": head_lr}  # fmt: skip
     key = reranker_key(data, triplets, base, settings)
     target = Path(out_dir or env.home() / "rerankers") / f"{data.label}-{key}"
 
@@ -145,6 +153,9 @@ def train_reranker(
             report_to=[],
             disable_tqdm=True,
             dataloader_num_workers=0,
+            # The classification head starts random: let it (and the pooler) learn faster than
+            # the pretrained encoder, so a few dozen steps already rank (see the module note).
+            learning_rate_mapping={r"classifier|pooler": head_lr} if head_lr else {},
         )
         trainer = CrossEncoderTrainer(
             model=model, args=args, train_dataset=train_ds, loss=BinaryCrossEntropyLoss(model)
