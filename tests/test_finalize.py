@@ -174,7 +174,7 @@ def test_final_stage_registers_the_winner(tmp_path, small_data):
     )
     assert result.winner["kind"] == "tuned" and result.winner["trial_id"] == "t1"
     mv = client.get_model_version_by_alias("embedtune-test", "champion")
-    assert mv.version == result.registered["version"]
+    assert str(mv.version) == result.registered["version"]
     assert mv.tags["dataset"] == small_data.label
     child = client.get_run(mv.run_id)
     assert child.data.tags["mlflow.parentRunId"] == parent
