@@ -156,6 +156,8 @@ def _clean_row(row: dict[str, Any]) -> dict[str, Any]:
             v = v.item()
         if isinstance(v, float) and math.isnan(v):
             v = None
+        if k == "epochs" and isinstance(v, float):
+            v = int(v)  # a column with blanks (base rows) reads back as float
         out[k] = v
     return out
 
