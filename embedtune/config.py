@@ -105,16 +105,32 @@ class Resources(_Strict):
         return v
 
 
+GAIN_SUFFIX = "_gain"  # reported by each trial: metric minus its base model's score
+
+
 class SchedulerSpec(_Strict):
     type: Literal["asha", "none"] = "asha"
     metric: str = DEFAULT_METRIC
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
+    compare: Literal["gain", "absolute"] = Field(
+        "gain",
+        description="gain: rank trials by `metric` minus their own base model's score on their own "
+        "dataset, so trials of different datasets and models compete fairly (an easy dataset's "
+        "weakest run would otherwise outrank a hard one's best); absolute: the raw metric",
+    )
+
+    @property
+    def tune_metric(self) -> str:
+        """The name Tune schedules, searches and ranks on."""
+        return f"{self.metric}{GAIN_SUFFIX}" if self.compare == "gain" else self.metric
 
 
 class MlflowSpec(_Strict):
-    tracking_uri: str | None = Field(None, description="None: sqlite store in the run directory")
+    tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI if set, else a SQLite store in the run directory"
+    )
     experiment: str | None = Field(None, description="None: embedtune-<sweep name>")
     log_models: bool = True
 
@@ -139,7 +155,9 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     scheduler: SchedulerSpec = SchedulerSpec()
     max_concurrent_trials: int | None = Field(None, ge=1)
-    storage_path: str | None = Field(None, description="Tune storage (local dir or s3://, gs://); None: the run dir")
+    storage_path: str | None = Field(
+        None, description="Tune storage (local dir or s3://, gs://); None: the run dir"
+    )
     mlflow: MlflowSpec = MlflowSpec()
     checkpoints: CheckpointSpec = CheckpointSpec()
     max_failures: int = Field(1, ge=0, description="retries of a failed trial (from its last checkpoint)")
@@ -174,7 +192,9 @@ def _format_error(source: str, exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling)"
-        parts.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else ""))
+        parts.append(
+            f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else "")
+        )
     more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
     return f"{source}: " + "; ".join(parts) + more
 

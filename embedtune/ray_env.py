@@ -5,16 +5,21 @@ which cloud it runs on, even with usage stats disabled, unless `~/ray_bootstrap_
 exists; Ray 2.60 also writes `~/.ray/auth_token` for a new local cluster. So a local cluster is
 started with HOME pointing at a private directory that holds a bootstrap config (so the probe is
 skipped and nothing lands in the user's home), token auth off, usage stats off, a private temp
-dir, and every address on 127.0.0.1. Only what this process started is shut down.
+dir, and every address on 127.0.0.1. Only what this process started is shut down, and the
+directories it made are removed with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# Directories made by `init` for the Ray it started; removed by `shutdown`.
+_owned_dirs: list[Path] = []
 
 BOOTSTRAP = "# written by embedtune: marks a manually started cluster so Ray skips cloud detection\nprovider:\n  type: local\n"
 
@@ -90,7 +95,9 @@ def _keep_loopback(address: str) -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-def init(address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None, **kwargs) -> bool:
+def init(
+    address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None, **kwargs
+) -> bool:
     """Join `address` (a running cluster, e.g. on `ray job submit` or `auto`) or start a private local
     Ray on loopback. Returns True when this call started Ray (so the caller should shut it down)."""
     import ray
@@ -107,16 +114,45 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: floa
     for key, value in ray_process_env(home).items():
         if key != "HOME":
             os.environ.setdefault(key, value)
-    temp_dir = tempfile.mkdtemp(prefix="etray-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    temp_dir = Path(
+        tempfile.mkdtemp(prefix="etray-", dir="/tmp")
+    )  # short: Ray's socket paths are length-limited
+    _owned_dirs.extend([home, temp_dir])
     with patched_environ({"HOME": str(home)}):
         ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
-            _temp_dir=temp_dir,
+            _temp_dir=str(temp_dir),
             configure_logging=True,
             logging_level="WARNING",
             **kwargs,
         )
     return True
+
+
+def shutdown() -> None:
+    """Disconnect this driver (a joined cluster keeps running) or stop the Ray `init` started, then
+    remove the private HOME and temp dir it made (logs, spilled objects, trial scratch)."""
+    import ray
+
+    ray.shutdown()
+    while _owned_dirs:
+        shutil.rmtree(_owned_dirs.pop(), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def session(address: str | None = None, **kwargs) -> Iterator[bool]:
+    """`init` for the duration of a block; yields whether Ray was started here. A Ray the caller
+    had already initialised is left as it was."""
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    started = init(address=address, **kwargs)
+    try:
+        yield started
+    finally:
+        shutdown()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from typing import Any
 
 from embedtune import tracking
 from embedtune.cache import stable_hash
-from embedtune.config import HYPERPARAMS, Distribution, SweepSpec
+from embedtune.config import GAIN_SUFFIX, HYPERPARAMS, Distribution, SweepSpec
 from embedtune.data import PreparedData, prepare
 from embedtune.errors import EmbedtuneError
 from embedtune.models import model_label, resolve_model
@@ -54,10 +55,12 @@ class SweepResult:
 # ---------------------------------------------------------------- trial side
 
 
+def _base_key(model: str, dataset: str) -> str:
+    return f"{model}\t{dataset}"
+
+
 def _trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
     """Ray Tune trainable: one fine-tuning run, reporting every epoch with a checkpoint."""
-    import os
-
     import psutil
     import ray
     import torch
@@ -70,7 +73,9 @@ def _trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
     data.eval_pairs = [tuple(p) for p in data.eval_pairs]
     trip = payload["triplets"].get(label)
     triplets = (
-        Triplets(trip["key"], Path("."), Dataset.from_dict(trip["train"]), Dataset.from_dict(trip["eval"]), False)
+        Triplets(
+            trip["key"], Path("."), Dataset.from_dict(trip["train"]), Dataset.from_dict(trip["eval"]), False
+        )
         if trip
         else None
     )
@@ -86,13 +91,18 @@ def _trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
         **payload["train_settings"],
     )
     start_epoch, resume_dir = 0, None
-    work = Path(tempfile.mkdtemp(prefix="embedtune-trial-"))
+    # Scratch in the trial's working directory (Tune chdirs there; it lives in Ray's session dir):
+    # a trial the scheduler stops is killed without running `finally`, and Ray's temp dir, not
+    # /tmp, then holds what it left.
+    work = Path(tempfile.mkdtemp(prefix="embedtune-trial-", dir=os.getcwd()))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # restored trial: continue after the last reported epoch
         local = Path(checkpoint.to_directory(str(work / "restored")))
         start_epoch = int(json.loads((local / "state.json").read_text())["epoch"])
         resume_dir = local / "model"
     gpus = payload["resources"]["gpu"]
+    metric = payload["metric"]
+    base_score = payload["base_scores"].get(_base_key(config["model"], label))
     started = time.time()
     proc = psutil.Process()
 
@@ -100,6 +110,8 @@ def _trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
         (ckpt / "state.json").write_text(json.dumps({"epoch": epoch, "trial_config": config}))
         report = dict(metrics)
         report["epoch"] = epoch
+        if metric in metrics and base_score is not None:
+            report[metric + GAIN_SUFFIX] = metrics[metric] - base_score
         report["system/rss_mb"] = proc.memory_info().rss / 2**20
         report["system/cpu_threads"] = torch.get_num_threads()
         # Where the trial ran (strings: MLflow metric logging skips them; result.json keeps them).
@@ -122,6 +134,7 @@ def _trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
             start_epoch=start_epoch,
             evaluate_base=False,
             progress=False,
+            scratch_root=work,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -154,7 +167,9 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     cross = tune.grid_search if mode == "grid" else tune.choice
     space: dict[str, Any] = {
         "model": cross(spec.models) if len(spec.models) > 1 else spec.models[0],
-        "dataset": cross([d.label for d in spec.datasets]) if len(spec.datasets) > 1 else spec.datasets[0].label,
+        "dataset": cross([d.label for d in spec.datasets])
+        if len(spec.datasets) > 1
+        else spec.datasets[0].label,
     }
     for name in HYPERPARAMS:
         space[name] = _axis(getattr(spec.search, name), mode)
@@ -168,7 +183,9 @@ def spec_hash(spec: SweepSpec) -> str:
 def _git_commit() -> str:
     try:
         here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except Exception:
         return "unknown"
 
@@ -177,7 +194,16 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("embedtune", "torch", "ray", "mlflow", "lancedb", "sentence-transformers", "transformers", "datasets"):
+    for pkg in (
+        "embedtune",
+        "torch",
+        "ray",
+        "mlflow",
+        "lancedb",
+        "sentence-transformers",
+        "transformers",
+        "datasets",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -185,7 +211,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _base_metrics(spec: SweepSpec, datasets: dict[str, PreparedData], triplets: dict[str, Triplets], run_dir: Path):
+def _base_metrics(
+    spec: SweepSpec, datasets: dict[str, PreparedData], triplets: dict[str, Triplets], run_dir: Path
+):
     """Epoch-0 scores: every base model on every dataset, once (cached in the run dir)."""
     from sentence_transformers import SentenceTransformer
 
@@ -204,7 +232,10 @@ def _base_metrics(spec: SweepSpec, datasets: dict[str, PreparedData], triplets: 
                 from embedtune.train import _clean
 
                 cached[key] = _clean(build_evaluator(data, triplets.get(label))(st))
-                print(f"[embedtune] base {model_label(model)} on {label}: ir_recall_at_10={cached[key].get('ir_recall_at_10', 0):.4f}", flush=True)
+                print(
+                    f"[embedtune] base {model_label(model)} on {label}: ir_recall_at_10={cached[key].get('ir_recall_at_10', 0):.4f}",
+                    flush=True,
+                )
             out[(model, label)] = cached[key]
     tracking.write_json(path, cached)
     return out
@@ -228,7 +259,6 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) a sweep into `run_dir`. `resume=None` resumes when `run_dir` holds an
     unfinished run of the same spec; True insists on resuming; False refuses to reuse a run dir."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -248,7 +278,9 @@ def run_sweep(
         if resume is False:
             raise EmbedtuneError(f"run dir {run_dir} already holds this sweep; resume it or pass --fresh")
     elif resume:
-        raise EmbedtuneError(f"nothing to resume in {run_dir}: no {STATE_FILE} (start the sweep without --resume)")
+        raise EmbedtuneError(
+            f"nothing to resume in {run_dir}: no {STATE_FILE} (start the sweep without --resume)"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "data").mkdir(exist_ok=True)
     (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
@@ -261,18 +293,31 @@ def run_sweep(
         data = prepare(ds)
         data.save(run_dir / "data" / f"{data.label}.json")
         datasets[data.label] = data
-        print(f"[embedtune] data {data.label} ({data.fingerprint}): " + ", ".join(f"{k}={v}" for k, v in data.counts.items()), flush=True)
+        print(
+            f"[embedtune] data {data.label} ({data.fingerprint}): "
+            + ", ".join(f"{k}={v}" for k, v in data.counts.items()),
+            flush=True,
+        )
     triplets: dict[str, Triplets] = {}
     if spec.train.hard_negatives:
         for label, data in datasets.items():
             triplets[label] = mine(data, spec.mining)
             how = "mined" if triplets[label].mined else "loaded from cache"
-            print(f"[embedtune] hard negatives {label} ({how}, key {triplets[label].key}): {triplets[label].counts}", flush=True)
+            print(
+                f"[embedtune] hard negatives {label} ({how}, key {triplets[label].key}): {triplets[label].counts}",
+                flush=True,
+            )
     timings["prepare_s"] = time.time() - t0
     base = _base_metrics(spec, datasets, triplets, run_dir)
     timings["base_eval_s"] = time.time() - t0 - timings["prepare_s"]
 
-    tracking_uri = spec.mlflow.tracking_uri or tracking.default_tracking_uri(run_dir)
+    # A resumed sweep keeps its store; else the spec's, MLflow's own env var, or SQLite in the run dir.
+    tracking_uri = (
+        state.get("tracking_uri")
+        or spec.mlflow.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or tracking.default_tracking_uri(run_dir)
+    )
     experiment_id = tracking.ensure_experiment(tracking_uri, spec.experiment, run_dir / "mlartifacts")
     parent = tracking.start_parent_run(tracking_uri, experiment_id, state.get("parent_run_id"), spec.name)
     resumed = bool(state)
@@ -291,54 +336,85 @@ def run_sweep(
         },
     )
 
-    started_ray = ray_env.init(address=ray_address or spec.ray.address, num_cpus=spec.ray.num_cpus, num_gpus=spec.ray.num_gpus)
-    try:
-        payload = {
-            "datasets": {k: asdict(v) for k, v in datasets.items()},
-            "triplets": {k: _triplets_payload(v) for k, v in triplets.items()},
-            "train_settings": spec.train.model_dump(),
-            "resources": spec.resources.model_dump(),
-        }
-        trainable = tune.with_resources(
-            tune.with_parameters(_trial, payload=payload),
-            {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-        )
-        callback = tracking.MlflowTrialCallback(tracking_uri, experiment_id, parent, base, spec.mlflow.log_models)
-        tune_path = _join(storage, TUNE_NAME)
-        if resumed and tune.Tuner.can_restore(tune_path):
-            print(f"[embedtune] resuming sweep from {tune_path}", flush=True)
-            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            resumed = False
-            tuner = _new_tuner(spec, trainable, storage, callback, ASHAScheduler)
-        t1 = time.time()
-        grid = tuner.fit()
-        timings["trials_s"] = time.time() - t1
-        # Tune catches SIGINT itself, saves its state one last time and returns early (stopping the
-        # running trials in memory). The saved state tells: unfinished trials there = interrupted.
-        saved = tune.ExperimentAnalysis(tune_path).trials
-        if any(t.status not in ("TERMINATED", "ERROR") for t in saved):
-            raise KeyboardInterrupt
-        trials = collect_trials(grid, spec, base, run_dir, callback)
-        tracking.write_json(run_dir / "trials.json", trials)
-        print_results_table(trials, spec.scheduler.metric)
-    except KeyboardInterrupt:
-        n = tracking.close_open_children(tracking_uri, experiment_id, parent, "KILLED")
-        tracking.finish_run(tracking_uri, parent, "KILLED")
-        print(f"[embedtune] interrupted: {n} open trial run(s) marked KILLED; run the same command to resume", flush=True)
-        raise KeyboardInterrupt from None
-    finally:
-        if started_ray:
-            ray.shutdown()
+    # Disconnects from a joined cluster, or stops the private local Ray and removes its files.
+    with ray_env.session(
+        address=ray_address or spec.ray.address, num_cpus=spec.ray.num_cpus, num_gpus=spec.ray.num_gpus
+    ):
+        try:
+            payload = {
+                "metric": spec.scheduler.metric,
+                "base_scores": {
+                    _base_key(m, label): scores[spec.scheduler.metric]
+                    for (m, label), scores in base.items()
+                    if spec.scheduler.metric in scores
+                },
+                "datasets": {k: asdict(v) for k, v in datasets.items()},
+                "triplets": {k: _triplets_payload(v) for k, v in triplets.items()},
+                "train_settings": spec.train.model_dump(),
+                "resources": spec.resources.model_dump(),
+            }
+            trainable = tune.with_resources(
+                tune.with_parameters(_trial, payload=payload),
+                {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+            )
+            callback = tracking.MlflowTrialCallback(
+                tracking_uri, experiment_id, parent, base, spec.mlflow.log_models
+            )
+            tune_path = _join(storage, TUNE_NAME)
+            if resumed and tune.Tuner.can_restore(tune_path):
+                print(f"[embedtune] resuming sweep from {tune_path}", flush=True)
+                tuner = tune.Tuner.restore(
+                    tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+                )
+            else:
+                resumed = False
+                tuner = _new_tuner(spec, trainable, storage, callback, ASHAScheduler)
+            t1 = time.time()
+            grid = tuner.fit()
+            timings["trials_s"] = time.time() - t1
+            # Tune catches SIGINT itself, saves its state one last time and returns early (stopping the
+            # running trials in memory). The saved state tells: unfinished trials there = interrupted.
+            saved = tune.ExperimentAnalysis(tune_path).trials
+            if any(t.status not in ("TERMINATED", "ERROR") for t in saved):
+                raise KeyboardInterrupt
+            trials = collect_trials(grid, spec, base, run_dir, callback)
+            tracking.write_json(run_dir / "trials.json", trials)
+            print_results_table(trials, spec.scheduler.metric)
+        except KeyboardInterrupt:
+            n = tracking.close_open_children(tracking_uri, experiment_id, parent, "KILLED")
+            tracking.finish_run(tracking_uri, parent, "KILLED")
+            print(
+                f"[embedtune] interrupted: {n} open trial run(s) marked KILLED; run the same command to resume",
+                flush=True,
+            )
+            raise KeyboardInterrupt from None
 
     result = SweepResult(run_dir, trials, parent, tracking_uri, experiment_id, resumed, None, timings)
     if final and spec.final.enabled:
         from embedtune.finalize import run_final_stage
 
         t2 = time.time()
-        result.final = run_final_stage(
-            run_dir, trials, datasets, triplets, spec.models, spec.final, parent, tracking_uri
-        )
+        try:
+            result.final = run_final_stage(
+                run_dir,
+                trials,
+                datasets,
+                triplets,
+                spec.models,
+                spec.final,
+                parent,
+                tracking_uri,
+                max_seq_length=spec.train.max_seq_length,
+            )
+        except BaseException as exc:  # the sweep's run never stays RUNNING; rerunning redoes only this stage
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            tracking.finish_run(tracking_uri, parent, "KILLED" if interrupted else "FAILED")
+            print(
+                f"[embedtune] final stage {'interrupted' if interrupted else 'failed'}; the trials are done: "
+                "run the same command to redo only the final stage",
+                flush=True,
+            )
+            raise
         timings["final_s"] = time.time() - t2
     timings["total_s"] = time.time() - t0
     tracking.log_metrics(tracking_uri, parent, {f"timing.{k}": v for k, v in timings.items()}, step=0)
@@ -373,7 +449,7 @@ def _new_tuner(spec: SweepSpec, trainable, storage: str, callback, asha_cls):
         trainable,
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
-            metric=spec.scheduler.metric,
+            metric=spec.scheduler.tune_metric,
             mode=spec.scheduler.mode,
             scheduler=scheduler,
             search_alg=search_alg,
@@ -416,10 +492,18 @@ def collect_trials(grid, spec: SweepSpec, base, run_dir: Path, callback=None) ->
         if df is not None and len(df):
             for row in df.to_dict("records"):
                 if "epoch" in row and row["epoch"] == row["epoch"]:
-                    metrics = {k: float(v) for k, v in row.items() if k.startswith(("ir_", "triplet_", "train_loss")) and v == v}
+                    metrics = {
+                        k: float(v)
+                        for k, v in row.items()
+                        if k.startswith(("ir_", "triplet_", "train_loss")) and v == v
+                    }
                     history.append({"epoch": int(row["epoch"]), "metrics": metrics})
         trained = [h for h in history if h["epoch"] > 0]
-        best = (max if mode == "max" else min)(trained, key=lambda h: h["metrics"].get(metric, float("nan"))) if trained else None
+        best = (
+            (max if mode == "max" else min)(trained, key=lambda h: h["metrics"].get(metric, float("nan")))
+            if trained
+            else None
+        )
         done = max((h["epoch"] for h in trained), default=0)
         planned = int(cfg.get("epochs", done) or 0)
         status = "FAILED" if result.error else ("FINISHED" if done >= planned else "KILLED")
@@ -470,7 +554,18 @@ def print_results_table(trials: list[dict[str, Any]], metric: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"embedtune sweep results (best epoch by {metric})")
-    for col in ("dataset", "model", "epochs", "lr", "batch", "status", "best epoch", "base", metric, "time s"):
+    for col in (
+        "dataset",
+        "model",
+        "epochs",
+        "lr",
+        "batch",
+        "status",
+        "best epoch",
+        "base",
+        metric,
+        "time s",
+    ):
         table.add_column(col, justify="right" if col not in ("dataset", "model", "status") else "left")
     for t in trials:
         base_score = (t["history"][0]["metrics"] or {}).get(metric) if t["history"] else None

@@ -8,10 +8,12 @@ trial by its `embedtune.trial_id` tag and reopens it, so there is exactly one ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,9 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None) 
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    location = artifact_root.resolve().as_uri() if artifact_root and tracking_uri.startswith("sqlite") else None
+    location = (
+        artifact_root.resolve().as_uri() if artifact_root and tracking_uri.startswith("sqlite") else None
+    )
     return c.create_experiment(name, artifact_location=location)
 
 
@@ -77,6 +81,31 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
         client(tracking_uri).log_batch(run_id, metrics=items)
 
 
+@contextlib.contextmanager
+def fluent_uri(tracking_uri: str, registry: bool = False) -> Iterator[None]:
+    """Point MLflow's fluent API (`log_model`, `register_model`) at `tracking_uri` for one block.
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI (and the registry call
+    MLFLOW_REGISTRY_URI) into this process's environment, where every later sweep and every child
+    process would pick it up; so the previous values are restored afterwards."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(tracking_uri)
+    if registry:
+        mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        if registry:
+            mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def log_sentence_transformer(tracking_uri: str, run_id: str, model_dir: Path, name: str = "model") -> str:
     """Log a model directory as an MLflow sentence_transformers model; returns its model URI."""
     import mlflow
@@ -84,12 +113,14 @@ def log_sentence_transformer(tracking_uri: str, run_id: str, model_dir: Path, na
     import torch
     from sentence_transformers import SentenceTransformer
 
-    mlflow.set_tracking_uri(tracking_uri)
     model = SentenceTransformer(str(model_dir), device="cpu")
     # Explicit requirements: inferring them starts a subprocess that reloads the model.
-    reqs = [f"sentence-transformers=={sentence_transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"]
+    reqs = [
+        f"sentence-transformers=={sentence_transformers.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+    ]
     client(tracking_uri).update_run(run_id, status="RUNNING")
-    with mlflow.start_run(run_id=run_id):
+    with fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.sentence_transformers.log_model(model, name=name, pip_requirements=reqs)
     return info.model_uri
 
@@ -98,11 +129,14 @@ def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
     client(tracking_uri).set_terminated(run_id, status=status)
 
 
-def close_open_children(tracking_uri: str, experiment_id: str, parent_run_id: str, status: str = "KILLED") -> int:
+def close_open_children(
+    tracking_uri: str, experiment_id: str, parent_run_id: str, status: str = "KILLED"
+) -> int:
     """Mark child runs still RUNNING (the driver died or was interrupted) as `status`."""
     c = client(tracking_uri)
     runs = c.search_runs(
-        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
     )
     for run in runs:
         c.set_terminated(run.info.run_id, status=status)

@@ -122,7 +122,14 @@ def build_evaluator(data: PreparedData, triplets: Triplets | None, batch_size: i
         ev = triplets.eval
         evaluators.insert(
             0,
-            TripletEvaluator(ev["anchor"], ev["positive"], ev["negative"], name="triplet", batch_size=batch_size, write_csv=False),
+            TripletEvaluator(
+                ev["anchor"],
+                ev["positive"],
+                ev["negative"],
+                name="triplet",
+                batch_size=batch_size,
+                write_csv=False,
+            ),
         )
     return SequentialEvaluator(evaluators)
 
@@ -145,6 +152,7 @@ def train(
     history: list[EpochMetrics] | None = None,
     progress: bool = True,
     evaluate_base: bool = True,
+    scratch_root: Path | None = None,
 ) -> TrainResult:
     """Fine-tune `config.model` on `data` and write the final model to `out_dir`.
 
@@ -152,9 +160,12 @@ def train(
     optimizer restarts, with no second warmup). With `checkpoint_every_epoch`, each epoch's model is
     saved to `<ckpt>/model` and `<ckpt>` is passed to `on_epoch`, then deleted once it returns (a
     Tune report has copied it to storage by then). `out_dir=None` skips writing the final model
-    (a sweep trial's last checkpoint already holds it)."""
+    (a sweep trial's last checkpoint already holds it). Scratch files go under `scratch_root`
+    (default: the system temp dir)."""
     if config.hard_negatives and triplets is None:
-        raise EmbedtuneError("hard_negatives is on but no triplets were given; mine them first (embedtune.negatives.mine)")
+        raise EmbedtuneError(
+            "hard_negatives is on but no triplets were given; mine them first (embedtune.negatives.mine)"
+        )
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -177,7 +188,9 @@ def train(
     if config.hard_negatives:
         train_ds = triplets.train.select_columns(["anchor", "positive", "negative"])
     else:
-        train_ds = Dataset.from_dict({"anchor": [q for q, _ in data.train], "positive": [a for _, a in data.train]})
+        train_ds = Dataset.from_dict(
+            {"anchor": [q for q, _ in data.train], "positive": [a for _, a in data.train]}
+        )
     if len(train_ds) < config.batch_size:
         log.warning("only %d training rows for batch size %d", len(train_ds), config.batch_size)
     evaluator = build_evaluator(data, triplets)
@@ -191,7 +204,7 @@ def train(
             on_epoch(0, base, None)
 
     remaining = config.epochs - start_epoch
-    scratch = Path(tempfile.mkdtemp(prefix="embedtune-train-"))
+    scratch = Path(tempfile.mkdtemp(prefix="embedtune-train-", dir=scratch_root))
     if remaining > 0:
         epoch_started = [time.time()]
 
@@ -222,7 +235,8 @@ def train(
             num_train_epochs=remaining,
             per_device_train_batch_size=config.batch_size,
             learning_rate=config.lr,
-            warmup_ratio=config.warmup_ratio if start_epoch == 0 else 0.0,
+            # A float below 1 is a ratio (`warmup_ratio` is deprecated in transformers 5).
+            warmup_steps=config.warmup_ratio if start_epoch == 0 else 0.0,
             weight_decay=config.weight_decay,
             seed=config.seed,
             batch_sampler=BatchSamplers.NO_DUPLICATES,  # duplicates in a batch are false in-batch negatives
@@ -274,7 +288,14 @@ def train(
 
 
 def _print_epoch(epoch: int, metrics: dict[str, float]) -> None:
-    keys = ["ir_recall_at_10", "ir_accuracy_at_1", "ir_mrr_at_10", "ir_ndcg_at_10", "triplet_accuracy", "train_loss"]
+    keys = [
+        "ir_recall_at_10",
+        "ir_accuracy_at_1",
+        "ir_mrr_at_10",
+        "ir_ndcg_at_10",
+        "triplet_accuracy",
+        "train_loss",
+    ]
     shown = "  ".join(f"{k.removeprefix('ir_')}={metrics[k]:.4f}" for k in keys if k in metrics)
     label = "base" if epoch == 0 else f"epoch {epoch}"
     print(f"[embedtune] {label:>8}: {shown}", flush=True)

@@ -26,7 +26,9 @@ def _peak_rss_mb() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--spec", default=str(Path(__file__).resolve().parent.parent / "sweeps" / "local.yaml"))
+    parser.add_argument(
+        "--spec", default=str(Path(__file__).resolve().parent.parent / "sweeps" / "local.yaml")
+    )
     parser.add_argument("--run-dir", default=None, help="default: a temporary directory")
     args = parser.parse_args()
     env.apply(offline=True)

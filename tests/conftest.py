@@ -21,6 +21,9 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
     DO_NOT_TRACK="1",
 )
+# A user's tracking server or Ray cluster must not catch the tests' runs.
+for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS"):
+    os.environ.pop(_var, None)
 # Models materialise once into this home and are reused by every test (and every test run).
 os.environ.setdefault("EMBEDTUNE_HOME", str(REPO / ".embedtune-test-home"))
 

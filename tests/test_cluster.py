@@ -192,11 +192,16 @@ def _results(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def _disconnect_and_check_released(timeout: float = 20.0) -> None:
+def _disconnect_and_check_released(address: str, timeout: float = 20.0) -> None:
     """Every CPU/GPU is free again once the sweep returns (no leaked trial actors or placement
-    groups), then drop the driver's connection (the cluster keeps running)."""
+    groups), then drop the driver's connection (the cluster keeps running). The sweep disconnects
+    itself, so this joins the cluster again to look."""
     import ray
 
+    from embedtune import ray_env
+
+    if not ray.is_initialized():
+        ray_env.init(address=address)
     try:
         deadline = time.time() + timeout
         while True:
@@ -304,14 +309,17 @@ def test_cluster_processes_run_with_private_home(loopback_cluster):
 
 
 def test_sweep_spreads_trials_over_both_nodes(loopback_cluster, tmp_path):
+    import ray
+
     from embedtune.sweep import run_sweep
 
     c = loopback_cluster
     spec = _spec("cluster-two-nodes", {"cpu": 1, "gpu": 0}, epochs=[1, 2], seeds=[42])
     try:
         result = run_sweep(spec, tmp_path / "cluster", final=False, ray_address=c.address)
+        assert not ray.is_initialized()  # the sweep disconnected from the cluster it joined
     finally:
-        _disconnect_and_check_released()
+        _disconnect_and_check_released(c.address)
     trials = json.loads((tmp_path / "cluster" / "trials.json").read_text())
     assert trials == json.loads(json.dumps(result.trials, default=str))
     assert len(trials) == 2 and {t["status"] for t in trials} == {"FINISHED"}
@@ -343,7 +351,7 @@ def test_half_gpu_trials_share_one_gpu(loopback_cluster, tmp_path):
     try:
         run_sweep(spec, tmp_path / "gpu", final=False, ray_address=c.address)
     finally:
-        _disconnect_and_check_released()
+        _disconnect_and_check_released(c.address)
     trials = json.loads((tmp_path / "gpu" / "trials.json").read_text())
     assert len(trials) == 2 and {t["status"] for t in trials} == {"FINISHED"}
     rows = _results(tmp_path / "gpu")

@@ -50,7 +50,10 @@ def test_sampled_space_uses_distributions() -> None:
         ({"search": {"epochs": [0, 1]}}, "search.epochs"),
         ({"search": {"batch_size": [1]}}, "search.batch_size"),
         ({"search": {"lr": [0]}}, "search.lr"),
-        ({"search": {"lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-4}}}, "grid mode takes lists only"),
+        (
+            {"search": {"lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-4}}},
+            "grid mode takes lists only",
+        ),
         ({"resources": {"gpu": 1.5}}, "resources.gpu"),
         ({"resources": {"cpu": 0}}, "resources.cpu"),
         ({"scheduler": {"type": "hyperband"}}, "scheduler.type"),
@@ -58,8 +61,14 @@ def test_sampled_space_uses_distributions() -> None:
         ({"checkpoints": {"keep": 0}}, "checkpoints.keep"),
         ({"models": []}, "models"),
         ({"models": ["a", "a"]}, "models must not repeat"),
-        ({"datasets": [{"source": "medquad-sample", "question_col": "q"}]}, "datasets.0.question_col: unknown key"),
-        ({"datasets": [{"source": "medquad-sample"}, {"source": "medquad-sample"}]}, "dataset labels must be unique"),
+        (
+            {"datasets": [{"source": "medquad-sample", "question_col": "q"}]},
+            "datasets.0.question_col: unknown key",
+        ),
+        (
+            {"datasets": [{"source": "medquad-sample"}, {"source": "medquad-sample"}]},
+            "dataset labels must be unique",
+        ),
         ({"mining": {"range_min": 10, "range_max": 5}}, "range_max"),
         ({"name": "bad name!"}, "name"),
         ({"max_concurrent_trials": 0}, "max_concurrent_trials"),
@@ -106,3 +115,12 @@ def test_cli_rejects_bad_spec_before_ray(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("embedtune: error:") and "resources.gpu" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_scheduler_ranks_gain_over_base_unless_told_absolute() -> None:
+    spec = parse_spec(GOOD)
+    assert spec.scheduler.compare == "gain" and spec.scheduler.tune_metric == "ir_recall_at_10_gain"
+    raw = dict(GOOD, scheduler={"metric": "ir_mrr_at_10", "compare": "absolute"})
+    assert parse_spec(raw).scheduler.tune_metric == "ir_mrr_at_10"
+    with pytest.raises(EmbedtuneError, match="scheduler.compare"):
+        parse_spec(dict(GOOD, scheduler={"compare": "relative"}))

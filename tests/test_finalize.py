@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -188,8 +189,11 @@ def test_final_stage_registers_the_winner(tmp_path, small_data):
     # the registered model loads back and embeds
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.sentence_transformers.load_model("models:/embedtune-test@champion")
+    from embedtune.tracking import fluent_uri
+
+    with fluent_uri(uri, registry=True):
+        model = mlflow.sentence_transformers.load_model("models:/embedtune-test@champion")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # registering left no URI behind for later sweeps
     assert model.encode(["what causes anemia?"]).shape == (1, 384)
 
     # `embedtune report RUN_DIR` rebuilds from stored results without models (probe cached)

@@ -20,7 +20,13 @@ from embedtune import tracking
 from embedtune.config import parse_spec
 from embedtune.sweep import run_sweep
 
-TINY_DATA = {"name": "medquad", "source": "medquad-sample", "max_pairs": 200, "eval_size": 30, "max_train_pairs": 48}
+TINY_DATA = {
+    "name": "medquad",
+    "source": "medquad-sample",
+    "max_pairs": 200,
+    "eval_size": 30,
+    "max_train_pairs": 48,
+}
 
 
 def tiny_spec(name: str, **overrides) -> dict:
@@ -50,7 +56,14 @@ def _children(client: MlflowClient, experiment: str):
 @pytest.mark.slow
 def test_two_by_two_sweep_sqlite(tmp_path: Path) -> None:
     spec = parse_spec(tiny_spec("grid2x2"))
+    tmp = Path("/tmp")
+    before = {*tmp.glob("etray-*"), *tmp.glob("embedtune-*")}
     result = run_sweep(spec, tmp_path / "run", final=False)
+    # The private Ray it started is gone with its temp dir, HOME and the trials' scratch.
+    import ray
+
+    assert not ray.is_initialized()
+    assert {*tmp.glob("etray-*"), *tmp.glob("embedtune-*")} <= before
 
     trials = json.loads((tmp_path / "run" / "trials.json").read_text())
     assert len(trials) == 4 == len(result.trials)
@@ -86,9 +99,31 @@ def test_two_by_two_sweep_sqlite(tmp_path: Path) -> None:
         assert float(run.data.params["epochs"]) == t["epochs"]
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "ir_recall_at_10")]
         assert sorted(steps) == list(range(t["epochs"] + 1))  # epoch 0 = base model, then every epoch
+        # What the scheduler ranks on: each epoch's gain over the trial's own base model.
+        gains = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "ir_recall_at_10_gain")}
+        base_score = t["history"][0]["metrics"]["ir_recall_at_10"]
+        assert sorted(gains) == list(range(1, t["epochs"] + 1))
+        for h in t["history"][1:]:
+            assert gains[h["epoch"]] == pytest.approx(h["metrics"]["ir_recall_at_10"] - base_score, abs=1e-6)
         assert run.data.metrics["trial_duration_s"] > 0
         assert run.data.tags["embedtune.model_uri"].startswith("models:/")
         assert client.list_artifacts(run.info.run_id) is not None
+
+
+def test_fluent_uri_leaves_no_tracking_uri_behind(tmp_path: Path, monkeypatch) -> None:
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which a later sweep (or a child
+    process) would take as its store."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'a.db'}"
+    with tracking.fluent_uri(uri, registry=True):
+        assert mlflow.get_tracking_uri() == uri and os.environ["MLFLOW_TRACKING_URI"] == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    with tracking.fluent_uri(uri):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1"
 
 
 def test_callback_marks_scheduler_stops_killed_and_errors_failed(tmp_path: Path) -> None:
@@ -96,7 +131,9 @@ def test_callback_marks_scheduler_stops_killed_and_errors_failed(tmp_path: Path)
     uri = tracking.default_tracking_uri(tmp_path)
     exp = tracking.ensure_experiment(uri, "cb", tmp_path / "art")
     parent = tracking.start_parent_run(uri, exp, None, "p")
-    cb = tracking.MlflowTrialCallback(uri, exp, parent, {("m", "d"): {"ir_recall_at_10": 0.5}}, log_models=False)
+    cb = tracking.MlflowTrialCallback(
+        uri, exp, parent, {("m", "d"): {"ir_recall_at_10": 0.5}}, log_models=False
+    )
 
     def trial(tid: str, epochs: int, done: int):
         return SimpleNamespace(
@@ -180,7 +217,16 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     spec_file = tmp_path / "resume.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "embedtune.cli", "sweep", str(spec_file), "--run-dir", str(run_dir), "--no-final"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedtune.cli",
+        "sweep",
+        str(spec_file),
+        "--run-dir",
+        str(run_dir),
+        "--no-final",
+    ]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -221,3 +267,35 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
         run = next(c for c in children if c.data.tags[tracking.TRIAL_TAG] == t["trial_id"])
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "ir_recall_at_10"))
         assert steps == list(range(t["epochs"] + 1))
+
+
+@pytest.mark.slow
+def test_failed_final_stage_closes_the_sweep_run_and_rerun_redoes_only_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import embedtune.finalize
+
+    raw = tiny_spec("finalfail", models=["paraphrase-MiniLM-L3-v2"], search={"epochs": [1], "batch_size": [16]},
+                    final={"cross_encoder": None, "registry": False, "probe_size": 0,
+                           "eval": {"query_types": ["vector"], "rerankers": ["none"]}})  # fmt: skip
+    spec = parse_spec(raw)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(embedtune.finalize, "run_final_stage", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_sweep(spec, tmp_path / "run")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    parents, children = _children(client, spec.experiment)
+    assert [p.info.status for p in parents] == ["FAILED"] and [c.info.status for c in children] == [
+        "FINISHED"
+    ]
+    duration = json.loads((tmp_path / "run" / "trials.json").read_text())[0]["duration_s"]
+
+    monkeypatch.undo()
+    result = run_sweep(spec, tmp_path / "run")
+    assert result.resumed and result.final is not None and result.final.files["leaderboard_md"].exists()
+    assert result.trials[0]["duration_s"] == duration  # the finished trial was not rerun
+    parents, children = _children(client, spec.experiment)
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 1
