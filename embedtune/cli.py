@@ -83,7 +83,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resolve_model(args.miner)
     spec = _data_spec(args)
     data = prepare(spec)
-    print(f"[embedtune] data {data.label} ({data.fingerprint}): " + ", ".join(f"{k}={v}" for k, v in data.counts.items()))
+    print(
+        f"[embedtune] data {data.label} ({data.fingerprint}): "
+        + ", ".join(f"{k}={v}" for k, v in data.counts.items())
+    )
     triplets = None
     if config.hard_negatives:
         miner = _validated(MiningSpec, model=args.miner or config.model, max_seq_length=config.max_seq_length)
@@ -106,7 +109,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         spec_file = run_dir / "spec.json"
         if not (run_dir / STATE_FILE).exists() or not spec_file.exists():
-            raise EmbedtuneError(f"--resume {run_dir}: not a sweep run directory (no {STATE_FILE} / spec.json)")
+            raise EmbedtuneError(
+                f"--resume {run_dir}: not a sweep run directory (no {STATE_FILE} / spec.json)"
+            )
         spec = load_spec(spec_file)
         resume: bool | None = True
     else:
@@ -122,7 +127,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             resume = False
     result = run_sweep(spec, run_dir, resume=resume, final=not args.no_final, ray_address=args.address)
     print(f"[embedtune] sweep {spec.name}: {len(result.trials)} trials in {result.run_dir}")
-    print(f"[embedtune] MLflow: {result.tracking_uri} (experiment {spec.experiment}); `make mlflow-ui RUN_DIR={result.run_dir}` to browse")
+    print(
+        f"[embedtune] MLflow: {result.tracking_uri} (experiment {spec.experiment}); `make mlflow-ui RUN_DIR={result.run_dir}` to browse"
+    )
     return 0
 
 
@@ -146,7 +153,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     for m in args.models:
         resolve_model(m)  # fail on an unknown model before loading any data
-    eval_spec = _validated(EvalSpec, query_types=args.query_types, rerankers=args.rerankers, ks=args.ks)
+    eval_spec = _validated(
+        EvalSpec,
+        query_types=args.query_types,
+        rerankers=args.rerankers,
+        ks=args.ks,
+        max_seq_length=args.max_seq_length,
+    )
     spec = _validated(
         FinalSpec,
         eval=eval_spec,
@@ -227,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerankers", nargs="+", choices=["none", "rrf", "linear", "cross-encoder"])
     p.add_argument("--ks", nargs="+", type=int, help="hit@k cut-offs (default: 1 5 10)")
     p.add_argument(
+        "--max-seq-length", type=int, help="truncate every model's inputs to this many tokens (default: own)"
+    )
+    p.add_argument(
         "--cross-encoder", default="train", help="'train' (default), a cross-encoder dir or hub id, or none"
     )
     p.add_argument("--metric", default="hit_at_10", choices=_LEADERBOARD_METRICS, help="leaderboard metric")
@@ -247,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     env.apply(offline=True if args.offline else None)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except EmbedtuneError as exc:

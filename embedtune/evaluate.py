@@ -55,6 +55,13 @@ class EvalSpec(BaseModel):
         4, ge=1, description="a reranker sees k x overfetch candidates, then the top k are kept"
     )
     batch_size: int = Field(64, ge=1, description="encode / cross-encoder batch size")
+    max_seq_length: int | None = Field(
+        None,
+        ge=8,
+        description="truncate every model's queries and documents to this many tokens (a sweep sets "
+        "its train.max_seq_length, so base and tuned models compete under the same truncation); "
+        "None: each model's own limit",
+    )
     linear_weight: float = Field(0.7, ge=0, le=1, description="weight of the vector leg in linear fusion")
     fts_threads: int = Field(4, ge=1, description="parallel FTS queries (LanceDB FTS takes one query string)")
 
@@ -273,37 +280,66 @@ def make_reranker(name: str, spec: EvalSpec):
 class BatchedCrossEncoderReranker:
     """Cross-encoder reranking of many queries' candidate lists in one `predict` call.
 
-    `as_lancedb()` gives the same model as LanceDB's `CrossEncoderReranker` (for `.rerank()` on a
-    single query); `rerank_many` is what evaluation uses: all (query, candidate) pairs of all queries
-    are scored together in batches of `batch_size`, instead of one small predict per query."""
+    Evaluation scores all (query, candidate) pairs of all queries together in batches of
+    `batch_size`, instead of LanceDB's `CrossEncoderReranker`, which runs one small predict per
+    query; the ranking is the same (tests/test_rerank.py checks it against LanceDB's reranker
+    loaded from the same local path). `as_lancedb()` gives that LanceDB reranker for `.rerank()`."""
 
-    def __init__(self, model, batch_size: int = 64):
+    def __init__(self, model, batch_size: int = 64, path: str | None = None, progress: bool = False):
         self.model = model
         self.batch_size = batch_size
+        self.path = path
+        self.progress = progress
+        # (query, document) -> score. A cross-encoder's score does not depend on which retriever
+        # found the document, and the candidate lists of the query types and of the models under
+        # evaluation overlap heavily, so each distinct pair is scored once: on the local sweep this
+        # cut cross-encoder calls several-fold (see `pairs_scored` / `pairs_asked`).
+        self._scores: dict[tuple[str, str], float] = {}
+        self.pairs_asked = 0
+        self.pairs_scored = 0
+
+    def scores(self, pairs: list[tuple[str, str]]) -> list[float]:
+        todo = list(dict.fromkeys(p for p in pairs if p not in self._scores))
+        self.pairs_asked += len(pairs)
+        self.pairs_scored += len(todo)
+        if todo:
+            fresh = self.model.predict(
+                todo,
+                batch_size=self.batch_size,
+                show_progress_bar=self.progress and len(todo) >= 1000,
+                convert_to_numpy=True,
+            )
+            self._scores.update(zip(todo, (float(x) for x in fresh), strict=True))
+        return [self._scores[p] for p in pairs]
 
     def rerank_many(self, queries: list[str], candidates: list[list[str]], corpus: dict[str, str],
                     limit: int) -> list[list[str]]:  # fmt: skip
         pairs = [(q, corpus[c]) for q, cands in zip(queries, candidates, strict=True) for c in cands]
         if not pairs:
             return [[] for _ in queries]
-        scores = self.model.predict(
-            pairs, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True
-        )
+        scores = self.scores(pairs)
         out, pos = [], 0
         for cands in candidates:
             s = scores[pos : pos + len(cands)]
             pos += len(cands)
-            order = sorted(range(len(cands)), key=lambda i: -float(s[i]))  # stable: ties keep retrieval order
+            order = sorted(range(len(cands)), key=lambda i: -s[i])  # stable: ties keep retrieval order
             out.append([cands[i] for i in order[:limit]])
         return out
 
     def as_lancedb(self):
+        """LanceDB's own `CrossEncoderReranker` on the same weights (a local path or hub id)."""
         from lancedb.rerankers import CrossEncoderReranker
 
-        rr = CrossEncoderReranker(model_name=str(getattr(self.model, "model_name_or_path", "cross-encoder")),
-                                  batch_size=self.batch_size)  # fmt: skip
-        rr.__dict__["model"] = self.model  # cached_property: reuse the loaded model
-        return rr
+        ref = self.path or str(getattr(self.model, "name_or_path", "") or "")
+        if not ref:
+            raise EmbedtuneError("as_lancedb needs the cross-encoder's path or hub id")
+        return CrossEncoderReranker(
+            model_name=ref,
+            column="text",
+            device=str(self.model.device),
+            batch_size=self.batch_size,
+            max_length=self.model.max_length,
+        )
 
 
 # ---------------------------------------------------------------- entry point
@@ -377,7 +413,9 @@ def evaluate_models(
         else:
             from embedtune.rerank import load_cross_encoder
 
-            cross = BatchedCrossEncoderReranker(load_cross_encoder(cross_encoder_path), spec.batch_size)
+            cross = BatchedCrossEncoderReranker(
+                load_cross_encoder(cross_encoder_path), spec.batch_size, str(cross_encoder_path), progress
+            )
     if not combos:
         raise EmbedtuneError(f"no valid (query_type, reranker) pair in {spec.query_types} x {spec.rerankers}")
 
@@ -398,8 +436,11 @@ def evaluate_models(
 
     for entry in models:
         model = load_model(entry.path)
+        if spec.max_seq_length:  # queries too, also when the table is reused
+            model.max_seq_length = min(spec.max_seq_length, model.max_seq_length or spec.max_seq_length)
         indexed = build_table(entry.path, data, db_uri, model_label=entry.label, model=model,
-                              batch_size=spec.batch_size, progress=progress)  # fmt: skip
+                              batch_size=spec.batch_size, progress=progress,
+                              max_seq_length=spec.max_seq_length)  # fmt: skip
         tbl = indexed.open()
         log.info("%s: table %s (%s)", entry.label, indexed.name, "reused" if indexed.reused else "built")
         results: dict[tuple[str, str], tuple[dict, float]] = {}
@@ -449,6 +490,8 @@ def evaluate_models(
                 "n_queries": len(qids), "seconds": round(seconds, 4),
             })  # fmt: skip
         del model
+    if cross is not None:
+        log.info("cross-encoder: %d pairs scored for %d asked", cross.pairs_scored, cross.pairs_asked)
     hit_cols = [f"hit_at_{k}" for k in spec.ks]
     columns = [c for c in COLUMNS if not c.startswith("hit_at_")]
     at = columns.index("mrr_at_10")

@@ -292,8 +292,15 @@ def run_final_stage(
     spec: FinalSpec,
     mlflow_parent_run_id: str | None,
     tracking_uri: str | None,
+    max_seq_length: int | None = None,
 ) -> FinalResult:
-    """Pick (see `pick_models`), evaluate in LanceDB, report, log to the parent run, register the winner."""
+    """Pick (see `pick_models`), evaluate in LanceDB, report, log to the parent run, register the winner.
+    `max_seq_length` (the sweep's training truncation) applies to every model unless `spec.eval`
+    sets its own, so the base models are not scored on longer inputs than the tuned ones."""
+    if max_seq_length and spec.eval.max_seq_length is None:
+        spec = spec.model_copy(
+            update={"eval": spec.eval.model_copy(update={"max_seq_length": max_seq_length})}
+        )
     entries = pick_models(trials, base_models, spec.top_k, spec.metric, spec.mode, datasets=list(datasets))
     entries = {k: v for k, v in entries.items() if k in datasets}
     return evaluate_and_report(
@@ -386,15 +393,15 @@ def register_winner(
     delta = winner.get(f"delta_{metric}")
     if delta is not None and delta == delta:
         c.log_metric(child, f"delta_{metric}", float(delta))
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     model = SentenceTransformer(str(winner["model_path"]), device="cpu")
     # Explicit requirements: inferring them starts a subprocess that reloads the model.
     reqs = [
         f"sentence-transformers=={sentence_transformers.__version__}",
         f"torch=={torch.__version__.split('+')[0]}",
     ]
-    with mlflow.start_run(run_id=child):
+    from embedtune.tracking import fluent_uri
+
+    with fluent_uri(tracking_uri, registry=True), mlflow.start_run(run_id=child):
         info = mlflow.sentence_transformers.log_model(
             model, name="model", pip_requirements=reqs, registered_model_name=name
         )

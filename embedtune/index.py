@@ -104,10 +104,12 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
 
 
-def table_name(model_id: str, data: PreparedData) -> str:
-    """`<data label>__m<model hash>__d<data fingerprint>`: identity only, so the same weights under
-    another label (a base model listed twice, a copied checkpoint) reuse one table."""
-    return f"{_safe(data.label)}__m{model_id[:16]}__d{data.fingerprint[:16]}"
+def table_name(model_id: str, data: PreparedData, max_seq_length: int | None = None) -> str:
+    """`<data label>__m<model hash>__d<data fingerprint>[__s<max tokens>]`: identity only, so the same
+    weights under another label (a base model listed twice, a copied checkpoint) reuse one table;
+    a truncation other than the model's own gives other embeddings, so another table."""
+    name = f"{_safe(data.label)}__m{model_id[:16]}__d{data.fingerprint[:16]}"
+    return f"{name}__s{max_seq_length}" if max_seq_length else name
 
 
 # ---------------------------------------------------------------- checks (before anything is written)
@@ -258,12 +260,14 @@ def build_table(
     chunk_rows: int = 2048,
     vector_index: bool | None = None,
     progress: bool = True,
+    max_seq_length: int | None = None,
     _stop_after_rows: int | None = None,
 ) -> IndexedTable:
     """Embed `data.corpus` with the model at `model_path` into a LanceDB table at `db_uri`, or reuse
     a complete one for the same (model, data). `vector_index`: None = only when the corpus has at
     least VECTOR_INDEX_MIN_ROWS rows; True / False force it. `model` may pass an already loaded
-    SentenceTransformer for `model_path`. `_stop_after_rows` simulates an interrupted ingest (tests)."""
+    SentenceTransformer for `model_path`. `max_seq_length` truncates documents to at most that many
+    tokens (default: the model's own limit). `_stop_after_rows` simulates an interrupted ingest (tests)."""
     start = time.perf_counter()
     db_uri = str(db_uri)
     path = check_model(model_path)
@@ -272,7 +276,7 @@ def build_table(
     from embedtune.models import model_label as label_of
 
     mid = model_identity(path)
-    name = table_name(mid, data)
+    name = table_name(mid, data, max_seq_length)
     with _lock(db_uri, name):
         db = connect(db_uri)
         existing = db.open_table(name) if name in _table_names(db) else None
@@ -284,6 +288,8 @@ def build_table(
             log.warning("table %s in %s is incomplete (interrupted ingest?): rebuilding it", name, db_uri)
             db.drop_table(name)
         model = model if model is not None else load_model(path)
+        if max_seq_length:
+            model.max_seq_length = min(max_seq_length, model.max_seq_length or max_seq_length)
         get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         dim = get_dim() or len(model.encode(["x"])[0])
         ids, texts = list(data.corpus), list(data.corpus.values())
@@ -291,7 +297,7 @@ def build_table(
         index_type = "IVF_HNSW_SQ" if want_index else None
         meta = {"expected_rows": len(ids), "dim": dim, "model_id": mid, "model_path": str(path),
                 "data_fingerprint": data.fingerprint, "data_label": data.label, "distance": DISTANCE,
-                "vector_index": index_type or ""}  # fmt: skip
+                "vector_index": index_type or "", "max_seq_length": model.max_seq_length or ""}  # fmt: skip
         tbl = db.create_table(name, schema=_schema(dim, meta), mode="overwrite")
         label = model_label or label_of(str(model_path))
         bar = _progress(len(ids), f"embedding {data.label} with {label}", progress)

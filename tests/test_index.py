@@ -79,6 +79,31 @@ def test_build_then_reuse(small, tmp_path):
 
 
 @pytest.mark.slow
+def test_truncation_is_part_of_the_table_identity(small, tmp_path):
+    """Base and tuned models are compared under the sweep's truncation: a table embedded at another
+    max_seq_length holds other vectors, so it is another table, never a reused one."""
+    import numpy as np
+
+    from embedtune.index import load_model
+
+    data, path, _ = small
+    full = build_table(path, data, tmp_path / "db", model=load_model(path), progress=False)
+    short = build_table(
+        path, data, tmp_path / "db", model=load_model(path), progress=False, max_seq_length=16
+    )
+    assert short.name != full.name and short.name.endswith("__s16") and not short.reused
+    meta = short.open().schema.metadata
+    assert meta[b"embedtune.max_seq_length"] == b"16"
+    long_doc = max(data.corpus, key=lambda c: len(data.corpus[c]))
+    vec = {
+        t.name: t.open().search().where(f"id = '{long_doc}'").to_arrow()["vector"][0].as_py()
+        for t in (full, short)
+    }
+    assert not np.allclose(vec[full.name], vec[short.name])  # truncation changed the embedding
+    assert build_table(path, data, tmp_path / "db", progress=False, max_seq_length=16).reused
+
+
+@pytest.mark.slow
 def test_interrupted_ingest_is_rebuilt(small, tmp_path):
     data, path, model = small
     data = dataclasses.replace(data, corpus=dict(list(data.corpus.items())[:24]))

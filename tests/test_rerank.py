@@ -113,3 +113,36 @@ def test_trained_reranker_improves_hit_at_1_over_untrained_head(trained, tmp_pat
     assert good_ce.hit_at_1 > bad_ce.hit_at_1 + 0.05, (good_ce.hit_at_1, bad_ce.hit_at_1)
     # Reranking only reorders the top depth x overfetch: hit@20 of vector bounds any reranked hit@10.
     assert good_ce.hit_at_10 <= 1.0 and good_ce.n_queries == len(trained["data"].queries)
+
+
+@pytest.mark.slow
+def test_batched_reranking_equals_lancedb_cross_encoder_reranker(trained, tmp_path):
+    """The trained reranker from its local path through LanceDB's own CrossEncoderReranker, one
+    query at a time, orders vector candidates exactly as the batched evaluation path does."""
+    from lancedb.rerankers import CrossEncoderReranker
+
+    from embedtune.evaluate import BatchedCrossEncoderReranker
+    from embedtune.index import build_table, load_model
+
+    data = trained["data"]
+    base = resolve_model("all-MiniLM-L6-v2")
+    encoder = load_model(base)
+    tbl = build_table(base, data, tmp_path / "db", model=encoder, progress=False).open()
+    batched = BatchedCrossEncoderReranker(load_cross_encoder(trained["path"]), 32, str(trained["path"]))
+    lance = batched.as_lancedb()
+    assert isinstance(lance, CrossEncoderReranker) and lance.model_name == str(trained["path"])
+
+    qids = list(data.queries)[:12]
+    texts = [data.queries[q] for q in qids]
+    vectors = encoder.encode(texts, normalize_embeddings=True)
+    candidates, per_query = [], []
+    for text, vec in zip(texts, vectors, strict=True):
+        q = tbl.search(vec).distance_type("cosine").limit(15)
+        candidates.append(q.to_arrow()["id"].to_pylist())
+        reranked = (
+            tbl.search(vec).distance_type("cosine").limit(15).rerank(lance, query_string=text).to_arrow()
+        )
+        per_query.append(reranked["id"].to_pylist()[:5])
+    assert batched.rerank_many(texts, candidates, data.corpus, limit=5) == per_query
+    # The reranker changes the order for some queries (else this would test nothing).
+    assert any(p != c[:5] for p, c in zip(per_query, candidates, strict=True))
