@@ -400,6 +400,7 @@ def evaluate_models(
     import pandas as pd
 
     from embedtune.index import build_table, load_model
+    from embedtune.models import truncate
 
     log = logging.getLogger(__name__)
     spec = spec or EvalSpec()
@@ -436,8 +437,7 @@ def evaluate_models(
 
     for entry in models:
         model = load_model(entry.path)
-        if spec.max_seq_length:  # queries too, also when the table is reused
-            model.max_seq_length = min(spec.max_seq_length, model.max_seq_length or spec.max_seq_length)
+        truncate(model, spec.max_seq_length)  # queries too, also when the table is reused
         indexed = build_table(entry.path, data, db_uri, model_label=entry.label, model=model,
                               batch_size=spec.batch_size, progress=progress,
                               max_seq_length=spec.max_seq_length)  # fmt: skip

@@ -274,6 +274,7 @@ def build_table(
     if not data.corpus:
         raise EmbedtuneError(f"dataset {data.label} has an empty corpus: nothing to index")
     from embedtune.models import model_label as label_of
+    from embedtune.models import truncate
 
     mid = model_identity(path)
     name = table_name(mid, data, max_seq_length)
@@ -288,8 +289,7 @@ def build_table(
             log.warning("table %s in %s is incomplete (interrupted ingest?): rebuilding it", name, db_uri)
             db.drop_table(name)
         model = model if model is not None else load_model(path)
-        if max_seq_length:
-            model.max_seq_length = min(max_seq_length, model.max_seq_length or max_seq_length)
+        truncate(model, max_seq_length)
         get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         dim = get_dim() or len(model.encode(["x"])[0])
         ids, texts = list(data.corpus), list(data.corpus.values())

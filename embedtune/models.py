@@ -212,3 +212,11 @@ def prepare_all() -> None:
 if __name__ == "__main__":
     env.apply(offline=True)
     prepare_all()
+
+
+def truncate(model, max_seq_length: int | None) -> None:
+    """Cap a SentenceTransformer's input length at `max_seq_length` tokens (never raise it above
+    the model's own limit); None leaves the model as it is. One rule for training, mining, the
+    base-model scores and retrieval evaluation, so all of them see the same truncation."""
+    if max_seq_length:
+        model.max_seq_length = min(max_seq_length, model.max_seq_length or max_seq_length)

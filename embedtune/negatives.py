@@ -110,11 +110,10 @@ def mine(data: PreparedData, spec: MiningSpec | None = None, cache_dir: Path | N
     def build(tmp: Path) -> None:
         from sentence_transformers import SentenceTransformer
 
-        from embedtune.models import resolve_model
+        from embedtune.models import resolve_model, truncate
 
         model = SentenceTransformer(str(resolve_model(spec.model)), device=_device())
-        if spec.max_seq_length:
-            model.max_seq_length = min(spec.max_seq_length, model.max_seq_length or spec.max_seq_length)
+        truncate(model, spec.max_seq_length)
         train_corpus = list(dict.fromkeys(a for _, a in data.train))
         log.info("mining hard negatives for %s with %s", data.label, spec.model)
         train = _mine(data.train, train_corpus, model, spec)

@@ -114,9 +114,8 @@ def init(
     for key, value in ray_process_env(home).items():
         if key != "HOME":
             os.environ.setdefault(key, value)
-    temp_dir = Path(
-        tempfile.mkdtemp(prefix="etray-", dir="/tmp")
-    )  # short: Ray's socket paths are length-limited
+    # Short: Ray's socket paths are length-limited.
+    temp_dir = Path(tempfile.mkdtemp(prefix="etray-", dir="/tmp"))
     _owned_dirs.extend([home, temp_dir])
     with patched_environ({"HOME": str(home)}):
         ray.init(

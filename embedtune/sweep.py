@@ -31,7 +31,7 @@ from embedtune.cache import stable_hash
 from embedtune.config import GAIN_SUFFIX, HYPERPARAMS, Distribution, SweepSpec
 from embedtune.data import PreparedData, prepare
 from embedtune.errors import EmbedtuneError
-from embedtune.models import model_label, resolve_model
+from embedtune.models import model_label, resolve_model, truncate
 from embedtune.negatives import Triplets, mine
 from embedtune.train import TrainConfig, build_evaluator, cpu_threads_for, train
 
@@ -227,8 +227,7 @@ def _base_metrics(
             if key not in cached:
                 if st is None:
                     st = SentenceTransformer(str(resolve_model(model)), device="cpu")
-                    if spec.train.max_seq_length:
-                        st.max_seq_length = min(spec.train.max_seq_length, st.max_seq_length)
+                    truncate(st, spec.train.max_seq_length)
                 from embedtune.train import _clean
 
                 cached[key] = _clean(build_evaluator(data, triplets.get(label))(st))

@@ -174,7 +174,7 @@ def train(
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
     from transformers import TrainerCallback
 
-    from embedtune.models import resolve_model
+    from embedtune.models import resolve_model, truncate
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -182,8 +182,7 @@ def train(
     started = time.time()
     source = resolve_model(config.model) if resume_from is None else Path(resume_from)
     model = SentenceTransformer(str(source), device=device)
-    if config.max_seq_length:
-        model.max_seq_length = min(config.max_seq_length, model.max_seq_length or config.max_seq_length)
+    truncate(model, config.max_seq_length)
 
     if config.hard_negatives:
         train_ds = triplets.train.select_columns(["anchor", "positive", "negative"])
