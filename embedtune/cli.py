@@ -126,7 +126,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             shutil.rmtree(run_dir)
             resume = False
     result = run_sweep(spec, run_dir, resume=resume, final=not args.no_final, ray_address=args.address)
-    print(f"[embedtune] sweep {spec.name}: {len(result.trials)} trials in {result.run_dir}")
+    print(
+        f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.run_dir}"
+    )
     print(
         f"[embedtune] MLflow: {result.tracking_uri} (experiment {spec.experiment}); `make mlflow-ui RUN_DIR={result.run_dir}` to browse"
     )

@@ -3,7 +3,9 @@
 All writes happen in the driver (a Tune callback), never in the trial processes: SQLite stores do
 not take many concurrent writers, and the driver sees what a trial cannot — whether the scheduler
 stopped it (KILLED), it crashed (FAILED) or it finished. A resumed sweep finds the child run of a
-trial by its `embedtune.trial_id` tag and reopens it, so there is exactly one run per trial.
+trial by its `embedtune.trial_id` tag and reopens it, so there is exactly one run per trial. Child
+runs also carry their config's hash (`embedtune.config_hash`); a new trial of a config that already
+has a (failed or abandoned) run under the sweep deletes that run, so there is one run per config.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from embedtune.models import model_label
 log = logging.getLogger(__name__)
 
 TRIAL_TAG = "embedtune.trial_id"
+CONFIG_TAG = "embedtune.config_hash"
 PARENT_TAG = "mlflow.parentRunId"
 LOGGED_PREFIXES = ("ir_", "triplet_", "train_loss", "system/")
 
@@ -153,7 +156,13 @@ class MlflowTrialCallback(Callback):
         parent_run_id: str,
         base_metrics: dict[tuple[str, str], dict[str, float]],
         log_models: bool = True,
+        hasher=None,
+        skip=(),
     ) -> None:
+        """`hasher(config)` gives a trial's config hash; trials of configs in `skip` (already done:
+        the trial returns without training) get no run."""
+        self.hasher = hasher
+        self.skip = set(skip)
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -164,6 +173,31 @@ class MlflowTrialCallback(Callback):
         self.logged_epochs: dict[str, set[int]] = {}
 
     # -- helpers
+    def _hash(self, config: dict[str, Any]) -> str | None:
+        hasher = getattr(self, "hasher", None)  # callbacks pickled by older versions lack it
+        return hasher(config) if hasher else config.get("config_hash")
+
+    def _skipped(self, trial) -> bool:
+        return bool(getattr(self, "skip", None)) and self._hash(trial.config) in self.skip
+
+    def find_existing(self, trial_id: str) -> str | None:
+        return self._find_existing(trial_id)
+
+    def _drop_stale(self, digest: str) -> None:
+        """Delete this sweep's earlier child runs of config `digest` (a failed or abandoned
+        attempt): the new trial's run is the config's one run."""
+        c = client(self.tracking_uri)
+        runs = c.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{CONFIG_TAG}` = '{digest}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+        )
+        mine = set(self.run_ids.values())
+        for run in runs:
+            if run.info.run_id in mine:
+                continue  # a duplicate draw within this Tuner (sampled modes) keeps its run
+            log.info("deleting stale run %s of config %s", run.info.run_id, digest)
+            c.delete_run(run.info.run_id)
+
     def _find_existing(self, trial_id: str) -> str | None:
         runs = client(self.tracking_uri).search_runs(
             [self.experiment_id],
@@ -183,11 +217,12 @@ class MlflowTrialCallback(Callback):
         else:
             cfg = trial.config
             name = f"{model_label(str(cfg.get('model')))}-{cfg.get('dataset', 'data')}-e{cfg.get('epochs')}-{trial.trial_id}"
-            run_id = c.create_run(
-                self.experiment_id,
-                run_name=name,
-                tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, "embedtune.kind": "trial"},
-            ).info.run_id
+            tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, "embedtune.kind": "trial"}
+            digest = self._hash(cfg)
+            if digest:
+                self._drop_stale(digest)
+                tags[CONFIG_TAG] = digest
+            run_id = c.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             params = {k: v for k, v in cfg.items() if not isinstance(v, dict | list)}
             log_params(self.tracking_uri, run_id, params)
             base = self.base_metrics.get((cfg.get("model"), cfg.get("dataset")), {})
@@ -197,10 +232,14 @@ class MlflowTrialCallback(Callback):
 
     # -- Tune hooks
     def on_trial_start(self, iteration, trials, trial, **info):
+        if self._skipped(trial):
+            return
         self.started.setdefault(trial.trial_id, time.time())
         self.run_id_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self._skipped(trial):
+            return
         run_id = self.run_id_for(trial)
         epoch = int(result.get("epoch", 0))
         done = self.logged_epochs.setdefault(trial.trial_id, set())
@@ -213,6 +252,8 @@ class MlflowTrialCallback(Callback):
         log_metrics(self.tracking_uri, run_id, metrics, step=epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if self._skipped(trial):
+            return
         last = trial.last_result or {}
         done = int(last.get("epoch", 0))
         planned = int(trial.config.get("epochs", done))

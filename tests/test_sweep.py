@@ -299,3 +299,204 @@ def test_failed_final_stage_closes_the_sweep_run_and_rerun_redoes_only_it(
     assert result.trials[0]["duration_s"] == duration  # the finished trial was not rerun
     parents, children = _children(client, spec.experiment)
     assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 1
+
+
+# ---------------------------------------------------------------- idempotent sweeps
+
+
+def _hash_args(**changes):
+    cfg = {"model": "m", "dataset": "d", "epochs": 2, "lr": 5e-5, "batch_size": 16, "warmup_ratio": 0.1,
+           "seed": 42}  # fmt: skip
+    args = {
+        "fingerprint": "fp1",
+        "train_settings": {"max_seq_length": 48, "hard_negatives": True},
+        "negatives_key": "n1",
+    }
+    for k, v in changes.items():
+        (args if k in args else cfg)[k] = v
+    return cfg, args
+
+
+def test_config_hash_is_stable_and_changes_with_what_shapes_the_result() -> None:
+    from embedtune.sweep import config_hash
+
+    cfg, args = _hash_args()
+    h = config_hash(cfg, **args)
+    # stable: dict order, int vs float spellings, Tune-only keys, and across processes
+    shuffled = dict(reversed(list(cfg.items())))
+    assert config_hash({**shuffled, "epochs": 2.0, "config_hash": "x"}, **args) == h
+    assert (
+        config_hash(cfg, args["fingerprint"], dict(reversed(list(args["train_settings"].items()))), "n1") == h
+    )
+    code = (
+        "from embedtune.sweep import config_hash; import json, sys; a = json.loads(sys.argv[1]);"
+        "print(config_hash(a[0], **a[1]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([cfg, args])], capture_output=True, text=True
+    )
+    assert out.stdout.strip() == h, out.stderr[-2000:]
+    # changes: each hyperparameter, the model, the data, the train settings, the negatives
+    variants = [
+        {"lr": 1e-4}, {"epochs": 3}, {"batch_size": 32}, {"warmup_ratio": 0.0}, {"seed": 1}, {"model": "m2"},
+        {"dataset": "d2"}, {"fingerprint": "fp2"}, {"train_settings": {"max_seq_length": 64, "hard_negatives": True}},
+        {"negatives_key": "n2"}, {"repeat": 1},
+    ]  # fmt: skip
+    hashes = {h}
+    for change in variants:
+        c, a = _hash_args(**change)
+        hashes.add(config_hash(c, **a))
+    assert len(hashes) == len(variants) + 1
+    # without hard negatives the mining key is not part of the identity
+    c, a = _hash_args(train_settings={"hard_negatives": False})
+    assert config_hash(c, **{**a, "negatives_key": "other"}) == config_hash(c, **a)
+
+
+def test_grid_configs_run_as_an_explicit_tune_space() -> None:
+    """A grid becomes a list of configs with their hashes; the Tune space built from a subset
+    produces exactly those trials, with the usual flat config keys."""
+    from ray.tune.experiment import Experiment
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from embedtune.sweep import ConfigHasher, explicit_space, grid_configs
+
+    spec = parse_spec(tiny_spec("grid", search={"epochs": [1, 2], "lr": [5e-5, 1e-4], "num_samples": 2}))
+    hasher = ConfigHasher({"medquad": "fp"}, spec.train.model_dump(), {"medquad": "neg"})
+    configs = grid_configs(spec, hasher)
+    assert (
+        len(configs) == 2 * 2 * 2 * 2 == len({c["config_hash"] for c in configs})
+    )  # models×epochs×lr×repeats
+    assert all(
+        hasher({k: v for k, v in c.items() if k != "config_hash"}) == c["config_hash"] for c in configs
+    )
+    subset = configs[1:4]
+    gen = BasicVariantGenerator()
+    gen.add_configurations([Experiment("x", run=lambda c: None, config=explicit_space(subset))])
+    made = []
+    while (trial := gen.next_trial()) is not None:
+        made.append(trial.config)
+    assert sorted(made, key=lambda c: c["config_hash"]) == sorted(subset, key=lambda c: c["config_hash"])
+
+
+def test_merge_records_keeps_one_record_per_config() -> None:
+    from embedtune.sweep import merge_records
+
+    def rec(h, tid, status):
+        return {"config_hash": h, "trial_id": tid, "status": status, "dataset": "d", "model_label": "m",
+                "epochs": 1}  # fmt: skip
+
+    old = [rec("a", "t1", "FINISHED"), rec("b", "t2", "FAILED"), rec("c", "t3", "KILLED")]
+    new = [rec("b", "t4", "FINISHED"), rec("c", "t5", "FAILED"), rec("d", "t6", "FINISHED")]
+    merged = {r["config_hash"]: r["trial_id"] for r in merge_records(old, new)}
+    # a rerun replaces a failed record; a done one (KILLED by the scheduler too) stays
+    assert merged == {"a": "t1", "b": "t4", "c": "t3", "d": "t6"}
+
+
+def test_extension_problem_allows_only_growth() -> None:
+    from embedtune.sweep import extension_problem
+
+    old = parse_spec(tiny_spec("ext", models=["paraphrase-MiniLM-L3-v2"]))
+    grown = parse_spec(tiny_spec("ext", search={"epochs": [1, 2, 3], "lr": [1e-4]}, max_concurrent_trials=1))
+    assert extension_problem(old, grown) is None
+    assert "dropped" in extension_problem(grown, old)
+    assert "train" in extension_problem(old, parse_spec(tiny_spec("ext", train={"max_seq_length": 64})))
+    other_data = tiny_spec(
+        "ext", models=["paraphrase-MiniLM-L3-v2"], datasets=[{**TINY_DATA, "max_pairs": 150}]
+    )
+    assert "dataset 'medquad' changed" in extension_problem(old, parse_spec(other_data))
+
+
+def test_callback_replaces_the_stale_run_of_a_rerun_config(tmp_path: Path) -> None:
+    """A config that runs again (its earlier trial FAILED) ends with one child run: the new one."""
+    uri = tracking.default_tracking_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "stale", tmp_path / "art")
+    parent = tracking.start_parent_run(uri, exp, None, "p")
+
+    def trial(tid: str, digest: str):
+        return SimpleNamespace(
+            trial_id=tid, config={"model": "m", "dataset": "d", "epochs": 1, "config_hash": digest},
+            last_result={"epoch": 1}, checkpoint=None, error_file=None,
+        )  # fmt: skip
+
+    first = tracking.MlflowTrialCallback(uri, exp, parent, {}, log_models=False)
+    for t in (trial("a", "h1"), trial("b", "h2")):
+        first.on_trial_start(0, [], t)
+    first.on_trial_error(0, [], trial("a", "h1"))
+    first.on_trial_complete(0, [], trial("b", "h2"))
+    second = tracking.MlflowTrialCallback(uri, exp, parent, {}, log_models=False, skip={"h2"})
+    second.on_trial_start(0, [], trial("c", "h1"))
+    second.on_trial_complete(0, [], trial("c", "h1"))
+    second.on_trial_start(0, [], trial("d", "h2"))  # a sampled draw of a done config: no run
+    second.on_trial_complete(0, [], trial("d", "h2"))
+    _, children = _children(MlflowClient(uri), "stale")
+    assert sorted((c.data.tags[tracking.CONFIG_TAG], c.data.tags[tracking.TRIAL_TAG], c.info.status)
+                  for c in children) == [("h1", "c", "FINISHED"), ("h2", "b", "FINISHED")]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_grown_grid_runs_only_new_configs_and_rerun_runs_none(tmp_path: Path) -> None:
+    from embedtune.errors import EmbedtuneError
+
+    def spec(lrs):
+        raw = tiny_spec("grow", models=["paraphrase-MiniLM-L3-v2"], mlflow={"log_models": False},
+                        search={"epochs": [1], "batch_size": [16], "lr": lrs})  # fmt: skip
+        return parse_spec(raw)
+
+    run = tmp_path / "run"
+    first = run_sweep(spec([5e-5, 1e-4]), run, final=False)
+    assert first.launched == 2 and first.experiments == ["tune"]
+    before = {t["config_hash"]: t for t in json.loads((run / "trials.json").read_text())}
+    assert len(before) == 2
+
+    grown = spec([5e-5, 1e-4, 2e-4])
+    second = run_sweep(grown, run, final=False)
+    assert second.launched == 1 and second.experiments == ["tune", "tune-2"]
+    assert len(list((run / "tune-2").glob("_trial_*"))) == 1  # one Tune trial in the extension
+    trials = json.loads((run / "trials.json").read_text())
+    assert len(trials) == 3 == len({t["config_hash"] for t in trials})
+    assert sorted(t["lr"] for t in trials) == [5e-5, 1e-4, 2e-4]
+    for t in trials:
+        assert t["status"] == "FINISHED"
+        if t["config_hash"] in before:
+            assert t == before[t["config_hash"]]  # the earlier records are untouched
+    client = MlflowClient(second.tracking_uri)
+    parents, children = _children(client, grown.experiment)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags[tracking.CONFIG_TAG] for c in children) == sorted(
+        t["config_hash"] for t in trials
+    )
+    assert {c.info.run_id for c in children} == {t["mlflow_run_id"] for t in trials}
+
+    third = run_sweep(grown, run, final=False)  # the same grown spec again: nothing to run
+    assert third.launched == 0 and third.experiments == ["tune", "tune-2"]
+    assert not (run / "tune-3").exists()
+    assert json.loads((run / "trials.json").read_text()) == trials
+    assert len(_children(client, grown.experiment)[1]) == 3
+
+    # anything but growth (here a train setting) is another sweep
+    other = spec([5e-5]).model_copy(update={"train": grown.train.model_copy(update={"max_seq_length": 64})})
+    with pytest.raises(EmbedtuneError, match="train changed"):
+        run_sweep(other, run, final=False)
+
+
+@pytest.mark.slow
+def test_sampled_sweep_counts_done_trials_and_skips_done_draws(tmp_path: Path) -> None:
+    """Random mode cannot list its configs: a rerun with more samples draws only the difference,
+    and a draw of an already done config returns without training (no record, no MLflow run)."""
+
+    def spec(n):
+        raw = tiny_spec("sampled", models=["paraphrase-MiniLM-L3-v2"], mlflow={"log_models": False},
+                        search={"mode": "random", "num_samples": n, "epochs": [1], "batch_size": [16],
+                                "lr": [5e-5]})  # fmt: skip
+        return parse_spec(raw)
+
+    run = tmp_path / "run"
+    first = run_sweep(spec(1), run, final=False)
+    assert first.launched == 1 and len(first.trials) == 1
+    again = run_sweep(spec(1), run, final=False)
+    assert again.launched == 0 and again.experiments == ["tune"]
+    more = run_sweep(spec(2), run, final=False)  # one more draw: the only config there is, already done
+    assert more.experiments == ["tune", "tune-2"] and more.launched == 0
+    assert more.trials == first.trials
+    _, children = _children(MlflowClient(first.tracking_uri), "embedtune-sampled")
+    assert len(children) == 1 and children[0].data.tags[tracking.CONFIG_TAG] == first.trials[0]["config_hash"]
