@@ -26,6 +26,7 @@ from embedtune.evaluate import (
     make_reranker,
     mrr_at_k,
     ndcg_at_k,
+    per_query_metrics,
     retrieval_metrics,
     vector_leg,
     vector_leg_one,
@@ -54,6 +55,17 @@ def test_mrr_and_ndcg_hand_checked():
     assert ndcg_at_k(RANKED, RELEVANT, 10) == pytest.approx((1 + 1 / l3 + 0 + q4) / 4)
     m = retrieval_metrics(RANKED, RELEVANT, ks=[1, 2])
     assert set(m) == {"hit_at_1", "hit_at_2", "mrr_at_10", "ndcg_at_10"}
+
+
+def test_per_query_values_average_to_the_metrics():
+    pq = per_query_metrics(RANKED, RELEVANT, ks=[1, 2])
+    assert pq["hit_at_1"] == [1.0, 0.0, 0.0, 0.0]
+    assert pq["hit_at_2"] == [1.0, 1.0, 0.0, 1.0]
+    assert pq["mrr_at_10"] == [1.0, 0.5, 0.0, 0.5]
+    m = retrieval_metrics(RANKED, RELEVANT, ks=[1, 2])
+    assert set(pq) == set(m)
+    for name, values in pq.items():
+        assert len(values) == len(RANKED) and np.mean(values) == pytest.approx(m[name])
 
 
 def test_metrics_take_dicts():
@@ -223,6 +235,10 @@ def test_evaluate_models_rows_and_sensible_hits(real, tmp_path):
         assert row.hit_at_10 > max(0.4, 5 * chance), (row.query_type, row.reranker, row.hit_at_10)
     fts = df[df.query_type == "fts"]
     assert fts.hit_at_10.nunique() == 1  # FTS does not depend on the model: same numbers in each block
+    for _, row in df.iterrows():  # per-query values, one per question, average to the row's metrics
+        assert set(row.per_query) == {"hit_at_1", "hit_at_5", "hit_at_10", "mrr_at_10", "ndcg_at_10"}
+        for name, values in row.per_query.items():
+            assert len(values) == len(data.queries) and np.mean(values) == pytest.approx(row[name])
     tuned = df[df.model == "minilm-copy"].iloc[0]
     assert (tuned.kind, tuned.trial_id, tuned.epochs) == ("tuned", "t1", 2)
     # Same weights, same numbers: the second model reused the first one's table.
