@@ -34,6 +34,7 @@ from embedtune.errors import EmbedtuneError
 SAMPLES = {
     "medquad-sample": "medquad_sample.jsonl.gz",
     "squad-sample": "squad_sample.jsonl.gz",
+    "scifact-sample": "scifact_sample",  # a BEIR folder: out-of-domain checks (final.ood)
 }
 # Bump when the split or corpus construction changes, so every derived artefact is re-made.
 SPLIT_VERSION = 2
@@ -108,7 +109,8 @@ def _resolve_source(spec: DataSpec) -> tuple[Path | str, str]:
     """Return (path or hub id, format)."""
     src = spec.source.strip()
     if src in SAMPLES:
-        return Path(str(resources.files("embedtune") / "samples" / SAMPLES[src])), "jsonl"
+        path = Path(str(resources.files("embedtune") / "samples" / SAMPLES[src]))
+        return path, "beir" if path.is_dir() else "jsonl"
     if src.startswith("hf:") or spec.format == "hf":
         return src.removeprefix("hf:"), "hf"
     path = Path(src).expanduser()

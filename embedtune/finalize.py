@@ -13,6 +13,13 @@ tracking URI, the report folder is logged to the sweep's parent run (artifact pa
 summary metrics `final.<dataset>.*`, and the winner (the tuned model with the best leaderboard
 metric) is logged with `mlflow.sentence_transformers.log_model` in a child run of the parent and
 registered under `register_name` with the alias `alias` (default "champion").
+
+Do no harm (`do_no_harm`, only when `final.ood` names out-of-domain data specs): each dataset's
+winner and its base model are scored on every OOD set (`ood_data`: all questions are queries;
+vector search via `evaluate_models`), compared query by query (`harm_check`: paired bootstrap
+interval, exact McNemar p from `embedtune.stats`) and flagged "harm" on a significant drop. The
+result is `<run_dir>/report/harm.json`, which the report (and every rebuild) turns into a
+"Do no harm" table, and which is logged with the report folder.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from embedtune.data import PreparedData
+from embedtune.data import DataSpec, PreparedData
 from embedtune.errors import EmbedtuneError
 from embedtune.evaluate import EvalSpec, ModelEntry
 
@@ -63,6 +70,17 @@ class FinalSpec(BaseModel):
     register_name: str | None = Field(None, description="None: embedtune-<sweep name>")
     alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
     probe_size: int = Field(200, ge=0, description="questions sampled for the 'should you fine-tune?' probe")
+    ood: list[DataSpec] = Field(
+        default_factory=list,
+        description="out-of-domain sets (pair files or BEIR folders) the winner must not get worse on: the "
+        "do-no-harm check scores the winner and its base model on each (vector search)",
+    )
+    ood_max_corpus: int | None = Field(
+        2000,
+        ge=10,
+        description="documents per out-of-domain corpus at most (relevant ones always kept); null: all",
+    )
+    harm_alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the do-no-harm flag")
 
     @field_validator("leaderboard_metric")
     @classmethod
@@ -240,6 +258,11 @@ def evaluate_and_report(
     for label, data in datasets.items():
         data.save(run_dir / "data" / f"{label}.json")  # what `embedtune report` rebuilds from
     db_uri = spec.lancedb_uri or str(run_dir / "lancedb")
+    if spec.ood:
+        from embedtune.data import _resolve_source
+
+        for ood in spec.ood:
+            _resolve_source(ood)  # a missing OOD file fails now, not after the evaluation
     eval_spec = spec.eval
     cross = _cross_encoders(spec, datasets, triplets, run_dir)
     if not cross and "cross-encoder" in eval_spec.rerankers:
@@ -247,12 +270,13 @@ def evaluate_and_report(
             update={"rerankers": [r for r in eval_spec.rerankers if r != "cross-encoder"]}
         )
     frames = []
+    resolved: dict[str, list[ModelEntry]] = {}
     for label, models in entries.items():
         if label not in datasets:
             raise EmbedtuneError(
                 f"no prepared data for dataset {label!r} (expected {run_dir}/data/{label}.json)"
             )
-        models = _resolved(models)
+        models = resolved[label] = _resolved(models)
         print(
             f"[embedtune] evaluating {len(models)} model(s) on {label}: {', '.join(m.label for m in models)}",
             flush=True,
@@ -262,6 +286,19 @@ def evaluate_and_report(
         )
     results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     results_path = save_results(run_dir, results)
+    from embedtune.report import HARM_FILE, REPORT_DIR
+
+    harm_file = run_dir / REPORT_DIR / HARM_FILE
+    harm_file.unlink(missing_ok=True)  # a check of an earlier evaluation is not about these results
+    if spec.ood and not results.empty:
+        try:
+            do_no_harm(run_dir, results, trials, resolved, spec, db_uri)  # read back by build_report
+        except Exception as exc:  # the leaderboard must not be lost to the extra check
+            log.warning("do-no-harm check failed: %s: %s", type(exc).__name__, exc)
+            print(
+                f"[embedtune] do-no-harm check failed ({type(exc).__name__}: {exc}); report without it",
+                flush=True,
+            )
     report = build_report(
         run_dir, trials, results, datasets, metric=spec.leaderboard_metric, probe_size=spec.probe_size
     )
@@ -306,6 +343,172 @@ def run_final_stage(
     return evaluate_and_report(
         run_dir, entries, datasets, triplets, trials, spec, mlflow_parent_run_id, tracking_uri
     )
+
+
+# ---------------------------------------------------------------- do no harm
+
+
+def ood_data(spec: DataSpec, max_corpus: int | None = 2000) -> PreparedData:
+    """An out-of-domain evaluation set: every question of `spec` (after `max_pairs` sampling) is a
+    query, relevant to the answers it is paired with; the corpus holds those answers plus the other
+    documents (a BEIR corpus, the other answers), seeded-sampled down to `max_corpus` documents in all
+    (relevant ones always kept). Nothing is held out for training: none is done on it."""
+    from embedtune.cache import stable_hash
+    from embedtune.data import load_pairs
+
+    pairs, extra = load_pairs(spec)
+    docs: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    relevant: dict[str, list[str]] = {}
+    qid_of: dict[str, str] = {}
+    for q, a in pairs:
+        cid = docs.setdefault(a, f"d{len(docs)}")
+        qid = qid_of.setdefault(q, f"q{len(qid_of)}")
+        queries[qid] = q
+        if cid not in relevant.setdefault(qid, []):
+            relevant[qid].append(cid)
+    others = [d for d in dict.fromkeys(extra) if d not in docs]
+    if max_corpus is not None and len(docs) + len(others) > max_corpus:
+        import random
+
+        keep = max(0, max_corpus - len(docs))
+        others = [others[i] for i in sorted(random.Random(spec.seed).sample(range(len(others)), keep))]
+    for d in others:
+        docs.setdefault(d, f"d{len(docs)}")
+    corpus = {cid: text for text, cid in docs.items()}
+    fingerprint = stable_hash("ood", stable_hash(pairs, length=64), sorted(corpus.values()), spec.seed)
+    counts = {"pairs": len(pairs), "eval_questions": len(queries), "corpus": len(corpus)}
+    return PreparedData(fingerprint, spec.label, [], list(pairs), queries, corpus, relevant, counts)
+
+
+def harm_check(
+    base_hits, winner_hits, alpha: float = 0.05, seed: int = 0, n_boot: int = 2000
+) -> dict[str, Any]:
+    """Paired comparison of a winner with its base model over the same queries (one 0/1 hit per
+    query each, same order): `delta` = winner − base, its paired-bootstrap (1 − alpha) interval
+    (`ci_low`, `ci_high`), `p_value` (exact McNemar for 0/1 hits, paired bootstrap otherwise, from
+    embedtune.stats), `band` = half-width of the base score's own bootstrap interval, and `flag`:
+    "harm" when the winner scores lower and the drop is significant (p < alpha) or larger than the
+    95% band (the interval of delta lies below 0, or the drop exceeds `band`); else "".
+    A model compared with itself has delta 0, p 1 and no flag."""
+    import numpy as np
+
+    from embedtune.stats import bootstrap_ci, paired_pvalue
+
+    b = np.asarray(base_hits, dtype=float)
+    w = np.asarray(winner_hits, dtype=float)
+    if b.ndim != 1 or b.shape != w.shape or not len(b):
+        raise EmbedtuneError(
+            f"harm check needs per-query scores over the same queries, got {b.shape} and {w.shape}"
+        )
+    delta = float(w.mean() - b.mean())
+    lo, hi = bootstrap_ci(w - b, n_boot=n_boot, alpha=alpha, seed=seed)
+    base_lo, base_hi = bootstrap_ci(b, n_boot=n_boot, alpha=alpha, seed=seed)
+    band = (base_hi - base_lo) / 2
+    p = 1.0 if np.array_equal(b, w) else paired_pvalue(w, b, "hit_at_10", n_boot=n_boot, seed=seed)
+    harmed = delta < 0 and (p < alpha or hi < 0 or -delta > band)
+    return {"base_score": float(b.mean()), "winner_score": float(w.mean()), "delta": delta,
+            "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p), "band": float(band),
+            "n_queries": int(len(b)), "flag": "harm" if harmed else ""}  # fmt: skip
+
+
+def _vector_hits(
+    entry: ModelEntry, data: PreparedData, spec: EvalSpec, db_uri: str, k: int = 10
+) -> list[float]:
+    """Per-query hit@k of vector search over the model's (reused) LanceDB table, queries in the order
+    of `data.queries`: the fallback when evaluation rows carry no per-query values."""
+    from embedtune.evaluate import _ids, vector_leg
+    from embedtune.index import build_table, load_model
+    from embedtune.models import truncate
+
+    model = load_model(entry.path)
+    truncate(model, spec.max_seq_length)
+    tbl = build_table(entry.path, data, db_uri, model_label=entry.label, model=model, batch_size=spec.batch_size,
+                      progress=False, max_seq_length=spec.max_seq_length).open()  # fmt: skip
+    qids = list(data.queries)
+    qv = model.encode([data.queries[q] for q in qids], batch_size=spec.batch_size, normalize_embeddings=True,
+                      convert_to_numpy=True, show_progress_bar=False)  # fmt: skip
+    legs = vector_leg(tbl, qv, spec.depth)
+    return [
+        float(bool(set(_ids(leg)[:k]) & set(data.relevant[q]))) for leg, q in zip(legs, qids, strict=True)
+    ]
+
+
+def harm_pairs(results, trials: list[dict[str, Any]], entries: dict[str, list[ModelEntry]], metric: str):
+    """(training dataset, base entry, winner entry) per dataset whose winner (the report's
+    `pick_winner`: the best tuned row that beats its base) is a tuned model."""
+    from embedtune.report import leaderboard, pick_winner
+
+    board = leaderboard(results, trials, metric)
+    out = []
+    for ds, rows in board.groupby("dataset", sort=True):
+        w = pick_winner(rows, metric)
+        if not w or w.get("kind") != "tuned":
+            continue
+        by_label = {e.label: e for e in entries.get(str(ds), [])}
+        tuned, base = by_label.get(w["model"]), by_label.get(w["base_model"])
+        if tuned is None or base is None:
+            log.warning(
+                "do no harm: no model entry for %s or its base %s on %s", w["model"], w["base_model"], ds
+            )
+            continue
+        out.append((str(ds), base, tuned))
+    return out
+
+
+def do_no_harm(
+    run_dir: Path,
+    results,
+    trials: list[dict[str, Any]],
+    entries: dict[str, list[ModelEntry]],
+    spec: FinalSpec,
+    db_uri: str,
+) -> dict[str, Any]:
+    """Score each dataset's winner and its base model on every out-of-domain set of `spec.ood`
+    (vector search, no reranker, via `evaluate_models`), compare them query by query (`harm_check`)
+    and write `<run_dir>/report/harm.json`: {"metric", "alpha", "test", "rows": [one per (dataset,
+    ood set)], "results": the evaluation rows, "hits": {ood: {model: per-query hit@10}}}. `entries`
+    hold resolved model paths."""
+    import time
+
+    from embedtune.evaluate import evaluate_models
+    from embedtune.report import HARM_FILE, REPORT_DIR
+
+    pairs = harm_pairs(results, trials, entries, spec.leaderboard_metric)
+    ood_spec = EvalSpec(query_types=["vector"], rerankers=["none"], ks=sorted({*spec.eval.ks, 10}),
+                        batch_size=spec.eval.batch_size, max_seq_length=spec.eval.max_seq_length)  # fmt: skip
+    out: dict[str, Any] = {"metric": "hit_at_10", "alpha": spec.harm_alpha, "seconds": 0.0,
+                           "test": "exact McNemar on per-query hits (embedtune.stats)",
+                           "rows": [], "results": [], "hits": {}}  # fmt: skip
+    start = time.perf_counter()
+    for ood_spec_data in spec.ood if pairs else []:
+        data = ood_data(ood_spec_data, spec.ood_max_corpus)
+        models = list({e.label: e for _, base, tuned in pairs for e in (base, tuned)}.values())
+        print(f"[embedtune] do no harm on {data.label} ({len(data.queries)} queries, {len(data.corpus)} docs): "
+              f"{', '.join(m.label for m in models)}", flush=True)  # fmt: skip
+        frame = evaluate_models(models, data, ood_spec, db_uri, progress=False)
+        hits: dict[str, list[float]] = {}
+        for row in frame.to_dict("records"):
+            per_query = row.get("per_query")
+            if isinstance(per_query, dict) and "hit_at_10" in per_query:
+                hits[row["model"]] = [float(x) for x in per_query["hit_at_10"]]
+        for m in models:
+            if m.label not in hits:
+                hits[m.label] = _vector_hits(m, data, ood_spec, db_uri)
+        out["hits"][data.label] = hits
+        out["results"] += [{k: v for k, v in r.items() if k != "per_query"} for r in frame.to_dict("records")]
+        for ds, base, tuned in pairs:
+            check = harm_check(hits[base.label], hits[tuned.label], alpha=spec.harm_alpha)
+            out["rows"].append({"dataset": ds, "ood": data.label, "ood_source": ood_spec_data.source,
+                                "base_model": base.label, "winner": tuned.label, **check})  # fmt: skip
+            if check["flag"]:
+                print(f"[embedtune] HARM: {tuned.label} (trained on {ds}) loses {check['delta']:+.4f} hit@10 on "
+                      f"{data.label} vs {base.label} (p={check['p_value']:.3g})", flush=True)  # fmt: skip
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    path = Path(run_dir) / REPORT_DIR / HARM_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str))
+    return out
 
 
 # ---------------------------------------------------------------- MLflow
@@ -363,6 +566,13 @@ def log_report(tracking_uri: str, run_id: str, report) -> None:
         c.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     if report.winner:
         c.set_tag(run_id, "embedtune.winner", str(report.winner["model"]))
+    harm_rows = (getattr(report, "harm", None) or {}).get("rows") or []
+    for r in harm_rows:
+        metrics[f"final.{r['dataset']}.ood.{r['ood']}.delta_hit_at_10"] = float(r["delta"])
+    if harm_rows:
+        c.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if ".ood." in k])
+        flagged = sorted({f"{r['winner']}@{r['ood']}" for r in harm_rows if r.get("flag") == "harm"})
+        c.set_tag(run_id, "embedtune.harm", ", ".join(flagged) or "none")
 
 
 def register_winner(
@@ -415,7 +625,10 @@ def register_winner(
 __all__ = [
     "FinalResult",
     "FinalSpec",
+    "do_no_harm",
     "evaluate_and_report",
+    "harm_check",
+    "ood_data",
     "pick_models",
     "register_winner",
     "run_final_stage",

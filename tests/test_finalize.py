@@ -240,3 +240,162 @@ def test_cli_evaluate_end_to_end(tmp_path, capsys):
     # the stored results rebuild the same leaderboard
     assert main(["report", str(out)]) == 0
     assert pd.read_csv(out / "report" / "leaderboard.csv").equals(board)
+
+
+# ---------------------------------------------------------------- do no harm (issue #7)
+
+SCIFACT = "/work/shared/data/scifact"
+needs_scifact = pytest.mark.skipif(
+    not os.path.isdir(SCIFACT), reason="SciFact (shared data) not on this machine"
+)
+
+
+def test_harm_flag_logic_on_synthetic_hits():
+    import numpy as np
+
+    from embedtune.finalize import harm_check
+
+    rng = np.random.default_rng(0)
+    base = (rng.random(300) < 0.8).astype(float)
+    same = harm_check(base, base)
+    assert same["flag"] == "" and same["delta"] == 0 and same["p_value"] == 1.0
+    harmed = base.copy()
+    harmed[np.flatnonzero(base)[:60]] = 0  # loses 60 of ~240 hits
+    got = harm_check(base, harmed)
+    assert got["flag"] == "harm" and got["delta"] == pytest.approx(-0.2) and got["p_value"] < 0.001
+    assert got["ci_low"] < got["delta"] < got["ci_high"] < 0
+    one = base.copy()
+    one[np.flatnonzero(base)[0]] = 0  # one query lost, one gained elsewhere: noise
+    one[np.flatnonzero(base == 0)[:2]] = 1
+    assert harm_check(base, one)["flag"] == ""
+    better = np.ones_like(base)
+    assert harm_check(base, better)["flag"] == ""  # a significant gain is no harm
+    with pytest.raises(Exception, match="same queries"):
+        harm_check(base, base[:10])
+
+
+def test_final_spec_takes_ood_data_specs():
+    spec = FinalSpec.model_validate({"ood": [{"source": SCIFACT, "name": "scifact", "max_pairs": 50}]})
+    assert spec.ood[0].label == "scifact" and spec.ood_max_corpus == 2000 and spec.harm_alpha == 0.05
+    with pytest.raises(ValueError):
+        FinalSpec.model_validate({"ood": [{"source": SCIFACT, "nope": 1}]})
+    assert FinalSpec().ood == []
+
+
+@needs_scifact
+def test_ood_data_from_beir_caps_the_corpus_and_keeps_relevant_docs():
+    from embedtune.data import DataSpec
+    from embedtune.finalize import ood_data
+
+    d = ood_data(DataSpec(source=SCIFACT, max_pairs=40), max_corpus=150)
+    assert d.label == "scifact" and d.train == [] and len(d.corpus) == 150
+    assert 30 <= len(d.queries) <= 40 and set(d.queries) == set(d.relevant)
+    assert all(c in d.corpus for cs in d.relevant.values() for c in cs)
+    again = ood_data(DataSpec(source=SCIFACT, max_pairs=40), max_corpus=150)
+    assert again.fingerprint == d.fingerprint and again.corpus == d.corpus  # seeded
+    assert len(ood_data(DataSpec(source=SCIFACT, max_pairs=40), max_corpus=None).corpus) == 5183
+
+
+def _harm_results(base_path: str, tuned_path: str):
+    import pandas as pd
+
+    from embedtune.evaluate import ModelEntry
+
+    rows = [
+        {"dataset": "medquad", "model": "L3", "model_path": base_path, "base_model": "L3", "kind": "base",
+         "trial_id": None, "epochs": None, "query_type": "vector", "reranker": "none", "hit_at_1": 0.3,
+         "hit_at_5": 0.5, "hit_at_10": 0.6, "mrr_at_10": 0.4, "ndcg_at_10": 0.45, "n_queries": 50, "seconds": 1.0},
+        {"dataset": "medquad", "model": "L3-ft", "model_path": tuned_path, "base_model": "L3", "kind": "tuned",
+         "trial_id": "t1", "epochs": 2, "query_type": "vector", "reranker": "none", "hit_at_1": 0.4,
+         "hit_at_5": 0.6, "hit_at_10": 0.7, "mrr_at_10": 0.5, "ndcg_at_10": 0.55, "n_queries": 50, "seconds": 1.0},
+    ]  # fmt: skip
+    entries = {
+        "medquad": [
+            ModelEntry("L3", base_path, "L3", "base"),
+            ModelEntry("L3-ft", tuned_path, "L3", "tuned", "t1", 2),
+        ]
+    }
+    return pd.DataFrame(rows), entries
+
+
+@needs_scifact
+def test_do_no_harm_on_a_real_model_against_itself_flags_nothing(tmp_path):
+    from embedtune.data import DataSpec
+    from embedtune.finalize import do_no_harm
+    from embedtune.models import resolve_model
+
+    path = str(resolve_model("paraphrase-MiniLM-L3-v2"))
+    results, entries = _harm_results(path, path)  # the "winner" is the base model itself
+    spec = FinalSpec(ood=[DataSpec(source=SCIFACT, max_pairs=30)], ood_max_corpus=100)
+    harm = do_no_harm(tmp_path, results, [], entries, spec, str(tmp_path / "db"))
+    (row,) = harm["rows"]
+    assert row["dataset"] == "medquad" and row["ood"] == "scifact" and row["winner"] == "L3-ft"
+    assert row["delta"] == 0 and row["p_value"] == 1.0 and row["flag"] == ""
+    assert 0 < row["base_score"] <= 1 and row["n_queries"] == len(harm["hits"]["scifact"]["L3"])
+    stored = json.loads((tmp_path / "report" / "harm.json").read_text())
+    assert stored["rows"] == json.loads(json.dumps(harm["rows"]))
+
+
+def _harmed_copy(src, dest, scale: float = 2.0):
+    """A deliberately harmed model: the base model with seeded noise on its word embeddings."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(src), device="cpu")
+    emb = model[0].auto_model.embeddings.word_embeddings.weight
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb += torch.randn(emb.shape, generator=gen) * emb.std() * scale
+    model.save(str(dest))
+    return dest
+
+
+@pytest.mark.slow
+@needs_scifact
+def test_do_no_harm_flags_a_harmed_winner_end_to_end(tmp_path, small_data):
+    """evaluate_and_report with an OOD set: a noised copy of the base model is the only tuned model
+    (so the winner); the do-no-harm check flags it on SciFact, writes harm.json and the report
+    section, logs them to MLflow, and `embedtune report` rebuilds the section from stored files."""
+    from embedtune.data import DataSpec
+    from embedtune.evaluate import EvalSpec, ModelEntry
+    from embedtune.finalize import evaluate_and_report
+    from embedtune.models import resolve_model
+
+    uri, client, parent = _store(tmp_path)
+    base = resolve_model("paraphrase-MiniLM-L3-v2")
+    harmed = _harmed_copy(base, tmp_path / "harmed", scale=4.0)
+    entries = {small_data.label: [ModelEntry("paraphrase-MiniLM-L3-v2", "paraphrase-MiniLM-L3-v2", "paraphrase-MiniLM-L3-v2"),
+                                  ModelEntry("L3-harmed", str(harmed), "paraphrase-MiniLM-L3-v2", "tuned", "t9", 1)]}  # fmt: skip
+    spec = FinalSpec(eval=EvalSpec(query_types=["vector"], rerankers=["none"]), cross_encoder=None, registry=False,
+                     probe_size=20, ood=[DataSpec(source=SCIFACT, max_pairs=40)], ood_max_corpus=150)  # fmt: skip
+    run_dir = tmp_path / "run"
+    result = evaluate_and_report(run_dir, entries, {small_data.label: small_data}, {}, [], spec, parent, uri)
+    assert result.winner["model"] == "L3-harmed"
+    (row,) = json.loads((run_dir / "report" / "harm.json").read_text())["rows"]
+    assert row["flag"] == "harm" and row["delta"] < -0.1 and (row["p_value"] < 0.05 or row["ci_high"] < 0), (
+        row
+    )
+    md = (run_dir / "report" / "leaderboard.md").read_text()
+    assert f"### Do no harm ({small_data.label})" in md and "**Harm:** `L3-harmed` loses on scifact" in md
+    assert "**Already seen:" in md and "near-dup eval q" in md
+    assert "report/harm.json" in _artifact_paths(client, parent)
+    run = client.get_run(parent)
+    assert run.data.tags["embedtune.harm"] == "L3-harmed@scifact"
+    assert run.data.metrics[f"final.{small_data.label}.ood.scifact.delta_hit_at_10"] == pytest.approx(
+        row["delta"]
+    )
+    from embedtune.cli import main
+
+    (run_dir / "report" / "leaderboard.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report" / "leaderboard.md").read_text() == md
+
+
+def test_a_missing_ood_set_fails_before_any_evaluation(tmp_path):
+    from embedtune.data import DataSpec
+    from embedtune.errors import EmbedtuneError
+    from embedtune.finalize import evaluate_and_report
+
+    spec = FinalSpec(ood=[DataSpec(source=str(tmp_path / "no-such-beir"))], cross_encoder=None)
+    with pytest.raises(EmbedtuneError, match="not found"):
+        evaluate_and_report(tmp_path / "run", {}, {}, {}, [], spec)

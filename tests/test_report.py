@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from embedtune.report import (
     build_report,
+    epoch_advice,
     leaderboard,
     overfitting_flags,
     pick_winner,
@@ -172,3 +174,285 @@ def test_cli_report_rebuilds(tmp_path, capsys):
     assert (tmp_path / "report" / "leaderboard.md").exists()
     assert "leaderboard" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+# ---------------------------------------------------------------- confidence: intervals, paired tests, epochs
+
+
+def results_with_queries(n: int = 400, seed: int = 0, independent=(), scores=None) -> pd.DataFrame:
+    """results_frame() with per-query values: every row of a (dataset, query type, reranker) draws
+    its queries from one shared latent difficulty, so a better row hits a superset of the queries
+    (a paired difference) and an equal row the same ones; rows whose (model, query_type) is in
+    `independent` get a shuffled copy of it (same scores, different queries). The latent is evenly
+    spread over [0, 1], so a row's hit@10 is its nominal score exactly. `scores` overrides hit@10 of
+    (model, query_type)."""
+    rng = np.random.default_rng(seed)
+    latent: dict[tuple, np.ndarray] = {}
+    out = []
+    for r in results_frame().to_dict("records"):
+        q = (scores or {}).get((r["model"], r["query_type"]), r["hit_at_10"])
+        key = (r["dataset"], r["query_type"], r["reranker"])
+        u = latent.setdefault(key, rng.permutation((np.arange(n) + 0.5) / n))
+        u = rng.permutation(u) if (r["model"], r["query_type"]) in independent else u
+        per_query = {
+            "hit_at_1": (u < q / 2).astype(float), "hit_at_5": (u < q - 0.1).astype(float),
+            "hit_at_10": (u < q).astype(float), "mrr_at_10": np.where(u < q, 1 - u / 2, 0.0),
+            "ndcg_at_10": np.where(u < q, 1 - u / 3, 0.0),
+        }  # fmt: skip
+        r.update({m: float(v.mean()) for m, v in per_query.items()})
+        r["n_queries"] = n
+        r["per_query"] = {m: v.tolist() for m, v in per_query.items()}
+        out.append(r)
+    return pd.DataFrame(out)
+
+
+METRIC_COLS = ["hit_at_1", "hit_at_5", "hit_at_10", "mrr_at_10", "ndcg_at_10"]
+
+
+def test_leaderboard_intervals_and_paired_tests():
+    res = results_with_queries(independent={("mini-ft-e1-t2", "hybrid")})
+    board = leaderboard(res, trials_list(), "hit_at_10")
+    assert "per_query" not in board
+    for m in METRIC_COLS:
+        assert (board[f"{m}_lo"] <= board[m]).all() and (board[m] <= board[f"{m}_hi"]).all()
+        assert (board[f"{m}_hi"] - board[f"{m}_lo"] > 0.01).all()  # 400 queries: no point intervals
+    get = board.set_index(["dataset", "model", "query_type", "reranker"])
+    gain = get.loc[("medquad", "mini-ft-e2-t1", "vector", "none")]  # +0.12 on the same queries
+    assert gain["p_hit_at_10"] < 0.01 and gain["p_mrr_at_10"] < 0.01 and gain["p_ndcg_at_10"] < 0.01
+    assert bool(gain["significant"]) and gain["vs_base"] == "real gain"
+    loss = get.loc[("medquad", "mini-ft-e1-t2", "vector", "none")]  # -0.05 on the same queries
+    assert loss["p_hit_at_10"] < 0.01 and loss["vs_base"] == "real loss"
+    noise = get.loc[("medquad", "mini-ft-e1-t2", "hybrid", "rrf")]  # -0.02, other queries
+    assert noise["p_hit_at_10"] > 0.05 and not bool(noise["significant"]) and noise["vs_base"] == "noise"
+    same = leaderboard(res.assign(model=res["model"]), [], "hit_at_10")
+    base = same[same["kind"] == "base"]
+    assert base["p_hit_at_10"].isna().all() and (base["vs_base"] == "").all()  # no test of a base row
+    # a tuned row that is its base model over again: p = 1, noise
+    twin = res[(res["model"] == "mini") & (res["dataset"] == "medquad")].assign(
+        model="mini-twin", kind="tuned", trial_id="tw", epochs=1
+    )
+    b2 = leaderboard(pd.concat([res, twin], ignore_index=True), [], "hit_at_10")
+    tw = b2[b2["model"] == "mini-twin"]
+    for m in METRIC_COLS:
+        assert (tw[f"p_{m}"] == 1.0).all()
+    assert (tw["vs_base"] == "noise").all()
+
+
+def test_leaderboard_without_per_query_values_has_blank_intervals():
+    board = leaderboard(results_frame(), trials_list(), "hit_at_10")
+    for m in METRIC_COLS:
+        assert board[f"{m}_lo"].isna().all() and board[f"p_{m}"].isna().all()
+    assert board["significant"].isna().all() and (board["vs_base"] == "").all()
+
+
+def test_best_and_last_epoch_columns_from_the_trial_records():
+    board = leaderboard(results_frame(), trials_list(), "hit_at_10")
+    get = board.set_index(["dataset", "model", "query_type", "reranker"])
+    t3 = get.loc[("squad", "mini-ft-e3-t3", "vector", "none")]  # peaked at epoch 1, ran 3
+    assert (t3["best_epoch"], t3["last_epoch"]) == (1, 3)
+    assert t3["best_epoch_score"] == pytest.approx(0.93) and t3["last_epoch_score"] == pytest.approx(0.91)
+    t1 = get.loc[("medquad", "mini-ft-e2-t1", "vector", "none")]
+    assert (t1["best_epoch"], t1["last_epoch"], t1["best_epoch_score"]) == (2, 2, pytest.approx(0.74))
+    assert get.loc[("medquad", "mini", "vector", "none")][["best_epoch", "last_epoch"]].isna().all()
+
+
+def test_epoch_advice_names_a_best_only_beyond_noise():
+    # 2 epochs (0.72) beats 1 epoch (0.55) on the same queries: named best
+    (named,) = epoch_advice(results_with_queries(), "hit_at_10")["medquad"]
+    assert named["named_best"] and named["best_epochs"] == named["recommended_epochs"] == 2
+    assert "best epoch count **2**" in named["text"] and named["comparisons"][0]["p"] < 0.01
+    # 2 epochs 0.72 vs 1 epoch 0.71 on other queries: noise, so the cheaper 1 epoch is recommended
+    close = results_with_queries(
+        independent={("mini-ft-e1-t2", "vector")}, scores={("mini-ft-e1-t2", "vector"): 0.71}
+    )
+    (adv,) = epoch_advice(close, "hit_at_10")["medquad"]
+    assert not adv["named_best"] and adv["best_epochs"] == 2 and adv["recommended_epochs"] == 1
+    assert "within noise" in adv["text"] and "**1 epoch**" in adv["text"]
+    # without per-query values nothing is named
+    (plain,) = epoch_advice(results_frame(), "hit_at_10")["medquad"]
+    assert not plain["named_best"] and "unknown" in plain["text"]
+    (single,) = epoch_advice(results_frame(), "hit_at_10")["squad"]
+    assert "only checkpoints at 3 epochs" in single["text"]
+
+
+def test_report_with_per_query_values_round_trips(tmp_path):
+    trials = trials_list()
+    (tmp_path / "trials.json").write_text(json.dumps(trials))
+    res = results_with_queries(independent={("mini-ft-e1-t2", "hybrid")})
+    rep = build_report(tmp_path, trials, res, {}, metric="hit_at_10")
+    md = rep.files["leaderboard_md"].read_text()
+    gains = next(line for line in md.splitlines() if line.startswith("- Real gains (p < 0.05):"))
+    assert "`mini-ft-e2-t1` vector/none +0.120 (p<0.001)" in gains and "hybrid/rrf +0.050" in gains
+    assert "Real losses (p < 0.05): `mini-ft-e1-t2` vector/none -0.050" in md
+    assert "Noise (p ≥ 0.05" in md and "`mini-ft-e1-t2` hybrid/rrf -0.020" in md
+    assert "| real gain |" in md and "| noise |" in md
+    assert "0.720 [" in md and "(p<0.001)" in md  # score with its interval, delta with its p-value
+    assert "### Epochs (medquad)" in md and "best epoch count **2**" in md
+    assert "1 (0.930) | 3 (0.910)" in md  # squad's t3: best epoch 1, last epoch 3 (sweep metric)
+    page = rep.files["leaderboard_html"].read_text()
+    assert "Real gains" in page and "<b>2</b>" in page
+    stored = pd.read_csv(rep.files["results"])
+    assert "per_query" not in stored and (tmp_path / "report" / "per_query.parquet").exists()
+    csv = pd.read_csv(rep.files["leaderboard_csv"])
+    assert {"hit_at_10_lo", "hit_at_10_hi", "p_hit_at_10", "significant", "vs_base", "best_epoch"} <= set(csv)
+    meta = json.loads(rep.files["meta"].read_text())
+    assert meta["epoch_advice"]["medquad"][0]["recommended_epochs"] == 2
+
+    rebuilt = rebuild_report(tmp_path)  # from results.csv + per_query.parquet only
+    assert pd.read_csv(rebuilt.files["leaderboard_csv"]).equals(csv)
+    assert rebuilt.files["leaderboard_md"].read_text() == md
+
+    # an old run: results.csv without the sidecar still reports, with blank intervals
+    (tmp_path / "report" / "per_query.parquet").unlink()
+    old = rebuild_report(tmp_path)
+    assert old.leaderboard["hit_at_10_lo"].isna().all()
+    assert "No per-query results stored" in old.files["leaderboard_md"].read_text()
+
+
+# ---------------------------------------------------------------- already seen / do no harm (issue #7)
+
+
+def test_normalized_exact_and_embedding_near_duplicates():
+    from embedtune.report import near_duplicates, normalize_question
+
+    assert normalize_question("  What is   Anemia?? ") == "what is anemia"
+    train = ["What are the symptoms of anemia?", "Who wrote the play Hamlet?", "How is type 2 diabetes treated?"]  # fmt: skip
+    evals = ["what are the SYMPTOMS of anemia", "Who was the writer of the play Hamlet?", "When did Rome fall?"]  # fmt: skip
+    # hand-made unit vectors: eval 1 is 0.98 from train 1 (a paraphrase), eval 2 is unrelated
+    t = np.eye(3)
+    e = np.array([[0.3, 0.0, 0.954], [0.0, 0.98, 0.199], [0.0, 0.0, 0.0]])
+    e[2] = [0.577, -0.577, -0.577]
+    got = near_duplicates(evals, train, e, t, threshold=0.95)
+    assert got["n_exact_dups"] == 1 and got["exact_dup_rate"] == pytest.approx(1 / 3)
+    assert got["n_near_dups"] == 2 and got["near_dup_rate"] == pytest.approx(2 / 3)
+    assert [x["eval"] for x in got["dup_examples"]] == [evals[1]]  # exact ones are not listed as examples
+    assert near_duplicates(["Who is the queen of Spain?"], train)["n_near_dups"] == 0
+
+
+def test_near_duplicates_with_the_base_model_finds_planted_ones():
+    """all-MiniLM-L6-v2 embeddings: planted paraphrases (cosine ~0.98) and a normalised exact copy are
+    found; related but different questions (same topic, other entity) are not."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.models import resolve_model
+    from embedtune.report import near_duplicates
+
+    train = ["What are the symptoms of anemia?", "How is type 2 diabetes treated?", "Who wrote the play Hamlet?",
+             "What is the capital city of France?", "How many people live in Tokyo?"]  # fmt: skip
+    planted = ["what are the SYMPTOMS of anemia", "Who was the writer of the play Hamlet?",
+               "How is type 2 diabetes usually treated?"]  # fmt: skip
+    unrelated = ["When did the Western Roman Empire fall?", "What causes migraines in children?",
+                 "What is the capital of Germany?"]  # fmt: skip
+    model = SentenceTransformer(str(resolve_model("all-MiniLM-L6-v2")), device="cpu")
+
+    def enc(x):
+        return model.encode(x, normalize_embeddings=True, convert_to_numpy=True)
+
+    got = near_duplicates(planted + unrelated, train, enc(planted + unrelated), enc(train))
+    assert got["n_exact_dups"] == 1 and got["n_near_dups"] == 3
+    assert {x["eval"] for x in got["dup_examples"]} == set(planted[1:])
+    assert near_duplicates(unrelated, train, enc(unrelated), enc(train))["n_near_dups"] == 0
+
+
+def test_model_card_parser_finds_squad_in_minilm_card():
+    from embedtune.models import resolve_model
+    from embedtune.report import card_datasets, card_matches
+
+    names = card_datasets(resolve_model("all-MiniLM-L6-v2"))
+    assert "SQuAD2.0" in names and "gooaq" in names and "ms_marco" in names
+    assert card_matches(names, ["squad", "squad-sample"]) == ["SQuAD2.0"]
+    assert card_matches(names, ["x", "/data/squad_v1.1/squad_train_pairs.jsonl.gz"]) == ["SQuAD2.0"]
+    assert card_matches(names, ["gooaq", "hf:sentence-transformers/gooaq"]) == ["gooaq"]
+    assert card_matches(names, ["medquad", "medquad-sample"]) == []
+    assert card_matches(names, ["scifact", "/work/shared/data/scifact"]) == []
+
+
+def test_card_datasets_without_a_card(tmp_path):
+    from embedtune.report import card_datasets
+
+    assert card_datasets(tmp_path) == []
+    (tmp_path / "README.md").write_text("---\nlicense: mit\ndatasets:\n  - squad\n  - 'gooaq'\n---\n# x\n")
+    assert card_datasets(tmp_path) == ["squad", "gooaq"]
+
+
+def test_seen_verdict_lines():
+    from embedtune.report import seen_verdict
+
+    assert seen_verdict(None) is None
+    seen = seen_verdict({"card_matches": ["SQuAD2.0"], "card_datasets": ["SQuAD2.0"], "train_hit_at_10": 0.97,
+                         "eval_hit_at_10": 0.95, "near_dup_rate": 0.02, "exact_dup_rate": 0.0})  # fmt: skip
+    assert seen.startswith("Already seen: likely") and "SQuAD2.0" in seen and "0.97 vs eval 0.95" in seen
+    assert "2.0% of eval questions near-duplicate" in seen
+    fresh = seen_verdict({"card_datasets": ["gooaq"], "card_matches": [], "train_hit_at_10": 0.55,
+                          "eval_hit_at_10": 0.50, "near_dup_rate": 0.0, "exact_dup_rate": 0.0})  # fmt: skip
+    assert fresh.startswith("Already seen: no sign of it")
+    dup = seen_verdict({"train_hit_at_10": 0.5, "eval_hit_at_10": 0.5, "near_dup_rate": 0.2, "exact_dup_rate": 0.1})  # fmt: skip
+    assert dup.startswith("Already seen: likely") and "20%" in dup and "no model card" not in dup
+
+
+def _harm_file(run_dir, winner="mini-ft-e2-t1", flag="harm"):
+    rows = [{"dataset": "medquad", "ood": "scifact", "ood_source": "/x/scifact", "base_model": "mini",
+             "winner": winner, "base_score": 0.8, "winner_score": 0.6, "delta": -0.2, "ci_low": -0.3,
+             "ci_high": -0.1, "p_value": 0.001, "band": 0.05, "n_queries": 100, "flag": flag}]  # fmt: skip
+    (run_dir / "report").mkdir(parents=True, exist_ok=True)
+    harm = {"metric": "hit_at_10", "alpha": 0.05, "test": "exact McNemar", "rows": rows, "hits": {}}
+    (run_dir / "report" / "harm.json").write_text(json.dumps(harm))
+
+
+def test_do_no_harm_section_is_written_and_survives_rebuild(tmp_path):
+    trials = trials_list()
+    (tmp_path / "trials.json").write_text(json.dumps(trials))
+    _harm_file(tmp_path)
+    rep = build_report(tmp_path, trials, results_frame(), {})
+    md = rep.files["leaderboard_md"].read_text()
+    assert "### Do no harm (medquad)" in md and "**Harm:** `mini-ft-e2-t1` loses on scifact" in md
+    row = "| scifact | mini | 0.8000 | mini-ft-e2-t1 | 0.6000 | -0.2000 | [-0.3000, -0.1000] | 0.001 | 100 | harm |"
+    assert row in md
+    assert "Do no harm (squad)" not in md  # squad's winner was not checked
+    assert "Do no harm (medquad)" in rep.files["leaderboard_html"].read_text()
+    assert rep.files["harm"].name == "harm.json" and rep.harm["rows"][0]["flag"] == "harm"
+    for p in rep.paths:
+        if p.name not in ("results.csv", "harm.json"):
+            p.unlink()
+    rebuilt = rebuild_report(tmp_path)
+    assert rebuilt.files["leaderboard_md"].read_text() == md
+
+    _harm_file(tmp_path, winner="mini-ft-e1-t2")  # a check of a model that is not the winner: stale, dropped
+    again = build_report(tmp_path, trials, results_frame(), {})
+    assert "Do no harm" not in again.files["leaderboard_md"].read_text()
+
+
+def test_already_seen_line_from_a_stored_probe(tmp_path):
+    """The "Should you fine-tune?" section shows the already-seen verdict and its numbers from the
+    probe cache alone (no model, no data: what `embedtune report` has)."""
+    probe = {"train_hit_at_10": 0.97, "eval_hit_at_10": 0.95, "near_dup_rate": 0.04, "exact_dup_rate": 0.01,
+             "dup_threshold": 0.95, "card_datasets": ["SQuAD2.0", "gooaq"], "card_matches": ["SQuAD2.0"]}  # fmt: skip
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "probe.json").write_text(json.dumps({"squad|mini||200": probe}))
+    rep = build_report(tmp_path, trials_list(), results_frame(), {})
+    md = rep.files["leaderboard_md"].read_text()
+    assert "**Already seen: likely — its model card lists SQuAD2.0 among its training data" in md
+    assert "| 4.0% | 1.0% | SQuAD2.0 |" in md  # near-dup, exact-dup, card columns of the probe table
+    assert "its model card lists SQuAD2.0 in its training data" in rep.verdicts["squad"]["verdict"]
+    assert rep.verdicts["medquad"]["seen"] is None  # no probe for medquad
+
+
+def test_probe_counts_planted_duplicates(small_data):
+    """fine_tune_probe on real data with eval questions replaced by (normalised / paraphrased)
+    copies of train questions: the exact and near-duplicate counts find them."""
+    from dataclasses import replace
+
+    from embedtune.models import resolve_model
+    from embedtune.report import fine_tune_probe
+
+    qids = sorted(small_data.queries)[:40]
+    train_q = list(dict.fromkeys(q for q, _ in small_data.train))
+    queries = {q: small_data.queries[q] for q in qids}
+    queries[qids[0]] = train_q[0].upper().rstrip("?") + " ?"  # exact after normalising
+    queries[qids[1]] = "  " + train_q[1].lower()  # exact after normalising
+    data = replace(small_data, queries=queries, relevant={q: small_data.relevant[q] for q in qids})
+    probe = fine_tune_probe(data, str(resolve_model("paraphrase-MiniLM-L3-v2")), sample=40)
+    assert probe["n_exact_dups"] == 2 and probe["exact_dup_rate"] == pytest.approx(2 / 40)
+    assert probe["n_near_dups"] >= 2 and probe["n_train_questions"] == len(train_q)
+    clean = fine_tune_probe(small_data, str(resolve_model("paraphrase-MiniLM-L3-v2")), sample=40)
+    assert clean["n_exact_dups"] == 0  # the split is leak-free
