@@ -102,6 +102,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from embedtune import tracking
     from embedtune.config import load_spec
     from embedtune.sweep import STATE_FILE, resolve_run_dir, run_sweep
 
@@ -130,7 +131,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.run_dir}"
     )
     print(
-        f"[embedtune] MLflow: {result.tracking_uri} (experiment {spec.experiment}); `make mlflow-ui RUN_DIR={result.run_dir}` to browse"
+        f"[embedtune] MLflow: {tracking.redact(result.tracking_uri)} (experiment {spec.experiment}); `make mlflow-ui RUN_DIR={result.run_dir}` to browse"
     )
     return 0
 

@@ -370,6 +370,23 @@ def _triplets_payload(t: Triplets) -> dict[str, Any]:
     return {"key": t.key, "train": t.train.to_dict(), "eval": t.eval.to_dict()}
 
 
+def _check_writable(path: Path) -> None:
+    """`path`, or the nearest existing folder it would be made in, takes a file (probed, removed);
+    else one clear line naming it. Creates nothing, so a sweep refused later leaves no empty dir."""
+    probe = path.resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is a file")
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".embedtune-write-probe-"):
+            pass
+    except OSError as exc:
+        raise EmbedtuneError(
+            f"{path} is not writable ({exc.strerror or exc}): choose another --run-dir / storage_path"
+        ) from None
+
+
 def _load_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / STATE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
@@ -496,7 +513,14 @@ def run_sweep(
             f"nothing to resume in {run_dir}: no {STATE_FILE} (start the sweep without --resume)"
         )
 
-    # Fail fast on unknown models, before any data work or Ray.
+    # Fail fast, before any data work or Ray: an unreachable tracking server, unwritable storage,
+    # unknown models.
+    tracking.check_reachable(
+        state.get("tracking_uri") or spec.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    )
+    for where in (run_dir, None if "://" in storage else Path(storage)):
+        if where is not None:
+            _check_writable(where)
     for model in spec.models:
         resolve_model(model)
     old_fingerprints: dict[str, str] = state.get("fingerprints", {})

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,18 +29,66 @@ log = logging.getLogger(__name__)
 TRIAL_TAG = "embedtune.trial_id"
 CONFIG_TAG = "embedtune.config_hash"
 PARENT_TAG = "mlflow.parentRunId"
-LOGGED_PREFIXES = ("ir_", "triplet_", "train_loss", "system/")
+LOGGED_PREFIXES = ("ir_", "triplet_", "train_loss", "train_samples_per_s", "system/")
+
+# Credentials that can ride in a URI: `scheme://user:password@host` and secret query parameters
+# (`?token=`, `&X-Amz-Signature=`, ...). Never logged as MLflow params, never printed.
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s\"']+):[^@/\s\"']+@")
+_URI_SECRET_PARAM = re.compile(
+    r"(?i)(?P<head>[?&][\w.-]*(?:token|password|passwd|secret|signature|credential|api[_-]?key|access[_-]?key)"
+    r"[\w.-]*=)[^&\s\"']+"
+)
+
+
+def redact(text: str) -> str:
+    """`text` with URI passwords and secret query parameters replaced by `***`."""
+    text = _URI_PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
+    return _URI_SECRET_PARAM.sub(lambda m: f"{m['head']}***", text)
 
 
 def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
+def _no_links_with_secrets(tracking_uri: str) -> None:
+    """MLflow prints "View run ... at: <tracking URI>" when a run ends on a tracking server, the
+    URI's password included; with a password in the URI those links are off (the CLI prints the
+    redacted location instead)."""
+    if redact(tracking_uri) != tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def client(tracking_uri: str):
     from mlflow import MlflowClient
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    _no_links_with_secrets(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def check_reachable(tracking_uri: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, before any training, when an http(s) tracking server does not answer (MLflow's
+    own client retries for minutes) or refuses our credentials. Other stores are checked by use."""
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    from embedtune.errors import EmbedtuneError
+
+    shown = redact(tracking_uri)
+    try:
+        answer = requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise EmbedtuneError(
+            f"MLflow tracking server {shown} is unreachable ({reason}); start it (e.g. `mlflow server "
+            "--host 127.0.0.1`) or fix mlflow.tracking_uri / $MLFLOW_TRACKING_URI"
+        ) from None
+    if answer.status_code in (401, 403):
+        raise EmbedtuneError(
+            f"MLflow tracking server {shown} refused the credentials (HTTP {answer.status_code}); set "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+        )
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None) -> str:
@@ -70,7 +119,7 @@ def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
 
     c = client(tracking_uri)
     existing = c.get_run(run_id).data.params
-    items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    items = [Param(k, redact(str(v))[:6000]) for k, v in params.items() if k not in existing]
     for i in range(0, len(items), 100):
         c.log_batch(run_id, params=items[i : i + 100])
 
@@ -93,6 +142,7 @@ def fluent_uri(tracking_uri: str, registry: bool = False) -> Iterator[None]:
     import mlflow
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    _no_links_with_secrets(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     if registry:
         mlflow.set_registry_uri(tracking_uri)

@@ -124,3 +124,37 @@ def test_scheduler_ranks_gain_over_base_unless_told_absolute() -> None:
     assert parse_spec(raw).scheduler.tune_metric == "ir_mrr_at_10"
     with pytest.raises(EmbedtuneError, match="scheduler.compare"):
         parse_spec(dict(GOOD, scheduler={"compare": "relative"}))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_before_any_work(tmp_path: Path, capsys) -> None:
+    from embedtune.cli import main
+
+    spec_file = tmp_path / "s.yaml"
+    uri = f"http://ci:PLANTED-pw-77@127.0.0.1:{_free_port()}"  # nothing listens there
+    spec_file.write_text(yaml.safe_dump({**GOOD, "mlflow": {"tracking_uri": uri}}))
+    assert main(["sweep", str(spec_file), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "MLflow tracking server" in err and "unreachable" in err
+    assert "PLANTED-pw-77" not in err and "ci:***@127.0.0.1" in err  # named, without its password
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_storage_path_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    from embedtune.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump({**GOOD, "storage_path": str(blocker / "ckpts")}))
+    assert main(["sweep", str(spec_file), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not writable" in err and str(blocker) in err
+    assert not (tmp_path / "run").exists() and blocker.read_text() == "not a folder"

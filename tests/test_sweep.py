@@ -195,19 +195,29 @@ def mlflow_server(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_sweep_against_loopback_tracking_server(tmp_path: Path, mlflow_server) -> None:
+def test_sweep_against_loopback_tracking_server(tmp_path: Path, mlflow_server, capfd) -> None:
     uri, artifacts = mlflow_server
+    # A credential in the tracking URI (basic auth to a shared server) must reach neither MLflow
+    # params nor the output.
+    secret = "PLANTED-s3cret-4242"
+    uri_with_secret = uri.replace("http://", f"http://embedtune:{secret}@")
     raw = tiny_spec("remote", models=["paraphrase-MiniLM-L3-v2"], search={"epochs": [1], "batch_size": [16]},
-                    mlflow={"tracking_uri": uri, "experiment": "embedtune-remote-test"})  # fmt: skip
+                    mlflow={"tracking_uri": uri_with_secret, "experiment": "embedtune-remote-test"})  # fmt: skip
     spec = parse_spec(raw)
     result = run_sweep(spec, tmp_path / "run", final=False)
-    assert result.tracking_uri == uri
+    assert result.tracking_uri == uri_with_secret
     assert not (tmp_path / "run" / "mlflow.db").exists()  # nothing went to a local store
     parents, children = _children(MlflowClient(uri), "embedtune-remote-test")
     assert len(parents) == 1 and len(children) == 1
     assert children[0].info.status == "FINISHED"
     assert "ir_recall_at_10" in children[0].data.metrics
     assert any(artifacts.rglob("model.safetensors"))  # the model went through the server's artifact store
+    assert "embedtune:***@" in parents[0].data.params["spec"]  # the spec is logged, redacted
+    for run in [*parents, *children]:
+        logged = json.dumps([run.data.params, run.data.tags])
+        assert secret not in logged
+    out, err = capfd.readouterr()
+    assert secret not in out and secret not in err
 
 
 @pytest.mark.slow
@@ -500,3 +510,23 @@ def test_sampled_sweep_counts_done_trials_and_skips_done_draws(tmp_path: Path) -
     assert more.trials == first.trials
     _, children = _children(MlflowClient(first.tracking_uri), "embedtune-sampled")
     assert len(children) == 1 and children[0].data.tags[tracking.CONFIG_TAG] == first.trials[0]["config_hash"]
+
+
+def test_redact_hides_uri_credentials() -> None:
+    from embedtune.tracking import redact
+
+    assert redact("http://alice:hunter2@127.0.0.1:5000") == "http://alice:***@127.0.0.1:5000"
+    assert (
+        redact('{"uri": "https://u:p%40ss@mlflow.example.com/x"}')
+        == '{"uri": "https://u:***@mlflow.example.com/x"}'
+    )
+    signed = "https://bucket.s3.amazonaws.com/k?X-Amz-Credential=AKIA1&X-Amz-Signature=abc123&x=1"
+    assert redact(signed) == "https://bucket.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&x=1"
+    assert redact("http://h/api?token=t0k3n&api_key=k") == "http://h/api?token=***&api_key=***"
+    for clean in (
+        "sqlite:////tmp/run/mlflow.db",
+        "s3://bucket/sweeps",
+        "http://127.0.0.1:5000",
+        "ray://10.0.0.1:10001",
+    ):
+        assert redact(clean) == clean
