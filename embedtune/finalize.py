@@ -65,6 +65,11 @@ class FinalSpec(BaseModel):
     cross_encoder_max_pairs: int | None = Field(
         400, ge=2, description="training pairs of a trained cross-encoder"
     )
+    epoch_compare: bool = Field(
+        True,
+        description="also score the best checkpoint of every other epoch count per (model, dataset), "
+        "vector search only, so the report can tell whether an epoch count is best beyond noise",
+    )
     lancedb_uri: str | None = Field(None, description="None: <run_dir>/lancedb")
     registry: bool = Field(True, description="register the winner in the MLflow model registry")
     register_name: str | None = Field(None, description="None: embedtune-<sweep name>")
@@ -188,6 +193,38 @@ def pick_models(
     return out
 
 
+def epoch_entries(
+    trials: list[dict[str, Any]],
+    picked: dict[str, list[ModelEntry]],
+    metric: str = "ir_recall_at_10",
+    mode: str = "max",
+) -> dict[str, list[ModelEntry]]:
+    """Per dataset: for each base model, the best trial of every epoch count (its best epoch: the
+    epochs its checkpoint was trained) that `picked` does not already hold. These are scored on
+    vector search only: enough for the report's epoch advice, at a fraction of the full grid's cost."""
+    sign = -1.0 if mode == "max" else 1.0
+    usable = [t for t in trials if t.get("status") != "FAILED" and t.get("best_checkpoint")
+              and _score(t, metric) is not None and t.get("best_epoch") is not None]  # fmt: skip
+    best: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for t in sorted(usable, key=lambda t: (sign * _score(t, metric), str(t["trial_id"]))):
+        best.setdefault((str(t["dataset"]), str(t["model_label"]), int(t["best_epoch"])), t)
+    out: dict[str, list[ModelEntry]] = {}
+    for (ds, base, epochs), t in sorted(best.items()):
+        have = {(e.base_model, e.epochs) for e in picked.get(ds, []) if e.kind == "tuned"}
+        if ds in picked and (base, epochs) not in have:
+            out.setdefault(ds, []).append(
+                ModelEntry(
+                    label=tuned_label(t),
+                    path=str(t["best_checkpoint"]),
+                    base_model=base,
+                    kind="tuned",
+                    trial_id=str(t["trial_id"]),
+                    epochs=epochs,
+                )  # fmt: skip
+            )
+    return out
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -245,9 +282,11 @@ def evaluate_and_report(
     spec: FinalSpec,
     mlflow_parent_run_id: str | None = None,
     tracking_uri: str | None = None,
+    epoch_models: dict[str, list[ModelEntry]] | None = None,
 ) -> FinalResult:
-    """Evaluate `entries` per dataset, save the results, build the report, log and register.
-    Shared by the sweep's final stage and `embedtune evaluate`."""
+    """Evaluate `entries` per dataset (and `epoch_models`, see `epoch_entries`, on vector search
+    only), save the results, build the report, log and register. Shared by the sweep's final stage
+    and `embedtune evaluate`."""
     import pandas as pd
 
     from embedtune.evaluate import evaluate_models
@@ -284,6 +323,13 @@ def evaluate_and_report(
         frames.append(
             evaluate_models(models, datasets[label], eval_spec, db_uri, cross_encoder_path=cross.get(label))
         )
+        extra = _resolved((epoch_models or {}).get(label, []))
+        if extra:
+            print(f"[embedtune] epoch comparison on {label} (vector search): {', '.join(m.label for m in extra)}",
+                  flush=True)  # fmt: skip
+            vector_only = eval_spec.model_copy(update={"query_types": ["vector"], "rerankers": ["none"]})
+            frames.append(evaluate_models(extra, datasets[label], vector_only, db_uri, progress=False))
+            resolved[label] = [*models, *extra]
     results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     results_path = save_results(run_dir, results)
     from embedtune.report import HARM_FILE, REPORT_DIR
@@ -340,8 +386,9 @@ def run_final_stage(
         )
     entries = pick_models(trials, base_models, spec.top_k, spec.metric, spec.mode, datasets=list(datasets))
     entries = {k: v for k, v in entries.items() if k in datasets}
+    extra = epoch_entries(trials, entries, spec.metric, spec.mode) if spec.epoch_compare else None
     return evaluate_and_report(
-        run_dir, entries, datasets, triplets, trials, spec, mlflow_parent_run_id, tracking_uri
+        run_dir, entries, datasets, triplets, trials, spec, mlflow_parent_run_id, tracking_uri, extra
     )
 
 
@@ -626,6 +673,7 @@ __all__ = [
     "FinalResult",
     "FinalSpec",
     "do_no_harm",
+    "epoch_entries",
     "evaluate_and_report",
     "harm_check",
     "ood_data",

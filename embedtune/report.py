@@ -721,10 +721,15 @@ def fine_tune_probe(
 
 
 def verdict(
-    zero_shot: float | None, best_tuned: float | None, probe: dict[str, Any] | None, metric: str
+    zero_shot: float | None,
+    best_tuned: float | None,
+    probe: dict[str, Any] | None,
+    metric: str,
+    p_value: float | None = None,
 ) -> str:
     """One line: should this dataset be fine-tuned on, judged from the best base model's zero-shot
-    score, the best tuned model's score and the familiarity probe."""
+    score, the best tuned model's score (and `p_value`, its paired test against its base model: a
+    large gain within noise is not called a reason to fine-tune) and the familiarity probe."""
     if zero_shot is None:
         return "No base-model score: cannot judge."
     familiar = ""
@@ -744,7 +749,15 @@ def verdict(
         )
     gain = (best_tuned - zero_shot) * 100
     if gain >= WORTH_IT_POINTS:
-        return f"Fine-tune: the best run gains {gain:+.1f} points of {metric} ({zero_shot:.3f} → {best_tuned:.3f})."
+        shown = f"{gain:+.1f} points of {metric} ({zero_shot:.3f} → {best_tuned:.3f})"
+        if p_value is not None and p_value >= SIGNIFICANCE:
+            return (
+                f"Promising, not proven: the best run gains {shown}, but that is within noise on these "
+                f"questions ({_fmt_p(p_value)}); confirm on more held-out questions before relying on it."
+            )
+        return f"Fine-tune: the best run gains {shown}" + (
+            f", a real gain ({_fmt_p(p_value)})." if p_value is not None else "."
+        )
     why = (
         f"the base model already handles this data ({metric} {zero_shot:.3f}{familiar})"
         if already
@@ -822,7 +835,9 @@ def should_fine_tune(board, probes: dict[str, dict], metric: str) -> dict[str, d
         best_base = max(
             (b for b in per_base if b["zero_shot"] is not None), key=lambda b: b["zero_shot"], default=None
         )
-        line = verdict(zs_all, tuned_all, best_base["probe"] if best_base else None, metric)
+        tuned_rows = rows[rows["kind"] == "tuned"].sort_values(metric, ascending=False, kind="stable")
+        p_best = _num(tuned_rows.iloc[0].get(f"p_{metric}")) if not tuned_rows.empty else None
+        line = verdict(zs_all, tuned_all, best_base["probe"] if best_base else None, metric, p_best)
         for b in per_base:
             b["seen"] = seen_verdict(b["probe"])
         seen = best_base["seen"] if best_base else None

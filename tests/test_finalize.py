@@ -399,3 +399,23 @@ def test_a_missing_ood_set_fails_before_any_evaluation(tmp_path):
     spec = FinalSpec(ood=[DataSpec(source=str(tmp_path / "no-such-beir"))], cross_encoder=None)
     with pytest.raises(EmbedtuneError, match="not found"):
         evaluate_and_report(tmp_path / "run", {}, {}, {}, [], spec)
+
+
+def test_epoch_entries_add_the_best_checkpoint_of_every_other_epoch_count():
+    from embedtune.finalize import epoch_entries
+
+    trials = [
+        _trial("a", "mini", "med", [0.80, 0.90, 0.85]),  # best epoch 2: the pick
+        _trial("b", "mini", "med", [0.82]),  # best epoch 1
+        _trial("c", "mini", "med", [0.84, 0.70]),  # best epoch 1, better than b
+        _trial("d", "mini", "med", [0.60, 0.65, 0.88]),  # best epoch 3
+        _trial("e", "mini", "med", [0.99], status="FAILED"),  # never
+        _trial("f", "other", "med", [0.70]),  # the pick of its own model: nothing extra
+    ]
+    picks = pick_models(trials, ["mini", "other"], top_k=0)
+    extra = epoch_entries(trials, picks)
+    assert [(e.trial_id, e.epochs, e.base_model) for e in extra["med"]] == [
+        ("c", 1, "mini"),
+        ("d", 3, "mini"),
+    ]
+    assert epoch_entries(trials, {}) == {}  # only datasets being evaluated

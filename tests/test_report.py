@@ -456,3 +456,13 @@ def test_probe_counts_planted_duplicates(small_data):
     assert probe["n_near_dups"] >= 2 and probe["n_train_questions"] == len(train_q)
     clean = fine_tune_probe(small_data, str(resolve_model("paraphrase-MiniLM-L3-v2")), sample=40)
     assert clean["n_exact_dups"] == 0  # the split is leak-free
+
+
+def test_verdict_does_not_call_a_gain_within_noise_a_reason_to_fine_tune() -> None:
+    from embedtune.report import verdict
+
+    noisy = verdict(0.96, 0.993, None, "hit_at_10", p_value=0.062)
+    assert noisy.startswith("Promising, not proven") and "+3.3 points" in noisy and "p=0.062" in noisy
+    real = verdict(0.80, 0.90, None, "hit_at_10", p_value=0.0004)
+    assert real.startswith("Fine-tune:") and "real gain" in real
+    assert verdict(0.80, 0.90, None, "hit_at_10").startswith("Fine-tune:")  # no test stored: as before
