@@ -206,6 +206,7 @@ def train(
     scratch = Path(tempfile.mkdtemp(prefix="embedtune-train-", dir=scratch_root))
     if remaining > 0:
         epoch_started = [time.time()]
+        timer = step_timer()
 
         class _EpochReporter(TrainerCallback):
             def on_epoch_begin(self, args, state, control, **kwargs):
@@ -217,6 +218,9 @@ def train(
                 losses = [h["loss"] for h in state.log_history if "loss" in h]
                 if losses:
                     cleaned["train_loss"] = float(losses[-1])
+                step_s = timer.take()
+                if step_s > 0:  # training rows per second of optimizer steps (evaluation excluded)
+                    cleaned["train_samples_per_s"] = len(train_ds) / step_s
                 history.append(EpochMetrics(epoch, cleaned, time.time() - epoch_started[0]))
                 _print_epoch(epoch, cleaned)
                 ckpt = None
@@ -254,7 +258,7 @@ def train(
             train_dataset=train_ds,
             loss=MultipleNegativesRankingLoss(model),
             evaluator=evaluator,
-            callbacks=[_EpochReporter()],
+            callbacks=[timer, _EpochReporter()],
         )
         if not progress:  # no per-step log dicts either (a sweep shows its own progress)
             from transformers.trainer_callback import PrinterCallback
@@ -284,6 +288,30 @@ def train(
     staging.rename(out_dir)  # the final model appears whole or not at all
     shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def step_timer():
+    """A TrainerCallback summing the wall time of training steps (forward, backward, optimizer):
+    the same clock for a sweep trial and `make bench`'s plain training script. `take()` returns the
+    seconds since the last call."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds = 0.0
+            self._began = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds += time.perf_counter() - self._began
+
+        def take(self) -> float:
+            seconds, self.seconds = self.seconds, 0.0
+            return seconds
+
+    return StepTimer()
 
 
 def _print_epoch(epoch: int, metrics: dict[str, float]) -> None:

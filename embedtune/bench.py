@@ -1,0 +1,471 @@
+"""`make bench`: speed and cost of embedtune against the obvious alternatives, as ratios measured in
+one process on the same data, medians over `--repeats` runs (default 3).
+
+| key                          | embedtune                                  | baseline, same data          |
+|------------------------------|--------------------------------------------|------------------------------|
+| eval_speedup_vs_loop         | hit@k of N questions, batched exact search | one LanceDB search per query |
+| eval_time_vs_bruteforce      | the same                                   | one numpy matrix product     |
+| trial_throughput_vs_plain    | training samples/s inside a Ray Tune trial | a plain sentence-transformers script |
+| mining_cost_vs_per_trial     | mine once per dataset, k trials reuse it   | mining inside every trial    |
+| ingest_vs_encode             | rows/s into LanceDB (encode + write + FTS) | encoding alone               |
+| sweep_local_seconds          | `make sweep-local`, final stage included   | the 15-minute target         |
+| sweep_wall_over_trial_sum    | the trials phase's wall time               | the sum of trial times       |
+
+Writes `bench/results.json` (flat keys, plain numbers) and `bench/results.md`, prints the table and
+logs both to MLflow (experiment `embedtune-bench` in the benchmark sweep's SQLite store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from embedtune import env
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_EVAL_DATA = REPO.parent / "shared" / "data" / "medquad" / "medquad_pairs.jsonl.gz"
+BUDGET_S = 15 * 60
+EVAL_MODEL = "paraphrase-MiniLM-L3-v2"  # the search is measured, not the model: the cheaper encoder
+
+# target per key: (comparison, value) — shown next to each measurement
+TARGETS: dict[str, tuple[str, float]] = {
+    "eval_speedup_vs_loop": (">=", 20.0),
+    "eval_time_vs_bruteforce": ("<=", 2.0),
+    "trial_throughput_vs_plain": (">=", 0.95),
+    "mining_cost_vs_per_trial": ("<=", float("nan")),  # 1/k + 0.05, set once k is known
+    "ingest_vs_encode": (">=", 0.9),
+    "sweep_local_seconds": ("<=", float(BUDGET_S)),
+    "sweep_wall_over_trial_sum": ("<=", 0.6),
+}
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def _median(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        dt, out = _timed(fn)
+        times.append(dt)
+    return statistics.median(times), times, out
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _du_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def bench_eval(eval_data: Path, n_queries: int, corpus_rows: int, repeats: int, work: Path) -> dict[str, Any]:
+    """hit@k of `n_queries` held-out questions over a corpus of >= `corpus_rows` documents, three
+    ways with identical hits: embedtune's batched exact search (`vector_leg`), one LanceDB search
+    per question in a Python loop (as the study's scripts do), and one numpy matrix product."""
+    import numpy as np
+
+    from embedtune.data import DataSpec, prepare
+    from embedtune.errors import EmbedtuneError
+    from embedtune.evaluate import per_query_metrics, retrieval_metrics, vector_leg, vector_leg_one
+    from embedtune.index import build_table, load_model
+    from embedtune.models import resolve_model, truncate
+
+    if not eval_data.exists():
+        raise EmbedtuneError(
+            f"--eval-data {eval_data} not found: give a question/answer JSONL with >= {corpus_rows:,} answers"
+        )
+    # eval questions + the train answers kept as distractors = the corpus
+    data = prepare(DataSpec(source=str(eval_data), max_pairs=corpus_rows + n_queries, eval_size=n_queries))
+    if len(data.corpus) < corpus_rows:
+        raise EmbedtuneError(f"{eval_data}: corpus of {len(data.corpus):,} < {corpus_rows:,} documents")
+    path = resolve_model(EVAL_MODEL)
+    model = load_model(path)
+    truncate(model, 64)
+    t_index, indexed = _timed(
+        lambda: build_table(
+            path,
+            data,
+            str(work / "lancedb"),
+            model=model,
+            vector_index=False,
+            progress=True,
+            max_seq_length=64,
+        )  # fmt: skip
+    )
+    tbl = indexed.open()
+    qids = list(data.queries)
+    qv = model.encode([data.queries[q] for q in qids], batch_size=64, normalize_embeddings=True)
+    relevant = [set(data.relevant[q]) for q in qids]
+    ks = (5, 10)
+    # the brute-force baseline's inputs (the corpus embeddings in memory), read outside its clock
+    rows = tbl.search().select(["id", "vector"]).limit(tbl.count_rows()).to_arrow()
+    corpus_ids = np.array(rows["id"].to_pylist())
+    corpus = np.stack(rows["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+
+    def ours():
+        ranked = [leg["id"].to_pylist() for leg in vector_leg(tbl, qv, 10)]
+        return ranked, retrieval_metrics(ranked, relevant, ks)
+
+    def loop():
+        ranked = [vector_leg_one(tbl, v, 10)["id"].to_pylist() for v in qv]
+        return ranked, retrieval_metrics(ranked, relevant, ks)
+
+    def brute():
+        sims = qv @ corpus.T
+        top = np.argpartition(-sims, 9, axis=1)[:, :10]
+        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+        ranked = corpus_ids[np.take_along_axis(top, order, axis=1)].tolist()
+        return ranked, retrieval_metrics(ranked, relevant, ks)
+
+    ours()  # warm up: first-search caches
+    t_ours, all_ours, (ranked_ours, m_ours) = _median(ours, repeats)
+    t_loop, all_loop, (ranked_loop, m_loop) = _median(loop, repeats)
+    t_brute, all_brute, (ranked_brute, m_brute) = _median(brute, repeats)
+    # Same hits: every question's hit@k equal on all three paths. Documents with identical
+    # embeddings (duplicate answers) tie, and each path orders ties its own way, which can move MRR
+    # in the 4th decimal; hit@k is unaffected unless a tie straddles rank k.
+    hits = [per_query_metrics(r, relevant, ks) for r in (ranked_ours, ranked_loop, ranked_brute)]
+    same = all(h[f"hit_at_{k}"] == hits[0][f"hit_at_{k}"] for h in hits for k in ks)
+    return {
+        "eval_speedup_vs_loop": t_loop / t_ours,
+        "eval_time_vs_bruteforce": t_ours / t_brute,
+        "eval_same_hits": same,
+        "eval_mrr_max_abs_diff": max(abs(m["mrr_at_10"] - m_ours["mrr_at_10"]) for m in (m_loop, m_brute)),
+        "eval_n_queries": len(qids),
+        "eval_corpus_rows": tbl.count_rows(),
+        "eval_hit_at_10": m_ours["hit_at_10"],
+        "eval_seconds": {"embedtune": all_ours, "loop": all_loop, "bruteforce": all_brute},
+        "eval_index_build_s": t_index,
+        "_data": data,
+        "_model": model,
+        "_path": path,
+    }
+
+
+def bench_ingest(data, model, path, rows: int, repeats: int, work: Path) -> dict[str, Any]:
+    """Rows/s into LanceDB (encode, write Arrow batches, FTS index) vs encoding the same rows alone."""
+    from embedtune.index import build_table
+
+    corpus = dict(list(data.corpus.items())[:rows])
+    sub = replace(data, corpus=corpus, fingerprint=f"{data.fingerprint}-{rows}")
+    texts = list(corpus.values())
+    t_encode, all_encode, _ = _median(
+        lambda: model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False),
+        repeats,
+    )
+    dirs = iter(range(repeats))
+    t_ingest, all_ingest, _ = _median(
+        lambda: build_table(
+            path,
+            sub,
+            str(work / f"ingest-{next(dirs)}"),
+            model=model,
+            vector_index=False,
+            progress=False,
+            max_seq_length=64,
+        ),  # fmt: skip
+        repeats,
+    )
+    return {
+        "ingest_vs_encode": t_encode / t_ingest,
+        "ingest_rows": len(texts),
+        "ingest_rows_per_s": len(texts) / t_ingest,
+        "encode_rows_per_s": len(texts) / t_encode,
+    }
+
+
+# ---------------------------------------------------------------- mining
+
+
+def bench_mining(spec, k: int, repeats: int, work: Path) -> dict[str, Any]:
+    """A k-trial sweep mines once per dataset and every trial reuses the result (object store or
+    the on-disk cache): cost = one mining + k cache loads, against k minings (one per trial)."""
+    from embedtune.data import prepare
+    from embedtune.negatives import mine
+
+    data = prepare(spec.datasets[-1])
+    caches = iter(range(repeats))
+    t_mine, all_mine, _ = _median(
+        lambda: mine(data, spec.mining, cache_dir=work / f"neg-{next(caches)}"), repeats
+    )
+    t_load, all_load, trip = _median(lambda: mine(data, spec.mining, cache_dir=work / "neg-0"), repeats)
+    assert not trip.mined, "the second call must load the cache"
+    return {
+        "mining_cost_vs_per_trial": (t_mine + k * t_load) / (k * t_mine),
+        "mining_k": k,
+        "mining_seconds": statistics.median(all_mine),
+        "mining_cache_load_seconds": statistics.median(all_load),
+    }
+
+
+# ---------------------------------------------------------------- training throughput
+
+
+def _plain_training(spec, model_ref: str, data, triplets, seed: int) -> float:
+    """A plain sentence-transformers training script: same model, rows, batch, lr and threads as a
+    trial, no Ray, no MLflow, no evaluator; samples/s on the same step clock as a trial."""
+    import torch
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from embedtune.models import resolve_model, truncate
+    from embedtune.train import step_timer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    try:
+        model = SentenceTransformer(str(resolve_model(model_ref)), device="cpu")
+        truncate(model, spec.train.max_seq_length)
+        rows = triplets.train.select_columns(["anchor", "positive", "negative"])
+        timer = step_timer()
+        with tempfile.TemporaryDirectory() as out:
+            args = SentenceTransformerTrainingArguments(
+                output_dir=out, num_train_epochs=1, per_device_train_batch_size=spec.search.batch_size[0],
+                learning_rate=spec.search.lr[0], seed=seed, save_strategy="no", report_to="none",
+                disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+            )  # fmt: skip
+            trainer = SentenceTransformerTrainer(
+                model=model,
+                args=args,
+                train_dataset=rows,
+                loss=MultipleNegativesRankingLoss(model),
+                callbacks=[timer],
+            )
+            trainer.remove_callback(PrinterCallback)  # as in a trial: no per-step log lines
+            trainer.train()
+        return len(rows) / timer.take()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench_throughput(spec, repeats: int, work: Path) -> dict[str, Any]:
+    """Samples/s of `repeats` one-epoch trials (one at a time, so no trial shares the CPUs) against
+    as many runs of the plain script, first model and dataset of `spec`."""
+    from embedtune.config import parse_spec
+    from embedtune.data import prepare
+    from embedtune.negatives import mine
+    from embedtune.sweep import run_sweep
+
+    model_ref, ds = spec.models[-1], spec.datasets[0]
+    raw = json.loads(spec.model_dump_json())
+    raw.update(
+        name="bench-throughput", models=[model_ref], datasets=[raw["datasets"][0]], max_concurrent_trials=1,
+        scheduler={"type": "none"}, final={"enabled": False},
+        mlflow={"tracking_uri": None, "log_models": False},
+    )  # fmt: skip
+    raw["search"].update(epochs=[1], seed=list(range(1, repeats + 1)))
+    tspec = parse_spec(raw, "bench throughput spec")
+    result = run_sweep(tspec, work / "throughput-sweep", resume=False, final=False)
+    trial_rates = [
+        h["metrics"]["train_samples_per_s"]
+        for t in result.trials
+        for h in t["history"]
+        if h["epoch"] > 0 and "train_samples_per_s" in h["metrics"]
+    ]
+    data = prepare(ds)
+    triplets = mine(data, spec.mining)
+    plain_rates = [_plain_training(spec, model_ref, data, triplets, seed) for seed in range(1, repeats + 1)]
+    return {
+        "trial_throughput_vs_plain": statistics.median(trial_rates) / statistics.median(plain_rates),
+        "trial_samples_per_s": trial_rates,
+        "plain_samples_per_s": plain_rates,
+        "throughput_model": model_ref,
+    }
+
+
+# ---------------------------------------------------------------- the default sweep
+
+
+def bench_sweep_local(spec, run_dir: Path) -> dict[str, Any]:
+    """`make sweep-local` in this process: wall time, phases, concurrency, memory, disk. As on a
+    fresh clone: the negatives and reranker caches start empty (a private EMBEDTUNE_HOME holding
+    only the packaged models that `make setup` materialises)."""
+    from embedtune.sweep import run_sweep
+
+    cold_home = run_dir.parent / "embedtune-home"
+    cold_home.mkdir(parents=True, exist_ok=True)
+    (cold_home / "models").symlink_to(env.home() / "models", target_is_directory=True)
+    before = os.environ.get("EMBEDTUNE_HOME")
+    os.environ["EMBEDTUNE_HOME"] = str(cold_home)
+    try:
+        t, result = _timed(lambda: run_sweep(spec, run_dir, resume=False))
+    finally:
+        if before is None:
+            os.environ.pop("EMBEDTUNE_HOME", None)
+        else:
+            os.environ["EMBEDTUNE_HOME"] = before
+    trial_sum = sum(float(x["duration_s"] or 0) for x in result.trials)
+    rss = [
+        h["metrics"]["system/rss_mb"]
+        for x in result.trials
+        for h in x["history"]
+        if "system/rss_mb" in h["metrics"]
+    ]
+    kept: dict[Path, int] = {}  # Tune's checkpoint_* dirs left per trial dir
+    for ckpt in run_dir.rglob("checkpoint_*"):
+        if ckpt.is_dir():
+            kept[ckpt.parent] = kept.get(ckpt.parent, 0) + 1
+    return {
+        "sweep_local_seconds": t,
+        "sweep_local_trials": len(result.trials),
+        "sweep_local_epochs": sum(x["epochs_done"] for x in result.trials),
+        "sweep_local_phases": {k: round(v, 1) for k, v in result.timings.items()},
+        "sweep_wall_over_trial_sum": result.timings.get("trials_s", t) / trial_sum if trial_sum else None,
+        "trial_peak_rss_mb": max(rss) if rss else None,
+        "sweep_disk_mb": _du_mb(run_dir),
+        "checkpoints_per_trial_max": max(kept.values(), default=0),
+        "driver_peak_rss_mb": _peak_rss_mb(),
+        "_tracking_uri": result.tracking_uri,
+    }
+
+
+# ---------------------------------------------------------------- output
+
+
+def _verdict(key: str, value: Any) -> str:
+    if key not in TARGETS or not isinstance(value, int | float):
+        return ""
+    op, target = TARGETS[key]
+    if target != target:
+        return ""
+    ok = value >= target if op == ">=" else value <= target
+    return f"{'met' if ok else 'MISSED'} ({op} {target:g})"
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js = out_dir / "results.json"
+    js.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    lines = ["# `make bench` results", "", f"Machine: `{json.dumps(results['machine'])}`", "",
+             "| measure | value | target |", "|---|---|---|"]  # fmt: skip
+    for key in TARGETS:
+        v = results.get(key)
+        shown = f"{v:.3f}" if isinstance(v, float) else str(v)
+        lines.append(f"| `{key}` | {shown} | {_verdict(key, v)} |")
+    lines += ["", "Details (medians over the repeats; lists are every repeat):", "", "```json",
+              json.dumps({k: v for k, v in results.items() if k not in TARGETS and k != "machine"}, indent=2,
+                         default=str), "```", ""]  # fmt: skip
+    md = out_dir / "results.md"
+    md.write_text("\n".join(lines))
+    return js, md
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="embedtune bench (ratios: medians over repeats, same process, same data)")
+    for col in ("measure", "value", "target"):
+        table.add_column(col)
+    for key in TARGETS:
+        v = results.get(key)
+        table.add_row(key, f"{v:.3f}" if isinstance(v, float) else str(v), _verdict(key, v))
+    Console().print(table)
+
+
+def log_to_mlflow(tracking_uri: str, results: dict[str, Any], files: list[Path]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("embedtune-bench")
+    exp_id = exp.experiment_id if exp else client.create_experiment("embedtune-bench")
+    run = client.create_run(exp_id, run_name=f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    for key, value in results.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            client.log_metric(run.info.run_id, key, float(value))
+    client.log_param(run.info.run_id, "machine", json.dumps(results["machine"])[:500])
+    for f in files:
+        client.log_artifact(run.info.run_id, str(f))
+    client.set_terminated(run.info.run_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--spec", default=str(REPO / "sweeps" / "local.yaml"))
+    parser.add_argument("--eval-data", default=str(DEFAULT_EVAL_DATA), type=Path)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--corpus", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "bench"), type=Path, help="results.json / results.md")
+    parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench"), type=Path)
+    parser.add_argument("--skip-sweep", action="store_true", help="everything but `make sweep-local`")
+    args = parser.parse_args(argv)
+    env.apply(offline=True)
+
+    from embedtune.config import load_spec
+    from embedtune.errors import EmbedtuneError
+
+    spec = load_spec(args.spec)
+    shutil.rmtree(args.work_dir, ignore_errors=True)
+    args.work_dir.mkdir(parents=True)
+    started = time.time()
+    results: dict[str, Any] = {"machine": machine(), "repeats": args.repeats}
+    try:
+        if not args.skip_sweep:  # first, on a quiet machine: the number users feel
+            results |= bench_sweep_local(spec, args.work_dir / "sweep-local")
+            print(f"[bench] sweep-local: {results['sweep_local_seconds']:.0f}s", flush=True)
+        ev = bench_eval(args.eval_data, args.queries, args.corpus, args.repeats, args.work_dir)
+        data, model, path = ev.pop("_data"), ev.pop("_model"), ev.pop("_path")
+        results |= ev
+        print(f"[bench] eval: {ev['eval_speedup_vs_loop']:.1f}x the loop", flush=True)
+        results |= bench_ingest(data, model, path, 1000, args.repeats, args.work_dir)
+        n_trials = results.get("sweep_local_trials") or len(spec.models) * len(spec.datasets) * len(
+            spec.search.epochs
+        )
+        k = max(1, n_trials // len(spec.datasets))  # trials that share one dataset's negatives
+        TARGETS["mining_cost_vs_per_trial"] = ("<=", 1 / k + 0.05)
+        results |= bench_mining(spec, k, args.repeats, args.work_dir)
+        results |= bench_throughput(spec, args.repeats, args.work_dir)
+    except EmbedtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results["bench_peak_rss_mb"] = _peak_rss_mb()
+    results["bench_seconds"] = time.time() - started
+    tracking_uri = results.pop("_tracking_uri", None)
+    js, md = write_outputs(results, args.out)
+    print_table(results)
+    print(f"[bench] {js} and {md} written in {results['bench_seconds']:.0f}s")
+    log_to_mlflow(tracking_uri or f"sqlite:///{(args.work_dir / 'mlflow.db').resolve()}", results, [js, md])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`make bench` pieces on small real data: the three evaluation paths agree hit for hit, the
+ratios come out as plain positive numbers, and results.json carries the keys others check by
+script. No timing is asserted (a slow machine fails nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from embedtune import bench
+
+SAMPLE = Path(bench.__file__).parent / "samples" / "medquad_sample.jsonl.gz"
+REQUIRED = [
+    "eval_speedup_vs_loop",
+    "eval_time_vs_bruteforce",
+    "trial_throughput_vs_plain",
+    "mining_cost_vs_per_trial",
+    "ingest_vs_encode",
+    "sweep_local_seconds",
+    "sweep_wall_over_trial_sum",
+    "machine",
+]
+
+
+@pytest.fixture(scope="module")
+def small_eval(tmp_path_factory):
+    return bench.bench_eval(
+        SAMPLE, n_queries=60, corpus_rows=300, repeats=1, work=tmp_path_factory.mktemp("ev")
+    )
+
+
+def test_eval_paths_agree_and_ratios_are_numbers(small_eval):
+    ev = small_eval
+    assert ev["eval_same_hits"] is True  # batched exact == per-query LanceDB loop == numpy product
+    assert ev["eval_n_queries"] == 60 and ev["eval_corpus_rows"] >= 300
+    assert 0.3 < ev["eval_hit_at_10"] <= 1.0
+    for key in ("eval_speedup_vs_loop", "eval_time_vs_bruteforce"):
+        assert isinstance(ev[key], float) and ev[key] > 0 and math.isfinite(ev[key])
+
+
+def test_ingest_ratio(small_eval, tmp_path):
+    ing = bench.bench_ingest(small_eval["_data"], small_eval["_model"], small_eval["_path"], 100, 1, tmp_path)
+    assert ing["ingest_rows"] == 100 and 0 < ing["ingest_vs_encode"] < 5
+
+
+def test_missing_eval_data_is_a_clear_error(tmp_path):
+    from embedtune.errors import EmbedtuneError
+
+    with pytest.raises(EmbedtuneError, match="--eval-data .*nope.jsonl not found"):
+        bench.bench_eval(tmp_path / "nope.jsonl", 10, 100, 1, tmp_path)
+
+
+def test_outputs_carry_the_checked_keys(tmp_path):
+    results = {"machine": bench.machine(), "repeats": 3, "eval_speedup_vs_loop": 25.0, "eval_time_vs_bruteforce": 2.5,
+               "trial_throughput_vs_plain": 0.97, "mining_cost_vs_per_trial": 0.17, "ingest_vs_encode": 0.93,
+               "sweep_local_seconds": 800.0, "sweep_wall_over_trial_sum": 0.55}  # fmt: skip
+    js, md = bench.write_outputs(results, tmp_path)
+    loaded = json.loads(js.read_text())
+    assert all(key in loaded for key in REQUIRED)
+    assert all(isinstance(loaded[k], float) for k in REQUIRED if k != "machine")
+    assert loaded["machine"]["cpus"] >= 1
+    text = md.read_text()
+    assert "| `eval_speedup_vs_loop` | 25.000 | met (>= 20) |" in text
+    assert "| `eval_time_vs_bruteforce` | 2.500 | MISSED (<= 2) |" in text
