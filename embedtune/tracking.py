@@ -325,6 +325,9 @@ class MlflowTrialCallback(Callback):
         c.set_tag(run_id, "embedtune.status", status)
         if error_file:
             c.set_tag(run_id, "embedtune.error_file", str(error_file))
+            reason = _error_line(error_file)
+            if reason:
+                c.set_tag(run_id, "embedtune.error", redact(reason)[:500])
         if status != "FAILED" and self.log_models and trial.checkpoint is not None:
             try:
                 with trial.checkpoint.as_directory() as ckpt:
@@ -335,6 +338,16 @@ class MlflowTrialCallback(Callback):
             except Exception as exc:  # a logging failure must not end the sweep
                 log.warning("could not log the model of trial %s: %s", trial.trial_id, exc)
         c.set_terminated(run_id, status=status)
+
+
+def _error_line(error_file: str) -> str | None:
+    """The exception line of a trial's error file (Tune writes the traceback), if readable."""
+    try:
+        lines = [ln.strip() for ln in Path(error_file).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    found = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
+    return (found or lines or [None])[-1]
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -218,6 +218,12 @@ def train(
                 losses = [h["loss"] for h in state.log_history if "loss" in h]
                 if losses:
                     cleaned["train_loss"] = float(losses[-1])
+                bad = next((float(x) for x in losses if not math.isfinite(float(x))), None)
+                if bad is not None:  # a diverged run fails loudly (its trial is FAILED), not "finishes"
+                    raise EmbedtuneError(
+                        f"training loss went {bad} by epoch {epoch} (lr {config.lr:g}): the run diverged; "
+                        "lower the learning rate"
+                    )
                 step_s = timer.take()
                 if step_s > 0:  # training rows per second of optimizer steps (evaluation excluded)
                     cleaned["train_samples_per_s"] = len(train_ds) / step_s
@@ -246,6 +252,7 @@ def train(
             eval_strategy="epoch",
             save_strategy="no",
             logging_steps=max(1, steps_per_epoch // 4),
+            logging_nan_inf_filter=False,  # a NaN/inf loss must show in the log: it fails the run
             report_to="none",
             disable_tqdm=not progress,
             use_cpu=device == "cpu",

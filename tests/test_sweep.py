@@ -530,3 +530,14 @@ def test_redact_hides_uri_credentials() -> None:
         "ray://10.0.0.1:10001",
     ):
         assert redact(clean) == clean
+
+
+def test_error_line_is_the_exception_of_a_trial_error_file(tmp_path: Path) -> None:
+    err = tmp_path / "error.txt"
+    err.write_text(
+        "Failure # 1 (occurred at 2026-11-30)\nray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n"
+        '  File "train.py", line 3, in on_evaluate\n'
+        "embedtune.errors.EmbedtuneError: training loss went nan by epoch 1 (lr 5e-05): the run diverged\n"
+    )
+    assert tracking._error_line(str(err)).endswith("the run diverged")
+    assert tracking._error_line(str(tmp_path / "missing.txt")) is None

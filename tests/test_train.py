@@ -114,3 +114,24 @@ def test_plain_pairs_with_checkpoints_and_no_final_model(small_data, tmp_path):
     assert result.model_dir is None
     assert [h.epoch for h in result.history] == [1, 2] and loaded == [1, 2]
     assert "triplet_accuracy" not in result.history[0].metrics
+
+
+@pytest.mark.slow
+def test_a_diverged_loss_fails_the_run_loudly(monkeypatch, tmp_path):
+    """A loss that goes NaN ends the run with one clear error (a sweep trial is then FAILED), instead
+    of "finishing" with a broken model. The loss is forced to NaN: a unit test of our check."""
+    import torch
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from embedtune.data import DataSpec, prepare
+
+    real_forward = MultipleNegativesRankingLoss.forward
+    monkeypatch.setattr(MultipleNegativesRankingLoss, "forward",
+                        lambda self, *a, **k: real_forward(self, *a, **k) * torch.tensor(float("nan")))  # fmt: skip
+    tiny = {"max_pairs": 60, "eval_size": 10, "max_train_pairs": 32, "corpus_distractors": False}
+    data = prepare(DataSpec(source="squad-sample", **tiny))
+    config = TrainConfig(model="paraphrase-MiniLM-L3-v2", epochs=1, batch_size=16, max_seq_length=32,
+                         hard_negatives=False)  # fmt: skip
+    with pytest.raises(EmbedtuneError, match="training loss went nan by epoch 1 .*diverged"):
+        train(config, data, None, tmp_path / "out", progress=False, evaluate_base=False)
+    assert not (tmp_path / "out").exists()  # nothing half-written
