@@ -370,6 +370,26 @@ def _triplets_payload(t: Triplets) -> dict[str, Any]:
     return {"key": t.key, "train": t.train.to_dict(), "eval": t.eval.to_dict()}
 
 
+def _check_local_resources(spec: SweepSpec) -> None:
+    """A private local Ray has this machine's CPUs and GPUs (or the spec's `ray.num_cpus/num_gpus`):
+    a trial asking for more would wait in PENDING forever, so say so now. (A joined cluster may
+    autoscale; Tune reports what it cannot place there.)"""
+    import torch
+
+    gpus = spec.ray.num_gpus if spec.ray.num_gpus is not None else torch.cuda.device_count()
+    cpus = spec.ray.num_cpus or os.cpu_count() or 1
+    if spec.resources.gpu > gpus:
+        raise EmbedtuneError(
+            f"resources.gpu: {spec.resources.gpu:g} per trial, but the local Ray has {gpus:g} GPU(s): set "
+            "resources.gpu: 0 to train on CPU, declare GPUs with ray.num_gpus, or --address a cluster with GPUs"
+        )
+    if spec.resources.cpu > cpus:
+        raise EmbedtuneError(
+            f"resources.cpu: {spec.resources.cpu:g} per trial, but the local Ray has {cpus} CPU(s): lower "
+            "resources.cpu or --address a bigger cluster"
+        )
+
+
 def _check_writable(path: Path) -> None:
     """`path`, or the nearest existing folder it would be made in, takes a file (probed, removed);
     else one clear line naming it. Creates nothing, so a sweep refused later leaves no empty dir."""
@@ -521,6 +541,8 @@ def run_sweep(
     for where in (run_dir, None if "://" in storage else Path(storage)):
         if where is not None:
             _check_writable(where)
+    if not (ray_address or spec.ray.address or os.environ.get("RAY_ADDRESS")):
+        _check_local_resources(spec)
     for model in spec.models:
         resolve_model(model)
     old_fingerprints: dict[str, str] = state.get("fingerprints", {})

@@ -158,3 +158,17 @@ def test_unwritable_storage_path_is_refused_before_any_work(tmp_path: Path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not writable" in err and str(blocker) in err
     assert not (tmp_path / "run").exists() and blocker.read_text() == "not a folder"
+
+
+def test_gpu_trials_on_a_cpu_only_local_ray_are_refused_not_left_pending(tmp_path: Path, capsys) -> None:
+    from embedtune.cli import main
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump({**GOOD, "resources": {"gpu": 1}, "ray": {"num_gpus": 0}}))
+    assert main(["sweep", str(spec_file), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "resources.gpu: 1 per trial" in err and "0 GPU(s)" in err
+    assert not (tmp_path / "run").exists()
+    spec_file.write_text(yaml.safe_dump({**GOOD, "resources": {"cpu": 64}}))
+    assert main(["sweep", str(spec_file), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "resources.cpu: 64 per trial" in capsys.readouterr().err
