@@ -520,8 +520,9 @@ def evaluate_models(
     rows = []
 
     def scored(ranked: list[list[str]]) -> dict[str, Any]:
+        # the metrics are the per-query values' means (as retrieval_metrics computes them)
         per_query = per_query_metrics(ranked, relevant, spec.ks)
-        return {**retrieval_metrics(ranked, relevant, spec.ks), "per_query": per_query}
+        return {**{m: sum(v) / len(v) for m, v in per_query.items()}, "per_query": per_query}
 
     for entry in models:
         model = load_model(entry.path)

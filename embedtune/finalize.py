@@ -459,28 +459,6 @@ def harm_check(
             "n_queries": int(len(b)), "flag": "harm" if harmed else ""}  # fmt: skip
 
 
-def _vector_hits(
-    entry: ModelEntry, data: PreparedData, spec: EvalSpec, db_uri: str, k: int = 10
-) -> list[float]:
-    """Per-query hit@k of vector search over the model's (reused) LanceDB table, queries in the order
-    of `data.queries`: the fallback when evaluation rows carry no per-query values."""
-    from embedtune.evaluate import _ids, vector_leg
-    from embedtune.index import build_table, load_model
-    from embedtune.models import truncate
-
-    model = load_model(entry.path)
-    truncate(model, spec.max_seq_length)
-    tbl = build_table(entry.path, data, db_uri, model_label=entry.label, model=model, batch_size=spec.batch_size,
-                      progress=False, max_seq_length=spec.max_seq_length).open()  # fmt: skip
-    qids = list(data.queries)
-    qv = model.encode([data.queries[q] for q in qids], batch_size=spec.batch_size, normalize_embeddings=True,
-                      convert_to_numpy=True, show_progress_bar=False)  # fmt: skip
-    legs = vector_leg(tbl, qv, spec.depth)
-    return [
-        float(bool(set(_ids(leg)[:k]) & set(data.relevant[q]))) for leg, q in zip(legs, qids, strict=True)
-    ]
-
-
 def harm_pairs(results, trials: list[dict[str, Any]], entries: dict[str, list[ModelEntry]], metric: str):
     """(training dataset, base entry, winner entry) per dataset whose winner (the report's
     `pick_winner`: the best tuned row that beats its base) is a tuned model."""
@@ -534,14 +512,11 @@ def do_no_harm(
         print(f"[embedtune] do no harm on {data.label} ({len(data.queries)} queries, {len(data.corpus)} docs): "
               f"{', '.join(m.label for m in models)}", flush=True)  # fmt: skip
         frame = evaluate_models(models, data, ood_spec, db_uri, progress=False)
-        hits: dict[str, list[float]] = {}
-        for row in frame.to_dict("records"):
-            per_query = row.get("per_query")
-            if isinstance(per_query, dict) and "hit_at_10" in per_query:
-                hits[row["model"]] = [float(x) for x in per_query["hit_at_10"]]
-        for m in models:
-            if m.label not in hits:
-                hits[m.label] = _vector_hits(m, data, ood_spec, db_uri)
+        # evaluate_models keeps every row's per-query values (ood_spec.ks includes 10)
+        hits = {
+            row["model"]: [float(x) for x in row["per_query"]["hit_at_10"]]
+            for row in frame.to_dict("records")
+        }
         out["hits"][data.label] = hits
         out["results"] += [{k: v for k, v in r.items() if k != "per_query"} for r in frame.to_dict("records")]
         for ds, base, tuned in pairs:

@@ -230,9 +230,6 @@ class MlflowTrialCallback(Callback):
     def _skipped(self, trial) -> bool:
         return bool(getattr(self, "skip", None)) and self._hash(trial.config) in self.skip
 
-    def find_existing(self, trial_id: str) -> str | None:
-        return self._find_existing(trial_id)
-
     def _drop_stale(self, digest: str) -> None:
         """Delete this sweep's earlier child runs of config `digest` (a failed or abandoned
         attempt): the new trial's run is the config's one run."""
@@ -248,7 +245,7 @@ class MlflowTrialCallback(Callback):
             log.info("deleting stale run %s of config %s", run.info.run_id, digest)
             c.delete_run(run.info.run_id)
 
-    def _find_existing(self, trial_id: str) -> str | None:
+    def find_existing(self, trial_id: str) -> str | None:
         runs = client(self.tracking_uri).search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
@@ -259,7 +256,7 @@ class MlflowTrialCallback(Callback):
         if trial.trial_id in self.run_ids:
             return self.run_ids[trial.trial_id]
         c = client(self.tracking_uri)
-        run_id = self._find_existing(trial.trial_id)
+        run_id = self.find_existing(trial.trial_id)
         if run_id:
             c.update_run(run_id, status="RUNNING")
             history = c.get_metric_history(run_id, "ir_recall_at_10")
