@@ -133,6 +133,12 @@ class MlflowSpec(_Strict):
     )
     experiment: str | None = Field(None, description="None: embedtune-<sweep name>")
     log_models: bool = True
+    outage_wait_s: float = Field(
+        120,
+        ge=0,
+        description="when the tracking server is away as the trials end: seconds to wait for it before "
+        "keeping the unsent records in mlflow_pending.json for the next run of the same command",
+    )
 
 
 class CheckpointSpec(_Strict):

@@ -25,6 +25,7 @@ a drawn config that is already done is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -54,6 +55,9 @@ TUNE_NAME = "tune"
 DONE_STATUSES = ("FINISHED", "KILLED")  # KILLED = stopped by the scheduler: done, not to be rerun
 # Spec keys an extension of a run dir may change (models/datasets may only grow); the rest must match.
 EXTENSIBLE = {"final", "ray", "models", "datasets", "search", "max_concurrent_trials"}
+# How the sweep behaves, not what it computes: free to change between runs of one sweep.
+OPERATIONAL = {"final": True, "ray": True, "mlflow": {"outage_wait_s"}}
+MLFLOW_JOURNAL = "mlflow_pending.json"  # records an unreachable tracking server did not take
 
 
 @dataclass
@@ -303,7 +307,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 
 
 def spec_hash(spec: SweepSpec) -> str:
-    return stable_hash(spec.model_dump(exclude={"final", "ray"}))
+    return stable_hash(spec.model_dump(exclude=OPERATIONAL))
 
 
 def _git_commit() -> str:
@@ -423,7 +427,8 @@ def _old_spec(run_dir: Path) -> SweepSpec | None:
 def extension_problem(old: SweepSpec, new: SweepSpec) -> str | None:
     """Why `new` cannot extend the sweep `old` in the same run dir; None when it can (only models,
     datasets and search values may grow or change; dropped models/datasets are not allowed)."""
-    a, b = old.model_dump(exclude=EXTENSIBLE), new.model_dump(exclude=EXTENSIBLE)
+    exclude = {**dict.fromkeys(EXTENSIBLE, True), **OPERATIONAL}
+    a, b = old.model_dump(exclude=exclude), new.model_dump(exclude=exclude)
     changed = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
     if changed:
         return f"{', '.join(changed)} changed"
@@ -614,6 +619,15 @@ def run_sweep(
         params[f"spec.{digest}"] = params.pop("spec")
     tracking.log_params(tracking_uri, parent, params)
 
+    def new_callback(skip=()) -> tracking.MlflowTrialCallback:
+        return tracking.MlflowTrialCallback(tracking_uri, experiment_id, parent, base, spec.mlflow.log_models,
+                                            hasher, skip, journal=run_dir / MLFLOW_JOURNAL)  # fmt: skip
+
+    # Records an earlier run kept while the tracking server was away go in first.
+    replayed = tracking.replay_journal(new_callback())
+    if replayed:
+        print(f"[embedtune] replayed {replayed} MLflow record(s) kept by the last run", flush=True)
+
     # An unfinished Tune experiment (interrupted) continues first, from its checkpoints.
     restore_path = _join(storage, experiments[-1]) if experiments and not trials_done else None
     if restore_path and not tune.Tuner.can_restore(restore_path):
@@ -662,9 +676,7 @@ def run_sweep(
                     print(f"[embedtune] resuming sweep from {restore_path}", flush=True)
                     # Sampled modes may draw a config already done in another experiment: skip it.
                     skip = _done(records) if spec.search.mode != "grid" else set()
-                    callback = tracking.MlflowTrialCallback(
-                        tracking_uri, experiment_id, parent, base, spec.mlflow.log_models, hasher, skip
-                    )
+                    callback = new_callback(skip)
                     tuner = tune.Tuner.restore(
                         restore_path, trainable=trainable(skip), resume_unfinished=True, resume_errored=True
                     )
@@ -680,9 +692,7 @@ def run_sweep(
                     experiments.append(name)
                     tracking.write_json(run_dir / STATE_FILE, state)
                     skip = _done(records) | attempted if todo is None else set()
-                    callback = tracking.MlflowTrialCallback(
-                        tracking_uri, experiment_id, parent, base, spec.mlflow.log_models, hasher, skip
-                    )
+                    callback = new_callback(skip)
                     print(f"[embedtune] running {n_todo} trial(s) as Tune experiment {name}", flush=True)
                     tuner = _new_tuner(
                         spec, trainable(skip), storage, callback, ASHAScheduler, name, todo, n_todo
@@ -693,16 +703,26 @@ def run_sweep(
                     tracking.write_json(run_dir / "trials.json", records)
                 timings["trials_s"] = time.time() - t1
             except KeyboardInterrupt:
-                n = tracking.close_open_children(tracking_uri, experiment_id, parent, "KILLED")
-                tracking.finish_run(tracking_uri, parent, "KILLED")
-                print(
-                    f"[embedtune] interrupted: {n} open trial run(s) marked KILLED; run the same command to resume",
-                    flush=True,
-                )
+                try:
+                    n = tracking.close_open_children(tracking_uri, experiment_id, parent, "KILLED")
+                    tracking.finish_run(tracking_uri, parent, "KILLED")
+                    closed = f"{n} open trial run(s) marked KILLED"
+                except Exception as exc:  # the tracking server is away too: the next run closes them
+                    closed = f"open trial runs not closed (MLflow: {tracking.redact(str(exc))[:120]})"
+                print(f"[embedtune] interrupted: {closed}; run the same command to resume", flush=True)
                 raise KeyboardInterrupt from None
         state["trials_done"] = True
         tracking.write_json(run_dir / STATE_FILE, state)
+        tracking.write_json(run_dir / "trials.json", records)
+        # The trials are done; what MLflow did not take during an outage goes in now (or the
+        # command fails naming the journal, and its next run replays it).
+        replayed = tracking.replay_journal(new_callback(), spec.mlflow.outage_wait_s)
+        if replayed:
+            print(f"[embedtune] replayed {replayed} kept MLflow record(s)", flush=True)
     trials = records
+    for record in trials:
+        if not record.get("mlflow_run_id"):  # the tracking server was away when the trials ended
+            record["mlflow_run_id"] = new_callback().find_existing(record["trial_id"])
     tracking.write_json(run_dir / "trials.json", trials)
     print_results_table(trials, spec.scheduler.metric)
 
@@ -863,7 +883,8 @@ def collect_trials(
         metrics = result.metrics or {}
         run_id = callback.run_ids.get(trial_id) if callback else None
         if callback and not run_id:  # a restored Tuner ran its own (unpickled) copy of the callback
-            run_id = callback.find_existing(trial_id)
+            with contextlib.suppress(Exception):  # the tracking server is away: looked up again later
+                run_id = callback.find_existing(trial_id)
         records.append(
             {
                 "trial_id": trial_id,

@@ -62,6 +62,11 @@ def client(tracking_uri: str):
     from mlflow import MlflowClient
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's REST client retries a failing request for minutes (7 retries, backoff factor 2),
+    # stalling Tune's event loop; the trial callback keeps what fails and retries on its own, so
+    # a short budget (unless the user set one).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     _no_links_with_secrets(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
 
@@ -197,7 +202,16 @@ def close_open_children(
 
 
 class MlflowTrialCallback(Callback):
-    """Tune callback: a child MLflow run per trial with params, per-epoch metrics, model and status."""
+    """Tune callback: a child MLflow run per trial with params, per-epoch metrics, model and status.
+
+    A tracking server that goes away mid-sweep does not stop training: every write is an op
+    (start, epoch result, close); an op MLflow refuses is kept, in order, in memory and in the
+    journal file (`journal`, rewritten on each change), the outage is reported once, and the
+    kept ops are replayed as soon as the server answers again (tried at most every
+    `retry_every_s`). Ops left when the trials end are replayed by `replay_journal` (the sweep
+    waits a while, and the next run of the same command replays them first), so no record is
+    silently lost. Ops are idempotent on replay: a run is found by its trial tag, an epoch
+    already logged is not logged twice, and a close remembers which of its parts are done."""
 
     def __init__(
         self,
@@ -208,6 +222,8 @@ class MlflowTrialCallback(Callback):
         log_models: bool = True,
         hasher=None,
         skip=(),
+        journal: Path | None = None,
+        retry_every_s: float = 10.0,
     ) -> None:
         """`hasher(config)` gives a trial's config hash; trials of configs in `skip` (already done:
         the trial returns without training) get no run."""
@@ -218,9 +234,15 @@ class MlflowTrialCallback(Callback):
         self.parent_run_id = parent_run_id
         self.base_metrics = base_metrics
         self.log_models = log_models
+        self.journal = Path(journal) if journal else None
+        self.retry_every_s = retry_every_s
         self.run_ids: dict[str, str] = {}
         self.started: dict[str, float] = {}
         self.logged_epochs: dict[str, set[int]] = {}
+        self.pending: list[dict[str, Any]] = []
+        self.outage_since: float | None = None
+        self.last_try = 0.0
+        self.replayed = 0
 
     # -- helpers
     def _hash(self, config: dict[str, Any]) -> str | None:
@@ -253,18 +275,20 @@ class MlflowTrialCallback(Callback):
         return runs[0].info.run_id if runs else None
 
     def run_id_for(self, trial) -> str:
-        if trial.trial_id in self.run_ids:
-            return self.run_ids[trial.trial_id]
+        return self._run_id(trial.trial_id, trial.config)
+
+    def _run_id(self, trial_id: str, cfg: dict[str, Any]) -> str:
+        if trial_id in self.run_ids:
+            return self.run_ids[trial_id]
         c = client(self.tracking_uri)
-        run_id = self.find_existing(trial.trial_id)
+        run_id = self.find_existing(trial_id)
         if run_id:
             c.update_run(run_id, status="RUNNING")
             history = c.get_metric_history(run_id, "ir_recall_at_10")
-            self.logged_epochs[trial.trial_id] = {m.step for m in history}
+            self.logged_epochs[trial_id] = {m.step for m in history}
         else:
-            cfg = trial.config
-            name = f"{model_label(str(cfg.get('model')))}-{cfg.get('dataset', 'data')}-e{cfg.get('epochs')}-{trial.trial_id}"
-            tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, "embedtune.kind": "trial"}
+            name = f"{model_label(str(cfg.get('model')))}-{cfg.get('dataset', 'data')}-e{cfg.get('epochs')}-{trial_id}"
+            tags = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, "embedtune.kind": "trial"}
             digest = self._hash(cfg)
             if digest:
                 self._drop_stale(digest)
@@ -274,29 +298,23 @@ class MlflowTrialCallback(Callback):
             log_params(self.tracking_uri, run_id, params)
             base = self.base_metrics.get((cfg.get("model"), cfg.get("dataset")), {})
             log_metrics(self.tracking_uri, run_id, base, step=0)
-        self.run_ids[trial.trial_id] = run_id
+        self.run_ids[trial_id] = run_id
         return run_id
 
-    # -- Tune hooks
+    # -- Tune hooks: each builds an op and submits it
     def on_trial_start(self, iteration, trials, trial, **info):
         if self._skipped(trial):
             return
         self.started.setdefault(trial.trial_id, time.time())
-        self.run_id_for(trial)
+        self._submit({"op": "start", "trial_id": trial.trial_id, "config": _plain(trial.config)})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self._skipped(trial):
             return
-        run_id = self.run_id_for(trial)
-        epoch = int(result.get("epoch", 0))
-        done = self.logged_epochs.setdefault(trial.trial_id, set())
-        if epoch in done:
-            # A trial restored from a checkpoint older than its last report repeats an epoch;
-            # keep one point per epoch so the run's curves stay one line.
-            return
-        done.add(epoch)
-        metrics = {k: v for k, v in result.items() if k.startswith(LOGGED_PREFIXES)}
-        log_metrics(self.tracking_uri, run_id, metrics, step=epoch)
+        metrics = {k: float(v) for k, v in result.items() if k.startswith(LOGGED_PREFIXES) and _number(v)}
+        op = {"op": "result", "trial_id": trial.trial_id, "config": _plain(trial.config),
+              "epoch": int(result.get("epoch", 0)), "metrics": metrics}  # fmt: skip
+        self._submit(op)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self._skipped(trial):
@@ -305,36 +323,185 @@ class MlflowTrialCallback(Callback):
         done = int(last.get("epoch", 0))
         planned = int(trial.config.get("epochs", done))
         status = "FINISHED" if done >= planned else "KILLED"  # stopped early by the scheduler
-        self._close(trial, status, {"epochs_done": done})
+        self._submit(self._close_op(trial, status, done))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = getattr(trial, "error_file", None)
-        self._close(trial, "FAILED", {"epochs_done": int((trial.last_result or {}).get("epoch", 0))}, error)
+        done = int((trial.last_result or {}).get("epoch", 0))
+        self._submit(self._close_op(trial, "FAILED", done, getattr(trial, "error_file", None)))
 
-    def _close(self, trial, status: str, extra: dict[str, float], error_file: str | None = None) -> None:
-        run_id = self.run_id_for(trial)
-        c = client(self.tracking_uri)
+    def _close_op(self, trial, status: str, done: int, error_file: str | None = None) -> dict[str, Any]:
         duration = (trial.last_result or {}).get("time_total_s")
-        metrics = dict(extra)
+        metrics: dict[str, float] = {"epochs_done": done}
         if duration is not None:
             metrics["trial_duration_s"] = float(duration)
-        log_metrics(self.tracking_uri, run_id, metrics, step=int(extra.get("epochs_done", 0)))
-        c.set_tag(run_id, "embedtune.status", status)
+        tags = {"embedtune.status": status}
         if error_file:
-            c.set_tag(run_id, "embedtune.error_file", str(error_file))
+            tags["embedtune.error_file"] = str(error_file)
             reason = _error_line(error_file)
             if reason:
-                c.set_tag(run_id, "embedtune.error", redact(reason)[:500])
+                tags["embedtune.error"] = redact(reason)[:500]
+        checkpoint = None
         if status != "FAILED" and self.log_models and trial.checkpoint is not None:
+            checkpoint = _checkpoint_uri(trial.checkpoint)
+        return {"op": "close", "trial_id": trial.trial_id, "config": _plain(trial.config), "status": status,
+                "step": done, "metrics": metrics, "tags": tags, "checkpoint": checkpoint, "done": []}  # fmt: skip
+
+    # -- ops
+    def _apply(self, op: dict[str, Any]) -> None:
+        run_id = self._run_id(op["trial_id"], op["config"])
+        if op["op"] == "result":
+            done = self.logged_epochs.setdefault(op["trial_id"], set())
+            if op["epoch"] in done:
+                # A trial restored from a checkpoint older than its last report repeats an epoch
+                # (and a replay may repeat a logged op): one point per epoch keeps curves one line.
+                return
+            log_metrics(self.tracking_uri, run_id, op["metrics"], step=op["epoch"])
+            done.add(op["epoch"])
+        elif op["op"] == "close":
+            self._apply_close(run_id, op)
+
+    def _apply_close(self, run_id: str, op: dict[str, Any]) -> None:
+        c = client(self.tracking_uri)
+        done = op.setdefault("done", [])
+        if "metrics" not in done:
+            log_metrics(self.tracking_uri, run_id, op["metrics"], step=op["step"])
+            done.append("metrics")
+        if "tags" not in done:
+            for key, value in op["tags"].items():
+                c.set_tag(run_id, key, value)
+            done.append("tags")
+        if op.get("checkpoint") and "model" not in done:
+            from ray.tune import Checkpoint
+
             try:
-                with trial.checkpoint.as_directory() as ckpt:
+                with Checkpoint(op["checkpoint"]).as_directory() as ckpt:
                     model_dir = Path(ckpt) / "model"
                     if model_dir.exists():
                         uri = log_sentence_transformer(self.tracking_uri, run_id, model_dir)
                         c.set_tag(run_id, "embedtune.model_uri", uri)
-            except Exception as exc:  # a logging failure must not end the sweep
-                log.warning("could not log the model of trial %s: %s", trial.trial_id, exc)
-        c.set_terminated(run_id, status=status)
+            except Exception as exc:
+                if not self._answers():
+                    raise  # the server went away: keep the op, log the model on replay
+                log.warning(
+                    "could not log the model of trial %s: %s", op["trial_id"], exc
+                )  # not a reason to stop
+            done.append("model")
+        c.set_terminated(run_id, status=op["status"])
+
+    def _answers(self) -> bool:
+        """Whether the tracking store answers now (a cheap read)."""
+        try:
+            client(self.tracking_uri).get_experiment(self.experiment_id)
+            return True
+        except Exception:
+            return False
+
+    def _submit(self, op: dict[str, Any]) -> None:
+        if self.pending and not self.flush():
+            self.pending.append(op)
+            self._save()
+            return
+        try:
+            self._apply(op)
+        except Exception as exc:
+            self.pending.append(op)
+            self._save()
+            self._report_outage(exc)
+
+    def flush(self, force: bool = False) -> bool:
+        """Replay the kept ops in order; True when none is left. During an outage, tried at most
+        every `retry_every_s` unless `force`."""
+        if not self.pending:
+            return True
+        if not force and time.time() - self.last_try < self.retry_every_s:
+            return False
+        self.last_try = time.time()
+        n = 0
+        while self.pending:
+            try:
+                self._apply(self.pending[0])
+            except Exception:
+                self._save()  # a close op may have done some of its parts
+                return False
+            self.pending.pop(0)
+            n += 1
+        self.replayed += n
+        self._save()
+        if self.outage_since is not None:
+            print(
+                f"[embedtune] MLflow at {redact(self.tracking_uri)} answers again after "
+                f"{time.time() - self.outage_since:.0f} s: replayed {n} kept record(s)",
+                flush=True,
+            )
+            self.outage_since = None
+        return True
+
+    def _report_outage(self, exc: Exception) -> None:
+        self.last_try = time.time()
+        if self.outage_since is not None:
+            return
+        self.outage_since = time.time()
+        reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+        where = f" (kept in {self.journal})" if self.journal else ""
+        print(
+            f"[embedtune] WARNING: MLflow at {redact(self.tracking_uri)} failed ({reason}); training goes "
+            f"on, its records are kept{where} and replayed when it answers",
+            flush=True,
+        )
+
+    def _save(self) -> None:
+        if self.journal is None:
+            return
+        if self.pending:
+            write_json(self.journal, self.pending)
+        else:
+            self.journal.unlink(missing_ok=True)
+
+
+def replay_journal(callback: MlflowTrialCallback, wait_s: float = 0.0) -> int:
+    """Replay the ops kept in `callback.journal` (written by this sweep's callbacks during an
+    MLflow outage), waiting up to `wait_s` for the store to answer. Returns how many were
+    replayed; raises EmbedtuneError naming the journal when some could not be."""
+    from embedtune.errors import EmbedtuneError
+
+    journal = callback.journal
+    if journal is None or not journal.exists():
+        return 0
+    callback.pending = json.loads(journal.read_text())
+    total = len(callback.pending)
+    deadline = time.time() + wait_s
+    if wait_s > 0 and not callback.flush(force=True):
+        print(
+            f"[embedtune] waiting up to {wait_s:.0f} s for MLflow at {redact(callback.tracking_uri)} "
+            f"({len(callback.pending)} record(s) kept)",
+            flush=True,
+        )
+    while not callback.flush(force=True) and time.time() < deadline:
+        time.sleep(min(5.0, max(0.1, deadline - time.time())))
+    if callback.pending:
+        raise EmbedtuneError(
+            f"MLflow at {redact(callback.tracking_uri)} does not answer: {len(callback.pending)} record(s) "
+            f"of finished trials are kept in {journal}; when it is back, run the same command again: "
+            "it replays them (finished trials are not rerun)"
+        )
+    callback.outage_since = None
+    return total
+
+
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial config as JSON-safe values (it goes into the journal)."""
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _checkpoint_uri(checkpoint) -> str:
+    """A path (local storage) or URI (remote storage) that `Checkpoint(...)` opens again."""
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local") if fs is not None else "local"
+    return checkpoint.path if kind == "local" or "://" in checkpoint.path else f"{kind}://{checkpoint.path}"
 
 
 def _error_line(error_file: str) -> str | None:

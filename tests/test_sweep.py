@@ -164,39 +164,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
+class MlflowServer:
+    """A real `mlflow server` on a loopback port with a SQLite store, in its own process group so
+    that `kill()` takes it away (workers included) like a crashed server; `start()` brings it
+    back on the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = root / "server-artifacts"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        self.proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.artifacts)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )  # fmt: skip
+        deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
             except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not start")
-        yield uri, tmp_path / "server-artifacts"
+                time.sleep(0.3)
+        raise RuntimeError("mlflow server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers: all ours
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.kill()
 
 
 @pytest.mark.slow
 def test_sweep_against_loopback_tracking_server(tmp_path: Path, mlflow_server, capfd) -> None:
-    uri, artifacts = mlflow_server
+    uri, artifacts = mlflow_server.uri, mlflow_server.artifacts
     # A credential in the tracking URI (basic auth to a shared server) must reach neither MLflow
     # params nor the output.
     secret = "PLANTED-s3cret-4242"
@@ -218,6 +235,109 @@ def test_sweep_against_loopback_tracking_server(tmp_path: Path, mlflow_server, c
         assert secret not in logged
     out, err = capfd.readouterr()
     assert secret not in out and secret not in err
+
+
+def test_callback_keeps_records_through_a_server_outage_and_replays_them(
+    tmp_path: Path, mlflow_server, capsys
+) -> None:
+    """The tracking server dies between two epochs of a trial: the callback keeps the records (in
+    memory and in its journal), says so once, and replays them in order when the server is back."""
+    uri = mlflow_server.uri
+    exp = tracking.ensure_experiment(uri, "outage", None)
+    parent = tracking.start_parent_run(uri, exp, None, "p")
+    journal = tmp_path / "pending.json"
+    cb = tracking.MlflowTrialCallback(uri, exp, parent, {("m", "d"): {"ir_recall_at_10": 0.5}},
+                                      log_models=False, journal=journal, retry_every_s=0)  # fmt: skip
+    t = SimpleNamespace(trial_id="t1", config={"model": "m", "dataset": "d", "epochs": 3, "lr": 1e-5},
+                        last_result={"epoch": 3, "time_total_s": 9.0}, checkpoint=None, error_file=None)  # fmt: skip
+    cb.on_trial_start(0, [], t)
+    cb.on_trial_result(0, [], t, {"epoch": 1, "ir_recall_at_10": 0.6})
+    assert not journal.exists()
+
+    mlflow_server.kill()
+    cb.on_trial_result(0, [], t, {"epoch": 2, "ir_recall_at_10": 0.7})  # no exception: training goes on
+    cb.on_trial_result(0, [], t, {"epoch": 3, "ir_recall_at_10": 0.8})
+    out = capsys.readouterr().out
+    assert out.count("WARNING: MLflow at") == 1 and "training goes on" in out and str(journal) in out
+    assert [op["epoch"] for op in json.loads(journal.read_text())] == [2, 3]  # kept on disk, in order
+
+    mlflow_server.start()
+    cb.on_trial_complete(0, [], t)  # the server answers again: the kept records go first
+    assert "replayed 2 kept record(s)" in capsys.readouterr().out
+    assert not journal.exists() and cb.pending == []
+    client = MlflowClient(uri)
+    run = client.get_run(cb.run_ids["t1"])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "ir_recall_at_10")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8)
+    ]  # fmt: skip
+    # (An outage that outlasts the trials: test_sweep_survives_the_tracking_server_going_away.)
+
+
+@pytest.mark.slow
+def test_sweep_survives_the_tracking_server_going_away(tmp_path: Path, mlflow_server) -> None:
+    """End to end: the server is killed while a sweep trains. Training goes on, the command
+    fails loudly naming the kept records; rerun with the server back, it replays them, reruns no
+    trial, and every trial run has all its epochs."""
+    raw = tiny_spec("outage", models=["paraphrase-MiniLM-L3-v2"], search={"epochs": [3], "batch_size": [16]},
+                    mlflow={"tracking_uri": mlflow_server.uri, "experiment": "embedtune-outage",
+                            "log_models": False, "outage_wait_s": 2})  # fmt: skip
+    spec_file = tmp_path / "outage.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedtune.cli",
+        "sweep",
+        str(spec_file),
+        "--run-dir",
+        str(run_dir),
+        "--no-final",
+    ]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    client = MlflowClient(mlflow_server.uri)
+    try:
+        # Kill the server once the first trial has an MLflow run and has reported an epoch.
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if any((d / "result.json").exists() and (d / "result.json").stat().st_size
+                   for d in (run_dir / "tune").glob("*")):  # fmt: skip
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        mlflow_server.kill()
+        assert proc.wait(timeout=400) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = (tmp_path / "first.log").read_text()
+    assert "training goes on" in first, first[-3000:]
+    last_line = first.strip().splitlines()[-1]
+    assert last_line.startswith("embedtune: error: MLflow at") and "mlflow_pending.json" in last_line, first[
+        -3000:
+    ]
+    trials = json.loads((run_dir / "trials.json").read_text())
+    assert [t["status"] for t in trials] == ["FINISHED"]  # training went on
+    kept = json.loads((run_dir / "mlflow_pending.json").read_text())
+    assert [op["op"] for op in kept][-1] == "close" and any(op["op"] == "result" for op in kept)
+    durations = {t["trial_id"]: t["duration_s"] for t in trials}
+
+    mlflow_server.start()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "replayed" in second.stdout and not (run_dir / "mlflow_pending.json").exists()
+    trials = json.loads((run_dir / "trials.json").read_text())
+    assert {t["trial_id"]: t["duration_s"] for t in trials} == durations  # no trial reran
+    parents, children = _children(client, "embedtune-outage")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    for t in trials:
+        assert t["mlflow_run_id"]
+        steps = sorted(m.step for m in client.get_metric_history(t["mlflow_run_id"], "ir_recall_at_10"))
+        assert steps == list(range(t["epochs"] + 1)), (t["trial_id"], steps)  # nothing lost
 
 
 @pytest.mark.slow
