@@ -12,6 +12,7 @@ directories it made are removed with it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from pathlib import Path
 
 # Directories made by `init` for the Ray it started; removed by `shutdown`.
 _owned_dirs: list[Path] = []
+# Marks a directory as made by the embedtune process (PID, start time) written inside.
+OWNER_FILE = "embedtune-owner"
 
 BOOTSTRAP = "# written by embedtune: marks a manually started cluster so Ray skips cloud detection\nprovider:\n  type: local\n"
 
@@ -109,6 +112,7 @@ def init(
         with _keep_loopback(address):
             ray.init(address=address, log_to_driver=True, **kwargs)
         return False
+    remove_stale_dirs()
     home = private_home()
     # Set for the whole driver too: worker processes inherit it, and Tune reads ~/ray_bootstrap_config.yaml.
     for key, value in ray_process_env(home).items():
@@ -117,6 +121,8 @@ def init(
     # Short: Ray's socket paths are length-limited.
     temp_dir = Path(tempfile.mkdtemp(prefix="etray-", dir="/tmp"))
     _owned_dirs.extend([home, temp_dir])
+    for made in (home, temp_dir):
+        _mark_owned(made)
     with patched_environ({"HOME": str(home)}):
         ray.init(
             num_cpus=num_cpus,
@@ -129,6 +135,37 @@ def init(
             **kwargs,
         )
     return True
+
+
+def _mark_owned(path: Path) -> None:
+    import psutil
+
+    me = psutil.Process()
+    (path / OWNER_FILE).write_text(f"{me.pid} {me.create_time()}")
+
+
+def _owner_alive(path: Path) -> bool:
+    import psutil
+
+    try:
+        pid, started = (path / OWNER_FILE).read_text().split()
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1e-3
+    except (OSError, ValueError, psutil.Error):
+        return False
+
+
+def remove_stale_dirs(roots: tuple[Path, ...] | None = None) -> list[Path]:
+    """Remove the private HOMEs and temp dirs of local Rays whose embedtune process died without
+    `shutdown` (killed: SIGKILL, OOM); Ray's own processes die with it (they share its fate).
+    Only directories carrying an owner mark of a dead process are touched."""
+    gone = []
+    roots = roots or tuple({Path("/tmp"), Path(tempfile.gettempdir())})
+    for root, pattern in itertools.product(roots, ("etray-*", "embedtune-rayhome-*")):
+        for path in root.glob(pattern):
+            if (path / OWNER_FILE).exists() and not _owner_alive(path):
+                shutil.rmtree(path, ignore_errors=True)
+                gone.append(path)
+    return gone
 
 
 def shutdown() -> None:

@@ -44,3 +44,20 @@ def test_private_home_and_process_env(tmp_path) -> None:
     assert env["HOME"] == str(home)
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
     assert env["RAY_AUTH_MODE"] in ("disabled", "token")
+
+
+def test_stale_dirs_of_dead_owners_are_removed_live_and_foreign_ones_kept(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live, foreign = tmp_path / "etray-stale", tmp_path / "etray-live", tmp_path / "etray-foreign"
+    for d in (stale, live, foreign):
+        d.mkdir()
+        (d / "session_latest").mkdir()
+    (stale / ray_env.OWNER_FILE).write_text(f"{dead.pid} 1.0")  # its process is gone
+    ray_env._mark_owned(live)  # this process: alive
+    # foreign: no owner mark (another tool's, or a user's): never touched
+    assert ray_env.remove_stale_dirs((tmp_path,)) == [stale]
+    assert not stale.exists() and live.exists() and foreign.exists()

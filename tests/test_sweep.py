@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from embedtune import tracking
+from embedtune import ray_env, tracking
 from embedtune.config import parse_spec
 from embedtune.sweep import run_sweep
 
@@ -340,10 +341,30 @@ def test_sweep_survives_the_tracking_server_going_away(tmp_path: Path, mlflow_se
         assert steps == list(range(t["epochs"] + 1)), (t["trial_id"], steps)  # nothing lost
 
 
+def _epochs_reported(trial_dir: Path) -> list[int]:
+    path = trial_dir / "result.json"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line)["epoch"] for line in text.splitlines() if line.strip()]
+
+
+def _ray_processes_of(temp_dir: Path) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(temp_dir) in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+    return found
+
+
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
+def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
+    """Ctrl-C, then SIGKILL of the resumed driver, then the same command once more: finished
+    trials are not rerun, the unfinished one continues from its kept checkpoint, MLflow has one
+    run per trial with the right status, and the killed driver's Ray leaves nothing behind."""
     raw = tiny_spec("resume", models=["paraphrase-MiniLM-L3-v2"], max_concurrent_trials=1,
-                    search={"epochs": [1, 3], "batch_size": [16]})  # fmt: skip
+                    search={"epochs": [1, 6], "batch_size": [16]})  # fmt: skip
     spec_file = tmp_path / "resume.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "run"
@@ -357,33 +378,61 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
         str(run_dir),
         "--no-final",
     ]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        # Interrupt once the 3-epoch trial has reported (and checkpointed) its first epoch.
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            # the driver has processed the epoch-1 result (and snapshotted the experiment with it)
-            if any((d / "result.json").exists() and (d / "result.json").stat().st_size
-                   for d in (run_dir / "tune").glob("*epochs=3*")):  # fmt: skip
-                time.sleep(1.0)
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) != 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+
+    def run_until(name: str, ready, sig: int) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None and not ready():
+                time.sleep(0.3)
+            assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+            proc.send_signal(sig)
+            assert proc.wait(timeout=120) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return proc
+
+    def long_trial() -> Path | None:
+        return next(iter((run_dir / "tune").glob("*epochs=6*")), None)
+
+    def reported(at_least: int):
+        """The 6-epoch trial has `at_least` epochs (and their checkpoints) in the storage path.
+        Tune copies results there with each snapshot of its experiment state (every second here:
+        TUNE_GLOBAL_CHECKPOINT_S), so what is there is what a killed driver's restore sees."""
+        return lambda: (t := long_trial()) is not None and len(_epochs_reported(t)) >= at_least
+
+    # 1. Ctrl-C once the 6-epoch trial has reported (and checkpointed) its first epoch.
+    run_until("first", reported(1), signal.SIGINT)
+    after_first = len(_epochs_reported(long_trial()))
+    assert after_first < 6
     state = json.loads((run_dir / "sweep_state.json").read_text())
     assert state["finished"] is False
     client = MlflowClient(state["tracking_uri"])
     _, children = _children(client, "embedtune-resume")
     assert all(c.info.status != "RUNNING" for c in children)  # interrupted runs are closed, not left RUNNING
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming sweep" in second.stdout
+    # 2. The same command resumes; SIGKILL it (no cleanup at all) after two more epochs.
+    second = run_until("second", reported(after_first + 2), signal.SIGKILL)
+    assert second.returncode == -signal.SIGKILL
+    assert "resuming sweep" in (tmp_path / "second.log").read_text()
+    owned = [d for d in Path("/tmp").glob("etray-*")
+             if (d / ray_env.OWNER_FILE).exists() and (d / ray_env.OWNER_FILE).read_text().split()[0] == str(second.pid)]  # fmt: skip
+    assert len(owned) == 1  # the killed driver's local Ray: its processes die with it ...
+    deadline = time.time() + 60
+    while _ray_processes_of(owned[0]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes_of(owned[0])
+    kept = sorted(long_trial().glob("checkpoint_*"))
+    assert kept and all((c / "model" / "model.safetensors").exists() for c in kept)  # checkpoints intact
+
+    # 3. Once more: it finishes, and removes the killed run's leftovers.
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "resuming sweep" in third.stdout
+    assert not owned[0].exists()  # ... and its files go at the next start
     trials = json.loads((run_dir / "trials.json").read_text())
     assert [t["status"] for t in trials] == ["FINISHED", "FINISHED"]
     parents, children = _children(client, "embedtune-resume")
@@ -391,9 +440,8 @@ def test_interrupted_sweep_resumes_without_duplicates(tmp_path: Path) -> None:
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)  # one run per trial
     for t in trials:
         (trial_dir,) = (run_dir / "tune").glob(f"*{t['trial_id']}*")
-        epochs = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()]
-        # the finished trial was not rerun; the unfinished one continued from its checkpoint
-        assert epochs == list(range(1, t["epochs"] + 1)), (t["trial_id"], epochs)
+        # the finished trial was not rerun; the unfinished one continued from its checkpoints
+        assert _epochs_reported(trial_dir) == list(range(1, t["epochs"] + 1)), t["trial_id"]
         run = next(c for c in children if c.data.tags[tracking.TRIAL_TAG] == t["trial_id"])
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "ir_recall_at_10"))
         assert steps == list(range(t["epochs"] + 1))
