@@ -6,6 +6,8 @@ agents; the worker joins the head's GCS over 127.0.0.1) run small real sweeps th
 
 - trials land on both nodes (the trial data travels through the object store from the head), and
   trials.json has the shape of a local run of the same spec;
+- a third node is SIGKILLed under a running trial: Tune retries it on a remaining node from its
+  last checkpoint (FailureConfig) and it finishes, its epochs continuing;
 - `resources: {gpu: 0.5}` reaches Tune: on a node declaring one (logical) GPU, two trials run at
   the same time and each sees CUDA_VISIBLE_DEVICES (training itself runs on CPU: torch sees no
   CUDA device here);
@@ -82,13 +84,24 @@ def _real_home_ray_files() -> dict[str, float]:
 
 
 class LoopbackCluster:
-    def __init__(self, cluster, base: Path, home: Path, env: dict[str, str]):
+    def __init__(self, cluster, base: Path, home: Path, env: dict[str, str], node_args: dict, node_env: dict):
         self.cluster = cluster
         self.base = base
         self.home = home
         self.env = env
+        self.node_args = node_args
+        self.node_env = node_env
         self.head = cluster.head_node
         (self.worker,) = cluster.worker_nodes
+
+    def add_node(self, **kwargs):
+        """One more worker node (its own raylet and object store) joining the head over loopback."""
+        from embedtune import ray_env
+
+        with ray_env.patched_environ(self.node_env):
+            node = self.cluster.add_node(**self.node_args, **kwargs)
+        self.cluster.wait_for_nodes()
+        return node
 
     @property
     def address(self) -> str:
@@ -168,7 +181,7 @@ def loopback_cluster():
                     **node_args,
                 )
             cluster.wait_for_nodes()
-            yield LoopbackCluster(cluster, base, home, env)
+            yield LoopbackCluster(cluster, base, home, env, node_args, node_env)
         finally:
             import ray
 
@@ -403,3 +416,87 @@ def test_ray_job_submit_runs_the_sweep_on_the_head(loopback_cluster, tmp_path):
     assert {r["system/node_id"] for rs in rows.values() for r in rs} <= {c.head.node_id, c.worker.node_id}
     state = json.loads((run_dir / "sweep_state.json").read_text())
     assert state["finished"] is True
+
+
+def test_trial_survives_its_node_being_killed(loopback_cluster, tmp_path):
+    """A third node joins; the head's and the worker's CPUs are held so the trial starts there;
+    once it has reported (and checkpointed) an epoch, that node is killed (SIGKILL of its raylet
+    and workers). Tune retries the trial (FailureConfig max_failures) on a remaining node from
+    its last checkpoint, and it finishes: epochs continue, nothing is trained twice."""
+    import subprocess
+
+    import ray
+    import yaml
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from embedtune import ray_env
+
+    c = loopback_cluster
+    victim = c.add_node(num_cpus=1, resources={"embedtune_test_victim": 1})
+    raw = _raw_spec("cluster-node-loss", {"cpu": 1, "gpu": 0}, epochs=[5], seeds=[42], smaller=True)
+    raw["datasets"][0]["max_train_pairs"] = 64
+    raw["max_failures"] = 1
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    # Tune copies results to the storage path with each experiment snapshot: every second here.
+    env = {**os.environ, "RAY_ADDRESS": c.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedtune.cli",
+        "sweep",
+        str(spec_file),
+        "--run-dir",
+        str(run_dir),
+        "--no-final",
+    ]
+
+    ray_env.init(address=c.address)
+    proc = None
+    try:
+
+        @ray.remote(num_cpus=1)
+        class Hold:
+            def ready(self) -> bool:
+                return True
+
+        holds = [Hold.options(resources={r: 0.01}).remote() for r in (HEAD_RESOURCE, WORKER_RESOURCE)]
+        ray.get([h.ready.remote() for h in holds])  # the only free CPU is the new node's
+        log = open(tmp_path / "sweep.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            rows = [r for rs in _results(run_dir).values() for r in rs]
+            if rows:
+                break
+            time.sleep(0.2)
+        assert rows, (tmp_path / "sweep.log").read_text()[-3000:]
+        assert {r["system/node_id"] for r in rows} == {victim.node_id}
+        assert len(rows) < 5  # still training
+        for h in holds:
+            ray.kill(h)  # room on the remaining nodes for the retry
+        c.cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: raylet, object store, trial
+        assert proc.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        ray.shutdown()
+    _disconnect_and_check_released(c.address)
+
+    trials = json.loads((run_dir / "trials.json").read_text())
+    assert [t["status"] for t in trials] == ["FINISHED"] and trials[0]["epochs_done"] == 5
+    (rows,) = _results(run_dir).values()
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]  # continued from its checkpoint, not redone
+    nodes = [r["system/node_id"] for r in rows]
+    assert nodes[0] == victim.node_id and nodes[-1] in {c.head.node_id, c.worker.node_id}, nodes
+    restarted = [r["epoch"] for r in rows if r["iterations_since_restore"] == 1]
+    assert restarted[0] == 1 and len(restarted) == 2, rows  # one restore, after the first epoch(s)
+    (trial,) = tune.ExperimentAnalysis(str(run_dir / "tune")).trials
+    assert trial.run_metadata.num_failures == 1
+    client = MlflowClient(json.loads((run_dir / "sweep_state.json").read_text())["tracking_uri"])
+    run = client.get_run(trials[0]["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "ir_recall_at_10"))
+    assert steps == [0, 1, 2, 3, 4, 5]  # one MLflow run, one point per epoch
