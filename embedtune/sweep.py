@@ -894,7 +894,9 @@ def collect_trials(
                 "dataset": cfg.get("dataset"),
                 **{k: cfg.get(k) for k in HYPERPARAMS},
                 "status": status,
-                "error": str(result.error).splitlines()[0][:300] if result.error else None,
+                "error": tracking.redact(tracking.exception_line(str(result.error)) or "")[:300] or None
+                if result.error
+                else None,
                 "duration_s": float(metrics.get("time_total_s", 0.0) or 0.0),
                 "gpu_seconds": metrics.get("gpu_seconds"),
                 "epochs_done": done,

@@ -507,9 +507,14 @@ def _checkpoint_uri(checkpoint) -> str:
 def _error_line(error_file: str) -> str | None:
     """The exception line of a trial's error file (Tune writes the traceback), if readable."""
     try:
-        lines = [ln.strip() for ln in Path(error_file).read_text(errors="replace").splitlines() if ln.strip()]
+        return exception_line(Path(error_file).read_text(errors="replace"))
     except OSError:
         return None
+
+
+def exception_line(traceback_text: str) -> str | None:
+    """The line of a traceback (or Ray's wrapped error text) that says what was raised."""
+    lines = [ln.strip() for ln in traceback_text.splitlines() if ln.strip()]
     found = [ln for ln in lines if "Error:" in ln or "Exception:" in ln]
     return (found or lines or [None])[-1]
 

@@ -140,6 +140,22 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Fault injection for reliability tests (like Ray's RAY_testing_* switches): the models named here
+# (comma-separated, as in a spec's `models:`) get NaN weights as they are loaded for training, so
+# their loss really goes NaN in the real trainer. Never set in normal use.
+FAULT_ENV = "EMBEDTUNE_FAULT_NAN_WEIGHTS"
+
+
+def _inject_fault(model, name: str) -> None:
+    poisoned = {m.strip() for m in os.environ.get(FAULT_ENV, "").split(",") if m.strip()}
+    if name in poisoned:
+        import torch
+
+        log.warning("%s: poisoning the weights of %s", FAULT_ENV, name)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+
+
 def train(
     config: TrainConfig,
     data: PreparedData,
@@ -183,6 +199,7 @@ def train(
     source = resolve_model(config.model) if resume_from is None else Path(resume_from)
     model = SentenceTransformer(str(source), device=device)
     truncate(model, config.max_seq_length)
+    _inject_fault(model, config.model)
 
     if config.hard_negatives:
         train_ds = triplets.train.select_columns(["anchor", "positive", "negative"])

@@ -448,15 +448,21 @@ def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_failed_final_stage_closes_the_sweep_run_and_rerun_redoes_only_it(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_poisoned_trial_fails_alone_and_failed_final_stage_is_redone(tmp_path: Path, monkeypatch) -> None:
+    """One trial's loss really goes NaN (its model's weights poisoned as it loads for training):
+    that trial is FAILED in trials.json and MLflow with the reason, the other finishes. Then the
+    final stage fails: the sweep's run is closed FAILED, and the same command redoes only what
+    is not done (the failed config is tried again, and fails again) and the final stage ranks the
+    rest."""
     import embedtune.finalize
+    from embedtune.train import FAULT_ENV
 
-    raw = tiny_spec("finalfail", models=["paraphrase-MiniLM-L3-v2"], search={"epochs": [1], "batch_size": [16]},
-                    final={"cross_encoder": None, "registry": False, "probe_size": 0,
+    monkeypatch.setenv(FAULT_ENV, "all-MiniLM-L6-v2")  # the local Ray's trial processes inherit it
+    raw = tiny_spec("finalfail", search={"epochs": [1], "batch_size": [16]}, max_failures=0,
+                    final={"cross_encoder": None, "registry": False, "probe_size": 0, "top_k": 0,
                            "eval": {"query_types": ["vector"], "rerankers": ["none"]}})  # fmt: skip
     spec = parse_spec(raw)
+    real_final = embedtune.finalize.run_final_stage
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -466,17 +472,33 @@ def test_failed_final_stage_closes_the_sweep_run_and_rerun_redoes_only_it(
         run_sweep(spec, tmp_path / "run")
     client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     parents, children = _children(client, spec.experiment)
-    assert [p.info.status for p in parents] == ["FAILED"] and [c.info.status for c in children] == [
-        "FINISHED"
-    ]
-    duration = json.loads((tmp_path / "run" / "trials.json").read_text())[0]["duration_s"]
+    assert [p.info.status for p in parents] == ["FAILED"]
+    status = {c.data.params["model"]: c for c in children}
+    assert {m: c.info.status for m, c in status.items()} == {
+        "all-MiniLM-L6-v2": "FAILED", "paraphrase-MiniLM-L3-v2": "FINISHED"
+    }  # fmt: skip
+    assert "loss went nan" in status["all-MiniLM-L6-v2"].data.tags["embedtune.error"]
+    trials = {t["model"]: t for t in json.loads((tmp_path / "run" / "trials.json").read_text())}
+    assert (
+        trials["all-MiniLM-L6-v2"]["status"] == "FAILED" and "diverged" in trials["all-MiniLM-L6-v2"]["error"]
+    )
+    assert trials["all-MiniLM-L6-v2"]["best_checkpoint"] is None
+    duration = trials["paraphrase-MiniLM-L3-v2"]["duration_s"]
 
-    monkeypatch.undo()
+    monkeypatch.setattr(embedtune.finalize, "run_final_stage", real_final)
     result = run_sweep(spec, tmp_path / "run")
     assert result.resumed and result.final is not None and result.final.files["leaderboard_md"].exists()
-    assert result.trials[0]["duration_s"] == duration  # the finished trial was not rerun
+    by_model = {t["model"]: t for t in result.trials}
+    assert by_model["paraphrase-MiniLM-L3-v2"]["duration_s"] == duration  # the finished trial was not rerun
+    assert by_model["all-MiniLM-L6-v2"]["status"] == "FAILED"  # tried again: still poisoned
+    import pandas as pd
+
+    board = pd.read_csv(result.final.files["leaderboard_csv"])
+    tuned = board[board["kind"] == "tuned"]
+    assert len(tuned) and set(tuned["model"].str.startswith("paraphrase-MiniLM-L3-v2")) == {True}
+    assert set(board[board["kind"] == "base"]["model"]) == {"all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"}
     parents, children = _children(client, spec.experiment)
-    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 1
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 2  # one run per config
 
 
 # ---------------------------------------------------------------- idempotent sweeps
