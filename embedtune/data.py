@@ -281,6 +281,11 @@ def load_pairs(spec: DataSpec) -> tuple[list[tuple[str, str]], list[str]]:
             pairs.append((q, a))
     if not pairs:
         raise EmbedtuneError(f"{spec.source} has no non-empty (question, answer) pairs after cleaning")
+    if len(pairs) == 1 and len(raw_pairs) > 1:
+        raise EmbedtuneError(
+            f"{spec.source}: all {len(raw_pairs)} rows are one (question, answer) pair after dropping duplicate "
+            "and empty rows; point at data with distinct pairs"
+        )
     if spec.max_pairs and len(pairs) > spec.max_pairs:
         pairs = _sample_by_group(pairs, spec.max_pairs, spec.seed)
     return pairs, [d.strip() for d in extra if d and d.strip()]

@@ -561,6 +561,12 @@ def run_sweep(
                 f"{data.fingerprint}); use another --run-dir or --fresh"
             )
         datasets[data.label] = data
+        if final and spec.final.enabled and spec.final.eval.depth > len(data.corpus):
+            raise EmbedtuneError(
+                f"final.eval.ks: k={spec.final.eval.depth} is larger than the eval corpus of {data.label} "
+                f"({len(data.corpus)} documents); lower ks (MRR@10 / nDCG@10 need at least 10 documents) "
+                "or raise the dataset's eval_size"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "data").mkdir(exist_ok=True)
     (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
