@@ -162,6 +162,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         rerankers=args.rerankers,
         ks=args.ks,
         max_seq_length=args.max_seq_length,
+        overfetch=args.overfetch,
     )
     spec = _validated(
         FinalSpec,
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", nargs="+", type=int, help="hit@k cut-offs (default: 1 5 10)")
     p.add_argument(
         "--max-seq-length", type=int, help="truncate every model's inputs to this many tokens (default: own)"
+    )
+    p.add_argument(
+        "--overfetch", type=int, help="a reranker sees k x this many candidates per query (default: 4)"
     )
     p.add_argument(
         "--cross-encoder", default="train", help="'train' (default), a cross-encoder dir or hub id, or none"

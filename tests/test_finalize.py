@@ -214,7 +214,7 @@ def test_cli_evaluate_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "ev"
     argv = ["evaluate", "--models", "all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2", "--data", "medquad-sample",
-            "--eval-size", "60", "--max-pairs", "300", "--out", str(out), "--probe-size", "40",
+            "--eval-size", "40", "--max-pairs", "200", "--out", str(out), "--probe-size", "20", "--overfetch", "1",
             "--query-types", "vector", "hybrid"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -231,7 +231,7 @@ def test_cli_evaluate_end_to_end(tmp_path, capsys):
         ("hybrid", "linear"),
         ("vector", "cross-encoder"),
     } <= combos
-    assert (board["n_queries"] == 60).all()
+    assert (board["n_queries"] == 40).all()
     assert (board["delta_hit_at_10"] == 0).all()
     assert (out / "report" / "plots" / "best_combinations.png").exists()
     assert (out / "data" / "medquad-sample.json").exists()
