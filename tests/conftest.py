@@ -84,3 +84,19 @@ def small_triplets(small_data, negatives_cache):
     from embedtune.negatives import MiningSpec, mine
 
     return mine(small_data, MiningSpec(**SMALL_MINING), cache_dir=negatives_cache)
+
+
+@pytest.fixture
+def sweep_command(tmp_path: Path):
+    """make(raw_spec, name) -> (argv of `embedtune sweep SPEC --run-dir RUN --no-final`, RUN):
+    the spec written as YAML under tmp_path, for tests that run, kill and rerun the real CLI."""
+    import yaml
+
+    def make(raw: dict, name: str = "spec") -> tuple[list[str], Path]:
+        spec_file = tmp_path / f"{name}.yaml"
+        spec_file.write_text(yaml.safe_dump(raw))
+        run_dir = tmp_path / "run"
+        cmd = [sys.executable, "-m", "embedtune.cli", "sweep", str(spec_file), "--run-dir", str(run_dir)]
+        return [*cmd, "--no-final"], run_dir
+
+    return make

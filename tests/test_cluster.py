@@ -418,7 +418,7 @@ def test_ray_job_submit_runs_the_sweep_on_the_head(loopback_cluster, tmp_path):
     assert state["finished"] is True
 
 
-def test_trial_survives_its_node_being_killed(loopback_cluster, tmp_path):
+def test_trial_survives_its_node_being_killed(loopback_cluster, tmp_path, sweep_command):
     """A third node joins; the head's and the worker's CPUs are held so the trial starts there;
     once it has reported (and checkpointed) an epoch, that node is killed (SIGKILL of its raylet
     and workers). Tune retries the trial (FailureConfig max_failures) on a remaining node from
@@ -426,7 +426,6 @@ def test_trial_survives_its_node_being_killed(loopback_cluster, tmp_path):
     import subprocess
 
     import ray
-    import yaml
     from mlflow import MlflowClient
     from ray import tune
 
@@ -437,21 +436,9 @@ def test_trial_survives_its_node_being_killed(loopback_cluster, tmp_path):
     raw = _raw_spec("cluster-node-loss", {"cpu": 1, "gpu": 0}, epochs=[5], seeds=[42], smaller=True)
     raw["datasets"][0]["max_train_pairs"] = 64
     raw["max_failures"] = 1
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(raw))
-    run_dir = tmp_path / "run"
+    cmd, run_dir = sweep_command(raw, "spec")
     # Tune copies results to the storage path with each experiment snapshot: every second here.
     env = {**os.environ, "RAY_ADDRESS": c.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "embedtune.cli",
-        "sweep",
-        str(spec_file),
-        "--run-dir",
-        str(run_dir),
-        "--no-final",
-    ]
 
     ray_env.init(address=c.address)
     proc = None
