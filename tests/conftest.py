@@ -100,3 +100,25 @@ def sweep_command(tmp_path: Path):
         return [*cmd, "--no-final"], run_dir
 
     return make
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory):
+    """The 2 models x 2 epoch counts sweep of specs.tiny_spec, run once per session (SQLite store,
+    models logged): test_sweep checks its records, test_mlflow_ui browses its MLflow store."""
+    from types import SimpleNamespace
+
+    from specs import tiny_spec
+
+    from embedtune.config import parse_spec
+    from embedtune.sweep import run_sweep
+
+    def leftovers() -> set[Path]:
+        return {*Path("/tmp").glob("etray-*"), *Path("/tmp").glob("embedtune-*")}
+
+    spec = parse_spec(tiny_spec("grid2x2"))
+    run_dir = tmp_path_factory.mktemp("grid2x2") / "run"
+    before = leftovers()
+    result = run_sweep(spec, run_dir, final=False)
+    return SimpleNamespace(spec=spec, result=result, run_dir=run_dir, leftovers_before=before,
+                           leftovers_after=leftovers())  # fmt: skip

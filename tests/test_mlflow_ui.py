@@ -1,7 +1,7 @@
 """The user's view: the MLflow UI on the SQLite store of a finished small sweep, in headless Chromium.
 
-A real two-trial sweep (one model, 1 and 2 epochs) runs in-process into a temp run dir; `mlflow ui`
-serves its `mlflow.db` on a loopback port; Playwright drives Debian's `chromium` (the system binary,
+The session's small real sweep (conftest.grid_sweep: 2 models x 1 and 2 epochs, SQLite store);
+`mlflow ui` serves its `mlflow.db` on a loopback port; Playwright drives Debian's `chromium` (the system binary,
 installed by `make setup`; Playwright never downloads a browser) and checks what a user would see:
 
 * the experiment page shows the experiment's name, and its runs table the sweep's parent run with
@@ -49,9 +49,6 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from embedtune.config import parse_spec
-from embedtune.sweep import run_sweep
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,27 +83,6 @@ UI_PREFERENCES = {
     "mlflow.assistant.panelOpen_v1": False,
     "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True,
     "mlflow.detectIssues.guidanceShown_v1": True,
-}
-
-SWEEP = {
-    "name": "uitest",
-    "datasets": [
-        {
-            "name": "medquad",
-            "source": "medquad-sample",
-            "max_pairs": 200,
-            "eval_size": 30,
-            "max_train_pairs": 48,
-        }
-    ],
-    "models": ["paraphrase-MiniLM-L3-v2"],
-    "search": {"epochs": [1, 2], "batch_size": [16], "lr": [5e-5]},
-    "train": {"max_seq_length": 48},
-    "scheduler": {"type": "none"},
-    "max_concurrent_trials": 2,
-    "checkpoints": {"keep": 1},
-    "final": {"enabled": False},
-    "mlflow": {"log_models": False},
 }
 
 
@@ -153,11 +129,10 @@ def _is_loopback_url(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> FinishedSweep:
-    run_dir = tmp_path_factory.mktemp("uitest") / "run"
-    spec = parse_spec(SWEEP)
-    result = run_sweep(spec, run_dir, final=False)
-    db = run_dir / "mlflow.db"
+def finished_sweep(grid_sweep) -> FinishedSweep:
+    """The session's small real sweep (conftest.grid_sweep: 2 models x 1 and 2 epochs)."""
+    spec, result = grid_sweep.spec, grid_sweep.result
+    db = grid_sweep.run_dir / "mlflow.db"
     assert result.tracking_uri == f"sqlite:///{db}" and db.exists()
     client = MlflowClient(result.tracking_uri)
     experiment = client.get_experiment_by_name(spec.experiment)
@@ -169,7 +144,7 @@ def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> FinishedSweep:
         for r in runs
         if r.data.tags.get("embedtune.kind") == "trial"
     ]
-    assert len(parents) == 1 and len(trials) == 2, [r.info.run_name for r in runs]
+    assert len(parents) == 1 and len(trials) == 4, [r.info.run_name for r in runs]
     assert all(r.info.status == "FINISHED" for r in runs)
     return FinishedSweep(
         db,

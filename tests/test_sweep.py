@@ -16,35 +16,12 @@ from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
+from specs import TINY_DATA, tiny_spec
 
 from embedtune import ray_env, tracking
 from embedtune.config import parse_spec
 from embedtune.errors import EmbedtuneError
 from embedtune.sweep import run_sweep
-
-TINY_DATA = {
-    "name": "medquad",
-    "source": "medquad-sample",
-    "max_pairs": 200,
-    "eval_size": 30,
-    "max_train_pairs": 48,
-}
-
-
-def tiny_spec(name: str, **overrides) -> dict:
-    raw = {
-        "name": name,
-        "datasets": [TINY_DATA],
-        "models": ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"],
-        "search": {"epochs": [1, 2], "batch_size": [16], "lr": [5e-5]},
-        "train": {"max_seq_length": 48},
-        "scheduler": {"type": "none"},
-        "max_concurrent_trials": 2,
-        "checkpoints": {"keep": 1},
-        "final": {"enabled": False},
-    }
-    raw.update(overrides)
-    return raw
 
 
 def _children(client: MlflowClient, experiment: str):
@@ -56,18 +33,15 @@ def _children(client: MlflowClient, experiment: str):
 
 
 @pytest.mark.slow
-def test_two_by_two_sweep_sqlite(tmp_path: Path) -> None:
-    spec = parse_spec(tiny_spec("grid2x2"))
-    tmp = Path("/tmp")
-    before = {*tmp.glob("etray-*"), *tmp.glob("embedtune-*")}
-    result = run_sweep(spec, tmp_path / "run", final=False)
+def test_two_by_two_sweep_sqlite(grid_sweep) -> None:
+    spec, result, run_dir = grid_sweep.spec, grid_sweep.result, grid_sweep.run_dir
     # The private Ray it started is gone with its temp dir, HOME and the trials' scratch.
     import ray
 
     assert not ray.is_initialized()
-    assert {*tmp.glob("etray-*"), *tmp.glob("embedtune-*")} <= before
+    assert grid_sweep.leftovers_after <= grid_sweep.leftovers_before
 
-    trials = json.loads((tmp_path / "run" / "trials.json").read_text())
+    trials = json.loads((run_dir / "trials.json").read_text())
     assert len(trials) == 4 == len(result.trials)
     assert {(t["model_label"], t["epochs"]) for t in trials} == {
         (m, e) for m in ("all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2") for e in (1, 2)
@@ -87,7 +61,7 @@ def test_two_by_two_sweep_sqlite(tmp_path: Path) -> None:
         assert len(list(trial_dir.glob("checkpoint_*"))) <= spec.checkpoints.keep
 
     client = MlflowClient(result.tracking_uri)
-    assert result.tracking_uri.startswith("sqlite:///") and (tmp_path / "run" / "mlflow.db").exists()
+    assert result.tracking_uri.startswith("sqlite:///") and (run_dir / "mlflow.db").exists()
     parents, children = _children(client, spec.experiment)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.params["git_commit"]

@@ -1,0 +1,27 @@
+"""Small real sweep specs shared by the tests (MedQuAD sample, tiny model budget)."""
+
+from __future__ import annotations
+
+TINY_DATA = {
+    "name": "medquad",
+    "source": "medquad-sample",
+    "max_pairs": 200,
+    "eval_size": 30,
+    "max_train_pairs": 48,
+}
+
+
+def tiny_spec(name: str, **overrides) -> dict:
+    raw = {
+        "name": name,
+        "datasets": [TINY_DATA],
+        "models": ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"],
+        "search": {"epochs": [1, 2], "batch_size": [16], "lr": [5e-5]},
+        "train": {"max_seq_length": 48},
+        "scheduler": {"type": "none"},
+        "max_concurrent_trials": 2,
+        "checkpoints": {"keep": 1},
+        "final": {"enabled": False},
+    }
+    raw.update(overrides)
+    return raw
