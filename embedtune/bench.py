@@ -100,7 +100,13 @@ def bench_eval(eval_data: Path, n_queries: int, corpus_rows: int, repeats: int, 
 
     from embedtune.data import DataSpec, prepare
     from embedtune.errors import EmbedtuneError
-    from embedtune.evaluate import per_query_metrics, retrieval_metrics, vector_leg, vector_leg_one
+    from embedtune.evaluate import (
+        per_query_metrics,
+        retrieval_metrics,
+        table_vectors,
+        vector_leg,
+        vector_leg_one,
+    )
     from embedtune.index import build_table, load_model
     from embedtune.models import resolve_model, truncate
 
@@ -132,9 +138,8 @@ def bench_eval(eval_data: Path, n_queries: int, corpus_rows: int, repeats: int, 
     relevant = [set(data.relevant[q]) for q in qids]
     ks = (5, 10)
     # the brute-force baseline's inputs (the corpus embeddings in memory), read outside its clock
-    rows = tbl.search().select(["id", "vector"]).limit(tbl.count_rows()).to_arrow()
-    corpus_ids = np.array(rows["id"].to_pylist())
-    corpus = np.stack(rows["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    ids, _, corpus = table_vectors(tbl)
+    corpus_ids = np.array(ids.to_pylist())
 
     def ours():
         ranked = [leg["id"].to_pylist() for leg in vector_leg(tbl, qv, 10)]
@@ -235,7 +240,7 @@ def bench_mining(spec, k: int, repeats: int, work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- training throughput
 
 
-def _plain_training(spec, model_ref: str, data, triplets, seed: int) -> float:
+def _plain_training(spec, model_ref: str, triplets, seed: int) -> float:
     """A plain sentence-transformers training script: same model, rows, batch, lr and threads as a
     trial, no Ray, no MLflow, no evaluator; samples/s on the same step clock as a trial."""
     import torch
@@ -300,7 +305,7 @@ def bench_throughput(spec, repeats: int, work: Path) -> dict[str, Any]:
     ]
     data = prepare(ds)
     triplets = mine(data, spec.mining)
-    plain_rates = [_plain_training(spec, model_ref, data, triplets, seed) for seed in range(1, repeats + 1)]
+    plain_rates = [_plain_training(spec, model_ref, triplets, seed) for seed in range(1, repeats + 1)]
     return {
         "trial_throughput_vs_plain": statistics.median(trial_rates) / statistics.median(plain_rates),
         "trial_samples_per_s": trial_rates,
@@ -316,20 +321,14 @@ def bench_sweep_local(spec, run_dir: Path) -> dict[str, Any]:
     """`make sweep-local` in this process: wall time, phases, concurrency, memory, disk. As on a
     fresh clone: the negatives and reranker caches start empty (a private EMBEDTUNE_HOME holding
     only the packaged models that `make setup` materialises)."""
+    from embedtune import ray_env
     from embedtune.sweep import run_sweep
 
     cold_home = run_dir.parent / "embedtune-home"
     cold_home.mkdir(parents=True, exist_ok=True)
     (cold_home / "models").symlink_to(env.home() / "models", target_is_directory=True)
-    before = os.environ.get("EMBEDTUNE_HOME")
-    os.environ["EMBEDTUNE_HOME"] = str(cold_home)
-    try:
+    with ray_env.patched_environ({"EMBEDTUNE_HOME": str(cold_home)}):
         t, result = _timed(lambda: run_sweep(spec, run_dir, resume=False))
-    finally:
-        if before is None:
-            os.environ.pop("EMBEDTUNE_HOME", None)
-        else:
-            os.environ["EMBEDTUNE_HOME"] = before
     trial_sum = sum(float(x["duration_s"] or 0) for x in result.trials)
     rss = [
         h["metrics"]["system/rss_mb"]

@@ -112,37 +112,43 @@ def _align(ranked_ids, relevant):
     return [list(r) for r in ranked_ids], _relevant_sets(ranked_ids, relevant)
 
 
+def _hit(ids, rel: set, k: int) -> float:
+    """1.0 when a relevant id is in the top k of one ranking, else 0.0."""
+    return 1.0 if any(d in rel for d in ids[:k]) else 0.0
+
+
+def _reciprocal_rank(ids, rel: set, k: int) -> float:
+    """1 / rank of the first relevant id within the top k of one ranking (0 if none)."""
+    return next((1 / rank for rank, d in enumerate(ids[:k], 1) if d in rel), 0.0)
+
+
+def _ndcg(ids, rel: set, k: int) -> float:
+    """Binary-relevance nDCG@k of one ranking (see ndcg_at_k)."""
+    dcg = sum(1 / math.log2(rank + 1) for rank, d in enumerate(ids[:k], 1) if d in rel)
+    idcg = sum(1 / math.log2(rank + 1) for rank in range(1, min(len(rel), k) + 1))
+    return dcg / idcg if idcg else 0.0
+
+
 def hit_rate_at_k(ranked_ids, relevant, k: int) -> float:
     """Share of queries with any relevant id in the top k. `ranked_ids`: list of rankings (or dict
     qid -> ranking); `relevant`: list of sets aligned with it (or dict qid -> ids)."""
     ranked, rel = _align(ranked_ids, relevant)
     if not ranked:
         raise ValueError("no queries")
-    return sum(any(d in r for d in ids[:k]) for ids, r in zip(ranked, rel, strict=True)) / len(ranked)
+    return sum(_hit(ids, r, k) for ids, r in zip(ranked, rel, strict=True)) / len(ranked)
 
 
 def mrr_at_k(ranked_ids, relevant, k: int = 10) -> float:
     """Mean over queries of 1 / rank of the first relevant id within the top k (0 if none)."""
     ranked, rel = _align(ranked_ids, relevant)
-    total = 0.0
-    for ids, r in zip(ranked, rel, strict=True):
-        for rank, d in enumerate(ids[:k], 1):
-            if d in r:
-                total += 1 / rank
-                break
-    return total / len(ranked)
+    return sum(_reciprocal_rank(ids, r, k) for ids, r in zip(ranked, rel, strict=True)) / len(ranked)
 
 
 def ndcg_at_k(ranked_ids, relevant, k: int = 10) -> float:
     """Binary-relevance nDCG@k: DCG = sum of 1/log2(rank+1) over relevant ids in the top k, divided by
     the ideal DCG of min(|relevant|, k) relevant ids at the top (as sentence-transformers computes it)."""
     ranked, rel = _align(ranked_ids, relevant)
-    total = 0.0
-    for ids, r in zip(ranked, rel, strict=True):
-        dcg = sum(1 / math.log2(rank + 1) for rank, d in enumerate(ids[:k], 1) if d in r)
-        idcg = sum(1 / math.log2(rank + 1) for rank in range(1, min(len(r), k) + 1))
-        total += dcg / idcg if idcg else 0.0
-    return total / len(ranked)
+    return sum(_ndcg(ids, r, k) for ids, r in zip(ranked, rel, strict=True)) / len(ranked)
 
 
 def per_query_metrics(ranked_ids, relevant, ks: Sequence[int] = (1, 5, 10)) -> dict[str, list[float]]:
@@ -150,17 +156,10 @@ def per_query_metrics(ranked_ids, relevant, ks: Sequence[int] = (1, 5, 10)) -> d
     hit_at_<k> (1.0 / 0.0) for every k, mrr_at_10 (1 / rank of the first relevant id in the top 10,
     else 0) and ndcg_at_10."""
     ranked, rel = _align(ranked_ids, relevant)
-    out: dict[str, list[float]] = {f"hit_at_{k}": [] for k in ks}
-    out["mrr_at_10"], out["ndcg_at_10"] = [], []
-    for ids, r in zip(ranked, rel, strict=True):
-        first = next((rank for rank, d in enumerate(ids[:10], 1) if d in r), None)
-        hit_rank = next((rank for rank, d in enumerate(ids, 1) if d in r), None)
-        for k in ks:
-            out[f"hit_at_{k}"].append(1.0 if hit_rank is not None and hit_rank <= k else 0.0)
-        out["mrr_at_10"].append(1 / first if first else 0.0)
-        dcg = sum(1 / math.log2(rank + 1) for rank, d in enumerate(ids[:10], 1) if d in r)
-        idcg = sum(1 / math.log2(rank + 1) for rank in range(1, min(len(r), 10) + 1))
-        out["ndcg_at_10"].append(dcg / idcg if idcg else 0.0)
+    pairs = list(zip(ranked, rel, strict=True))
+    out = {f"hit_at_{k}": [_hit(ids, r, k) for ids, r in pairs] for k in ks}
+    out["mrr_at_10"] = [_reciprocal_rank(ids, r, 10) for ids, r in pairs]
+    out["ndcg_at_10"] = [_ndcg(ids, r, 10) for ids, r in pairs]
     return out
 
 
@@ -431,6 +430,15 @@ class BatchedCrossEncoderReranker:
 # ---------------------------------------------------------------- entry point
 
 
+def check_depth(spec: EvalSpec, data, key: str = "ks") -> None:
+    """Every query returns spec.depth documents: refuse a corpus smaller than that."""
+    if spec.depth > len(data.corpus):
+        raise EmbedtuneError(
+            f"{key}: k={spec.depth} is larger than the corpus of {data.label} ({len(data.corpus)} documents): "
+            "lower ks (MRR@10 / nDCG@10 need at least 10 documents) or use a larger corpus (eval_size)"
+        )
+
+
 def _check_inputs(models: list[ModelEntry], data, spec: EvalSpec) -> None:
     from embedtune.index import check_model
 
@@ -442,11 +450,7 @@ def _check_inputs(models: list[ModelEntry], data, spec: EvalSpec) -> None:
         )
     if not data.corpus:
         raise EmbedtuneError(f"dataset {data.label} has an empty corpus: nothing to retrieve from")
-    if spec.depth > len(data.corpus):
-        raise EmbedtuneError(
-            f"k={spec.depth} is larger than the corpus of {data.label} ({len(data.corpus)} documents): "
-            "lower ks (MRR@10 / nDCG@10 need at least 10 documents) or use a larger corpus"
-        )
+    check_depth(spec, data)
     missing = [q for q in data.queries if not data.relevant.get(q)]
     unknown = {c for cs in data.relevant.values() for c in cs if c not in data.corpus}
     if missing or unknown:

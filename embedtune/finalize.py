@@ -452,7 +452,7 @@ def harm_check(
     lo, hi = bootstrap_ci(w - b, n_boot=n_boot, alpha=alpha, seed=seed)
     base_lo, base_hi = bootstrap_ci(b, n_boot=n_boot, alpha=alpha, seed=seed)
     band = (base_hi - base_lo) / 2
-    p = 1.0 if np.array_equal(b, w) else paired_pvalue(w, b, "hit_at_10", n_boot=n_boot, seed=seed)
+    p = paired_pvalue(w, b, "hit_at_10", n_boot=n_boot, seed=seed)  # 1.0 when no query differs
     harmed = delta < 0 and (p < alpha or hi < 0 or -delta > band)
     return {"base_score": float(b.mean()), "winner_score": float(w.mean()), "delta": delta,
             "ci_low": float(lo), "ci_high": float(hi), "p_value": float(p), "band": float(band),
@@ -462,9 +462,11 @@ def harm_check(
 def harm_pairs(results, trials: list[dict[str, Any]], entries: dict[str, list[ModelEntry]], metric: str):
     """(training dataset, base entry, winner entry) per dataset whose winner (the report's
     `pick_winner`: the best tuned row that beats its base) is a tuned model."""
-    from embedtune.report import leaderboard, pick_winner
+    from embedtune.report import PER_QUERY, leaderboard, pick_winner
 
-    board = leaderboard(results, trials, metric)
+    # Only the winner is needed here: without per-query values the leaderboard skips the bootstrap
+    # (build_report computes the intervals once).
+    board = leaderboard(results.drop(columns=[PER_QUERY], errors="ignore"), trials, metric)
     out = []
     for ds, rows in board.groupby("dataset", sort=True):
         w = pick_winner(rows, metric)
@@ -583,16 +585,15 @@ def log_report(tracking_uri: str, run_id: str, report) -> None:
     metrics = summary_metrics(report.leaderboard, report.metric)
     if report.winner:
         metrics[f"final.winner.{report.metric}"] = float(report.winner[report.metric])
+    harm_rows = (getattr(report, "harm", None) or {}).get("rows") or []
+    for r in harm_rows:
+        metrics[f"final.{r['dataset']}.ood.{r['ood']}.delta_hit_at_10"] = float(r["delta"])
     now = int(time.time() * 1000)
     if metrics:
         c.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     if report.winner:
         c.set_tag(run_id, "embedtune.winner", str(report.winner["model"]))
-    harm_rows = (getattr(report, "harm", None) or {}).get("rows") or []
-    for r in harm_rows:
-        metrics[f"final.{r['dataset']}.ood.{r['ood']}.delta_hit_at_10"] = float(r["delta"])
     if harm_rows:
-        c.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if ".ood." in k])
         flagged = sorted({f"{r['winner']}@{r['ood']}" for r in harm_rows if r.get("flag") == "harm"})
         c.set_tag(run_id, "embedtune.harm", ", ".join(flagged) or "none")
 

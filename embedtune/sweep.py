@@ -25,7 +25,6 @@ a drawn config that is already done is skipped.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -45,6 +44,7 @@ from embedtune.cache import stable_hash
 from embedtune.config import GAIN_SUFFIX, HYPERPARAMS, Distribution, SweepSpec
 from embedtune.data import PreparedData, prepare
 from embedtune.errors import EmbedtuneError
+from embedtune.evaluate import check_depth
 from embedtune.models import model_label, resolve_model, truncate
 from embedtune.negatives import Triplets, mine
 from embedtune.train import TrainConfig, build_evaluator, cpu_threads_for, train
@@ -543,9 +543,8 @@ def run_sweep(
     tracking.check_reachable(
         state.get("tracking_uri") or spec.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     )
-    for where in (run_dir, None if "://" in storage else Path(storage)):
-        if where is not None:
-            _check_writable(where)
+    for where in {run_dir} if "://" in storage else {run_dir, Path(storage).resolve()}:
+        _check_writable(where)
     if not (ray_address or spec.ray.address or os.environ.get("RAY_ADDRESS")):
         _check_local_resources(spec)
     for model in spec.models:
@@ -561,12 +560,8 @@ def run_sweep(
                 f"{data.fingerprint}); use another --run-dir or --fresh"
             )
         datasets[data.label] = data
-        if final and spec.final.enabled and spec.final.eval.depth > len(data.corpus):
-            raise EmbedtuneError(
-                f"final.eval.ks: k={spec.final.eval.depth} is larger than the eval corpus of {data.label} "
-                f"({len(data.corpus)} documents); lower ks (MRR@10 / nDCG@10 need at least 10 documents) "
-                "or raise the dataset's eval_size"
-            )
+        if final and spec.final.enabled:
+            check_depth(spec.final.eval, data, "final.eval.ks")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "data").mkdir(exist_ok=True)
     (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
@@ -719,16 +714,16 @@ def run_sweep(
                 raise KeyboardInterrupt from None
         state["trials_done"] = True
         tracking.write_json(run_dir / STATE_FILE, state)
-        tracking.write_json(run_dir / "trials.json", records)
         # The trials are done; what MLflow did not take during an outage goes in now (or the
         # command fails naming the journal, and its next run replays it).
         replayed = tracking.replay_journal(new_callback(), spec.mlflow.outage_wait_s)
         if replayed:
             print(f"[embedtune] replayed {replayed} kept MLflow record(s)", flush=True)
     trials = records
+    lookup = new_callback()
     for record in trials:
-        if not record.get("mlflow_run_id"):  # the tracking server was away when the trials ended
-            record["mlflow_run_id"] = new_callback().find_existing(record["trial_id"])
+        if not record.get("mlflow_run_id"):  # run by a restored Tuner's own callback, or MLflow was away
+            record["mlflow_run_id"] = lookup.find_existing(record["trial_id"])
     tracking.write_json(run_dir / "trials.json", trials)
     print_results_table(trials, spec.scheduler.metric)
 
@@ -887,10 +882,9 @@ def collect_trials(
             ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
             best_ckpt = _local_checkpoint(ckpt, run_dir, trial_id)
         metrics = result.metrics or {}
+        # None when a restored Tuner ran its own (unpickled) copy of the callback: run_sweep looks
+        # it up in MLflow once the kept records are in.
         run_id = callback.run_ids.get(trial_id) if callback else None
-        if callback and not run_id:  # a restored Tuner ran its own (unpickled) copy of the callback
-            with contextlib.suppress(Exception):  # the tracking server is away: looked up again later
-                run_id = callback.find_existing(trial_id)
         records.append(
             {
                 "trial_id": trial_id,

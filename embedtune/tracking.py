@@ -237,12 +237,10 @@ class MlflowTrialCallback(Callback):
         self.journal = Path(journal) if journal else None
         self.retry_every_s = retry_every_s
         self.run_ids: dict[str, str] = {}
-        self.started: dict[str, float] = {}
         self.logged_epochs: dict[str, set[int]] = {}
         self.pending: list[dict[str, Any]] = []
         self.outage_since: float | None = None
         self.last_try = 0.0
-        self.replayed = 0
 
     # -- helpers
     def _hash(self, config: dict[str, Any]) -> str | None:
@@ -305,7 +303,6 @@ class MlflowTrialCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         if self._skipped(trial):
             return
-        self.started.setdefault(trial.trial_id, time.time())
         self._submit({"op": "start", "trial_id": trial.trial_id, "config": _plain(trial.config)})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -425,7 +422,6 @@ class MlflowTrialCallback(Callback):
                 return False
             self.pending.pop(0)
             n += 1
-        self.replayed += n
         self._save()
         if self.outage_since is not None:
             print(
@@ -470,21 +466,22 @@ def replay_journal(callback: MlflowTrialCallback, wait_s: float = 0.0) -> int:
     callback.pending = json.loads(journal.read_text())
     total = len(callback.pending)
     deadline = time.time() + wait_s
-    if wait_s > 0 and not callback.flush(force=True):
+    if not callback.flush(force=True) and wait_s > 0:
         print(
             f"[embedtune] waiting up to {wait_s:.0f} s for MLflow at {redact(callback.tracking_uri)} "
             f"({len(callback.pending)} record(s) kept)",
             flush=True,
         )
-    while not callback.flush(force=True) and time.time() < deadline:
-        time.sleep(min(5.0, max(0.1, deadline - time.time())))
+        while time.time() < deadline:
+            time.sleep(min(5.0, max(0.1, deadline - time.time())))
+            if callback.flush(force=True):
+                break
     if callback.pending:
         raise EmbedtuneError(
             f"MLflow at {redact(callback.tracking_uri)} does not answer: {len(callback.pending)} record(s) "
             f"of finished trials are kept in {journal}; when it is back, run the same command again: "
             "it replays them (finished trials are not rerun)"
         )
-    callback.outage_since = None
     return total
 
 

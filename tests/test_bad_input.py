@@ -75,7 +75,7 @@ def _case(name: str, d: Path) -> tuple[str | dict, str]:
             **_with_data(source=_jsonl(d / "few.jsonl", pairs), eval_size=5),
             "final": {"eval": {"ks": [1, 100]}},
         }
-        return spec, "final.eval.ks: k=100 is larger than the eval corpus of d (40 documents)"
+        return spec, "final.eval.ks: k=100 is larger than the corpus of d (40 documents)"
     raise KeyError(name)
 
 
