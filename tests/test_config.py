@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_port
 
 from embedtune.config import load_spec, parse_spec
 from embedtune.errors import EmbedtuneError
@@ -126,19 +127,11 @@ def test_scheduler_ranks_gain_over_base_unless_told_absolute() -> None:
         parse_spec(dict(GOOD, scheduler={"compare": "relative"}))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_server_fails_before_any_work(tmp_path: Path, capsys) -> None:
     from embedtune.cli import main
 
     spec_file = tmp_path / "s.yaml"
-    uri = f"http://ci:PLANTED-pw-77@127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://ci:PLANTED-pw-77@127.0.0.1:{free_port()}"  # nothing listens there
     spec_file.write_text(yaml.safe_dump({**GOOD, "mlflow": {"tracking_uri": uri}}))
     assert main(["sweep", str(spec_file), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()

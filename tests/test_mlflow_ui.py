@@ -25,12 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +42,7 @@ from playwright.sync_api import (
     expect,
     sync_playwright,
 )
+from servers import MlflowServer
 
 pytestmark = pytest.mark.slow
 
@@ -117,12 +112,6 @@ def _artifacts_dir() -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _is_loopback_url(url: str) -> bool:
     parts = urlsplit(url)
     return parts.scheme in {"data", "blob", "about"} or parts.hostname in LOOPBACK_HOSTS
@@ -158,40 +147,14 @@ def finished_sweep(grid_sweep) -> FinishedSweep:
 @pytest.fixture(scope="module")
 def mlflow_ui(finished_sweep: FinishedSweep) -> Iterator[str]:
     """`mlflow ui` (as `make mlflow-ui` starts it) on a free loopback port; its base URL."""
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    log = (_artifacts_dir() / "mlflow-ui-server.log").open("w")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{finished_sweep.db}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an env proxy
+    server = MlflowServer(
+        f"sqlite:///{finished_sweep.db}", command="ui", log=_artifacts_dir() / "mlflow-ui-server.log"
+    )
+    server.start()
     try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, f"mlflow ui exited with {proc.returncode}"
-            try:
-                with direct.open(f"{base}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("mlflow ui did not answer /health within 90 s")
-            time.sleep(0.3)
-        yield base
+        yield server.uri
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers, all ours
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=20)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")

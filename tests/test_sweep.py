@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
+from servers import MlflowServer
 from specs import TINY_DATA, tiny_spec
 
 from embedtune import ray_env, tracking
@@ -134,52 +134,9 @@ def test_callback_marks_scheduler_stops_killed_and_errors_failed(tmp_path: Path)
     assert len(client.search_runs([exp])) == 4  # the parent + one run per trial
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` on a loopback port with a SQLite store, in its own process group so
-    that `kill()` takes it away (workers included) like a crashed server; `start()` brings it
-    back on the same port and store."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.artifacts = root / "server-artifacts"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90) -> None:
-        mlflow_bin = Path(sys.executable).parent / "mlflow"
-        self.proc = subprocess.Popen(
-            [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.artifacts)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        )  # fmt: skip
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError("mlflow server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers: all ours
-            self.proc.wait(timeout=20)
-        self.proc = None
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
-    server = MlflowServer(tmp_path)
+    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "server-artifacts")
     server.start()
     try:
         yield server
