@@ -40,7 +40,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check embedtune tests scripts
 
 bench: setup
-	EMBEDTUNE_OFFLINE=1 $(PY) -m embedtune.bench
+	EMBEDTUNE_OFFLINE=1 $(PY) scripts/bench.py
 
 mlflow-ui: setup
 	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \

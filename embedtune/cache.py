@@ -1,22 +1,22 @@
-"""Content-addressed on-disk artefacts, written atomically.
+"""Content-addressed on-disk artefacts, built once.
 
-Every derived artefact (a materialised model, a prepared dataset, mined negatives) lives in a
-directory named by a hash of what it was made from. It is built in a temporary sibling and
-renamed into place under a file lock, so concurrent trials never see a half-written directory
-and an interrupted build leaves nothing that looks finished.
+Every derived artefact (a materialised model, mined negatives, a trained reranker) lives in a
+directory named by a hash of what it was made from. It is built in a temporary sibling and renamed
+into place under a file lock, so concurrent trials never see a half-written directory and an
+interrupted build leaves nothing that looks finished.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 COMPLETE_MARKER = ".complete"
 
@@ -34,16 +34,11 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).exists()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def lock_for(path: Path) -> FileLock:
+    """The lock that serialises builders of `path` (a sibling file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.parent / f".{path.name}.lock"
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(str(path.parent / f".{path.name}.lock"))
 
 
 def build_once(path: Path, build: Callable[[Path], None]) -> tuple[Path, bool]:
@@ -52,7 +47,7 @@ def build_once(path: Path, build: Callable[[Path], None]) -> tuple[Path, bool]:
     path = Path(path)
     if is_complete(path):
         return path, False
-    with _locked(path):
+    with lock_for(path):
         if is_complete(path):  # another process built it while we waited
             return path, False
         if path.exists():

@@ -1,7 +1,4 @@
-"""`embedtune` command line: thin over the library. Bad input → one line on stderr, exit 2.
-
-Each subcommand is a `_cmd_<name>(args)` function registered in `build_parser()`.
-"""
+"""`embedtune` command line: thin over the library. Bad input → one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -13,6 +10,7 @@ from pathlib import Path
 
 from embedtune import env
 from embedtune.errors import EmbedtuneError
+from embedtune.specs.metrics import LEADERBOARD_METRICS
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -59,8 +57,9 @@ def _validated(model_cls, **values):
 def _cmd_train(args: argparse.Namespace) -> int:
     from embedtune.data import prepare
     from embedtune.models import resolve_model
-    from embedtune.negatives import MiningSpec, mine
-    from embedtune.train import TrainConfig, train
+    from embedtune.negatives import mine
+    from embedtune.specs import MiningSpec, TrainConfig
+    from embedtune.train import train
 
     config = _validated(
         TrainConfig,
@@ -83,10 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resolve_model(args.miner)
     spec = _data_spec(args)
     data = prepare(spec)
-    print(
-        f"[embedtune] data {data.label} ({data.fingerprint}): "
-        + ", ".join(f"{k}={v}" for k, v in data.counts.items())
-    )
+    _say_data(data)
     triplets = None
     if config.hard_negatives:
         miner = _validated(MiningSpec, model=args.miner or config.model, max_seq_length=config.max_seq_length)
@@ -101,49 +97,55 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_data(data) -> None:
+    print(
+        f"[embedtune] data {data.label} ({data.fingerprint}): "
+        + ", ".join(f"{k}={v}" for k, v in data.counts.items())
+    )
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from embedtune import tracking
-    from embedtune.config import load_spec
-    from embedtune.sweep import STATE_FILE, resolve_run_dir, run_sweep
+    from embedtune.rundir import SPEC, STATE, RunDir
+    from embedtune.specs import SweepSpec, load_spec
+    from embedtune.sweep import default_run_dir, run_sweep
+    from embedtune.tracking.client import redact
 
     if args.resume:
-        run_dir = Path(args.resume)
-        spec_file = run_dir / "spec.json"
-        if not (run_dir / STATE_FILE).exists() or not spec_file.exists():
-            raise EmbedtuneError(
-                f"--resume {run_dir}: not a sweep run directory (no {STATE_FILE} / spec.json)"
-            )
-        spec = load_spec(spec_file)
+        rundir = RunDir(args.resume)
+        raw = rundir.read_json(SPEC)
+        if not rundir.has(STATE) or not raw:
+            raise EmbedtuneError(f"--resume {args.resume}: not a sweep run directory (no {STATE} / {SPEC})")
+        spec = SweepSpec.model_validate(raw)
         resume: bool | None = True
     else:
         if not args.spec:
             raise EmbedtuneError("give a sweep spec (e.g. sweeps/local.yaml) or --resume RUN_DIR")
         spec = load_spec(args.spec)
-        run_dir = resolve_run_dir(spec, args.run_dir)
+        rundir = RunDir(default_run_dir(spec, args.run_dir))
         resume = None
-        if args.fresh and run_dir.exists():
+        if args.fresh and rundir.path.exists():
             import shutil
 
-            shutil.rmtree(run_dir)
+            shutil.rmtree(rundir.path)
             resume = False
-    result = run_sweep(spec, run_dir, resume=resume, final=not args.no_final, ray_address=args.address)
+    result = run_sweep(spec, rundir, resume=resume, final=not args.no_final, ray_address=args.address)
     print(
-        f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.run_dir}"
+        f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.location}"
     )
     print(
-        f"[embedtune] MLflow: {tracking.redact(result.tracking_uri)} (experiment {spec.experiment}); `make mlflow-ui RUN_DIR={result.run_dir}` to browse"
+        f"[embedtune] MLflow: {redact(result.tracking_uri)} (experiment {spec.experiment}); "
+        f"`make mlflow-ui RUN_DIR={result.run_dir}` to browse"
     )
     return 0
 
 
-_LEADERBOARD_METRICS = ["hit_at_1", "hit_at_5", "hit_at_10", "mrr_at_10", "ndcg_at_10"]
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from embedtune.data import prepare
-    from embedtune.evaluate import EvalSpec, ModelEntry
-    from embedtune.finalize import FinalSpec, evaluate_and_report
+    from embedtune.final import evaluate_and_report
     from embedtune.models import model_label, resolve_model
+    from embedtune.records import ModelEntry
+    from embedtune.rundir import RunDir
+    from embedtune.specs import EvalSpec, FinalSpec
 
     if len(set(args.models)) != len(args.models):
         raise EmbedtuneError(f"--models: a model is given twice ({' '.join(args.models)})")
@@ -174,11 +176,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         register_name=args.register_name,
     )
     data = prepare(_data_spec(args))
-    print(
-        f"[embedtune] data {data.label} ({data.fingerprint}): "
-        + ", ".join(f"{k}={v}" for k, v in data.counts.items())
-    )
-    out = Path(args.out or f"runs/evaluate-{data.label}")
+    _say_data(data)
+    out = RunDir(args.out or f"runs/evaluate-{data.label}")
     entries = {
         data.label: [
             ModelEntry(label=lab, path=m, base_model=lab, kind="base")
@@ -196,7 +195,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from embedtune.report import rebuild_report
 
-    result = rebuild_report(Path(args.run_dir), metric=args.metric)
+    result = rebuild_report(args.run_dir, metric=args.metric)
     print(
         f"[embedtune] leaderboard: {result.files['leaderboard_md']} ({len(result.leaderboard)} rows, {len(result.plots)} plots)"
     )
@@ -206,7 +205,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedtune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="embedtune",
+        description="Fine-tune sentence-embedding models for a retrieval job and prove which one is best: "
+        "`sweep` runs a sweep spec (Ray Tune trials, MLflow runs, a leaderboard), `train` one run, "
+        "`evaluate` scores models in LanceDB, `report` rebuilds a run's leaderboard.",
+    )
     parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cross-encoder", default="train", help="'train' (default), a cross-encoder dir or hub id, or none"
     )
-    p.add_argument("--metric", default="hit_at_10", choices=_LEADERBOARD_METRICS, help="leaderboard metric")
+    p.add_argument("--metric", default="hit_at_10", choices=LEADERBOARD_METRICS, help="leaderboard metric")
     p.add_argument("--lancedb", help="LanceDB URI (default: <out>/lancedb)")
     p.add_argument("--probe-size", type=int, help="questions sampled for the 'should you fine-tune?' probe")
     p.add_argument("--tracking-uri", help="also log the report to MLflow at this URI")
@@ -261,18 +265,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild a run's leaderboard from its stored results")
     p.add_argument("run_dir", help="a sweep run directory or an `embedtune evaluate` --out directory")
-    p.add_argument("--metric", choices=_LEADERBOARD_METRICS, help="leaderboard metric (default: as built)")
+    p.add_argument("--metric", choices=LEADERBOARD_METRICS, help="leaderboard metric (default: as built)")
     p.set_defaults(func=_cmd_report)
     return parser
+
+
+class _Lines(logging.Formatter):
+    """embedtune's own INFO lines as `[embedtune] message`; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname}: {text}"
+        if not record.name.startswith("embedtune"):
+            text = f"{record.name}: {text}"
+        return f"[embedtune] {text}"
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler writing to whatever `sys.stdout` is at the time (test capture included)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """The library logs; the CLI decides what shows: embedtune's INFO lines, other libraries'
+    warnings (everything at DEBUG/INFO with --verbose)."""
+    handler = _Stdout()
+    handler.setFormatter(_Lines())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("embedtune").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     env.apply(offline=True if args.offline else None)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except EmbedtuneError as exc:

@@ -24,12 +24,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from embedtune.cache import stable_hash
 from embedtune.errors import EmbedtuneError
+from embedtune.specs import DataSpec
 
 SAMPLES = {
     "medquad-sample": "medquad_sample.jsonl.gz",
@@ -38,44 +36,6 @@ SAMPLES = {
 }
 # Bump when the split or corpus construction changes, so every derived artefact is re-made.
 SPLIT_VERSION = 2
-Format = Literal["auto", "jsonl", "parquet", "csv", "beir", "hf"]
-
-
-class DataSpec(BaseModel):
-    """Where the pairs come from and how to split them. The same object is a sweep dataset entry."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = Field(description="sample name, local file/folder, or hf:<dataset id>")
-    name: str | None = Field(None, description="label in tables and run names (default: derived from source)")
-    format: Format = "auto"
-    question_column: str = "question"
-    answer_column: str = "answer"
-    hf_split: str = "train"
-    hf_config: str | None = None
-    beir_split: str = "test"
-    max_pairs: int | None = Field(None, ge=2, description="sample this many pairs (by seed) after cleaning")
-    eval_fraction: float = Field(0.2, gt=0, lt=1)
-    eval_size: int | None = Field(None, ge=1, description="held-out questions (overrides eval_fraction)")
-    max_train_pairs: int | None = Field(None, ge=2)
-    corpus_distractors: bool = Field(True, description="keep train answers in the eval corpus")
-    seed: int = 42
-
-    @model_validator(mode="after")
-    def _check(self) -> DataSpec:
-        if not self.source.strip():
-            raise ValueError("source must not be empty")
-        return self
-
-    @property
-    def label(self) -> str:
-        if self.name:
-            return self.name
-        src = self.source.removeprefix("hf:")
-        base = Path(src).name if not src.startswith("hf:") else src
-        for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
-            base = base.removesuffix(suffix)
-        return base.replace("/", "_") or "data"
 
 
 @dataclass
@@ -91,12 +51,12 @@ class PreparedData:
     relevant: dict[str, list[str]]  # qid -> cids of its answers
     counts: dict[str, int] = field(default_factory=dict)
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), ensure_ascii=False))
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @classmethod
-    def load(cls, path: Path) -> PreparedData:
-        raw = json.loads(Path(path).read_text())
+    def from_dict(cls, raw: dict) -> PreparedData:
+        raw = dict(raw)
         raw["train"] = [tuple(p) for p in raw["train"]]
         raw["eval_pairs"] = [tuple(p) for p in raw["eval_pairs"]]
         return cls(**raw)
@@ -105,7 +65,7 @@ class PreparedData:
 # ---------------------------------------------------------------- loading
 
 
-def _resolve_source(spec: DataSpec) -> tuple[Path | str, str]:
+def resolve_source(spec: DataSpec) -> tuple[Path | str, str]:
     """Return (path or hub id, format)."""
     src = spec.source.strip()
     if src in SAMPLES:
@@ -252,7 +212,7 @@ def _read_beir(folder: Path, spec: DataSpec) -> tuple[list[tuple[str, str]], lis
 def load_pairs(spec: DataSpec) -> tuple[list[tuple[str, str]], list[str]]:
     """Load and clean (question, answer) pairs; returns (pairs, extra corpus documents).
     Cleaning: strip whitespace, drop rows with an empty side, drop exact duplicate pairs."""
-    target, fmt = _resolve_source(spec)
+    target, fmt = resolve_source(spec)
     extra: list[str] = []
     if fmt == "beir":
         try:
@@ -386,9 +346,13 @@ def split(
         spec.model_dump(exclude={"name", "source", "format", "hf_split", "hf_config"}),
     )
     counts = {
-        "pairs": len(pairs), "components": len(comps), "train_pairs": len(train),
-        "eval_pairs": len(eval_pairs), "eval_questions": len(queries), "corpus": len(corpus_texts),
-    }  # fmt: skip
+        "pairs": len(pairs),
+        "components": len(comps),
+        "train_pairs": len(train),
+        "eval_pairs": len(eval_pairs),
+        "eval_questions": len(queries),
+        "corpus": len(corpus_texts),
+    }
     data = PreparedData(
         fingerprint,
         spec.label,
@@ -442,3 +406,31 @@ def make_spec(settings: dict) -> DataSpec:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "data"
         raise EmbedtuneError(f"data setting {loc}: {err['msg']} (got {err.get('input')!r})") from exc
+
+
+def prepare_ood(spec: DataSpec, max_corpus: int | None = 2000) -> PreparedData:
+    """An out-of-domain evaluation set: every question of `spec` (after `max_pairs` sampling) is a
+    query, relevant to the answers it is paired with; the corpus holds those answers plus the other
+    documents (a BEIR corpus, the other answers), seeded-sampled down to `max_corpus` documents in all
+    (relevant ones always kept). Nothing is held out for training: none is done on it."""
+    pairs, extra = load_pairs(spec)
+    docs: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    relevant: dict[str, list[str]] = {}
+    qid_of: dict[str, str] = {}
+    for q, a in pairs:
+        cid = docs.setdefault(a, f"d{len(docs)}")
+        qid = qid_of.setdefault(q, f"q{len(qid_of)}")
+        queries[qid] = q
+        if cid not in relevant.setdefault(qid, []):
+            relevant[qid].append(cid)
+    others = [d for d in dict.fromkeys(extra) if d not in docs]
+    if max_corpus is not None and len(docs) + len(others) > max_corpus:
+        keep = max(0, max_corpus - len(docs))
+        others = [others[i] for i in sorted(random.Random(spec.seed).sample(range(len(others)), keep))]
+    for d in others:
+        docs.setdefault(d, f"d{len(docs)}")
+    corpus = {cid: text for text, cid in docs.items()}
+    fingerprint = stable_hash("ood", stable_hash(pairs, length=64), sorted(corpus.values()), spec.seed)
+    counts = {"pairs": len(pairs), "eval_questions": len(queries), "corpus": len(corpus)}
+    return PreparedData(fingerprint, spec.label, [], list(pairs), queries, corpus, relevant, counts)

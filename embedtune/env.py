@@ -1,12 +1,15 @@
-"""Process-wide environment hygiene: offline hub access, telemetry off, quiet tokenizers.
+"""Process-wide environment hygiene (offline hub access, telemetry off, quiet tokenizers), where
+shared caches live, and which torch device to use.
 
-Called by the CLI before heavy imports and by the test suite for every test, so no process of
-the project phones home (MLflow telemetry, Ray usage stats, HF hub) where it must not.
+`apply` is called by the CLI before heavy imports and by the test suite for every test, so no
+process of the project phones home (MLflow telemetry, Ray usage stats, HF hub) where it must not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 _ALWAYS = {
@@ -45,3 +48,30 @@ def home() -> Path:
     path = Path(os.environ.get("EMBEDTUNE_HOME", Path.home() / ".cache" / "embedtune")).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def device() -> str:
+    """The torch device for models this process loads: a GPU when it has one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def patched_environ(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables for a block; restore them afterwards, also
+    any the block itself changed."""
+    old = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

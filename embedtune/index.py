@@ -34,18 +34,17 @@ index (~14 s at 50k) is small next to embedding 50k documents (minutes at 50-475
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedtune import storage
+from embedtune.cache import lock_for
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
+from embedtune.models import check_model, load_model, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,6 @@ VECTOR_INDEX_MIN_ROWS = 50_000
 COMPLETE_TAG = "embedtune-complete"
 META_PREFIX = "embedtune."
 DISTANCE = "cosine"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".pth")
-_PROBE = 1 << 20  # bytes hashed from the head and tail of each weights file
 
 
 @dataclass
@@ -76,30 +73,6 @@ class IndexedTable:
 # ---------------------------------------------------------------- identity and names
 
 
-def model_identity(model_dir: str | Path) -> str:
-    """A content hash of a model directory: every small file's bytes (configs, tokenizer), and for
-    weights files their size plus the first and last MiB. Cheap on 400 MB checkpoints, unchanged by
-    copying, changed by any retraining (weights differ in the head and tail of the file)."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise EmbedtuneError(f"model path {model_dir} is not a directory")
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in Path(rel).parts) or rel.startswith(("checkpoint-", "runs/")):
-            continue
-        size = path.stat().st_size
-        h.update(f"{rel}\0{size}\0".encode())
-        with open(path, "rb") as fh:
-            if rel.endswith(_WEIGHT_SUFFIXES) and size > 2 * _PROBE:
-                h.update(fh.read(_PROBE))
-                fh.seek(size - _PROBE)
-                h.update(fh.read(_PROBE))
-            elif size <= 16 * _PROBE:
-                h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
 
@@ -110,47 +83,6 @@ def table_name(model_id: str, data: PreparedData, max_seq_length: int | None = N
     a truncation other than the model's own gives other embeddings, so another table."""
     name = f"{_safe(data.label)}__m{model_id[:16]}__d{data.fingerprint[:16]}"
     return f"{name}__s{max_seq_length}" if max_seq_length else name
-
-
-# ---------------------------------------------------------------- checks (before anything is written)
-
-
-def check_model(model_path: str | Path) -> Path:
-    """Raise a one-line EmbedtuneError unless `model_path` is a local sentence-transformers directory
-    that loads. Returns the resolved path."""
-    from embedtune.models import resolve_model
-
-    path = Path(str(model_path)).expanduser()
-    if not path.exists():
-        raise EmbedtuneError(
-            f"model path {model_path} does not exist (pass a sentence-transformers model directory)"
-        )
-    path = resolve_model(str(path))  # raises when it is not a model directory
-    if not ((path / "modules.json").exists() or (path / "config_sentence_transformers.json").exists()):
-        raise EmbedtuneError(
-            f"model path {model_path} is not a sentence-transformers model (no modules.json): "
-            "pass a directory saved by SentenceTransformer.save_pretrained or a trial checkpoint"
-        )
-    return path
-
-
-def load_model(model_path: str | Path, device: str | None = None):
-    from sentence_transformers import SentenceTransformer
-
-    path = check_model(model_path)
-    try:
-        return SentenceTransformer(str(path), device=device or _device())
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise EmbedtuneError(
-            f"model {model_path} failed to load as a sentence-transformers model: {type(exc).__name__}: {first}"
-        ) from exc
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def connect(db_uri: str | Path, **kwargs):
@@ -164,24 +96,11 @@ def connect(db_uri: str | Path, **kwargs):
         ) from exc
 
 
-def _is_local(db_uri: str) -> bool:
-    return "://" not in str(db_uri) or str(db_uri).startswith("file://")
-
-
-@contextlib.contextmanager
-def _lock(db_uri: str, name: str) -> Iterator[None]:
+def _lock(db_uri: str, name: str):
     """Serialise builders of one table on a local database (remote URIs: no lock)."""
-    if not _is_local(db_uri):
-        yield
-        return
-    root = Path(str(db_uri).removeprefix("file://")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    if storage.is_remote(db_uri):
+        return contextlib.nullcontext()
+    return lock_for(storage.local_path(db_uri) / name)
 
 
 # ---------------------------------------------------------------- completeness
@@ -215,15 +134,6 @@ def _table_names(db) -> list[str]:
     return out
 
 
-def open_complete(db_uri: str, name: str):
-    """The table if it exists and is complete, else None."""
-    db = connect(db_uri)
-    if name not in _table_names(db):
-        return None
-    tbl = db.open_table(name)
-    return tbl if is_complete(tbl) else None
-
-
 # ---------------------------------------------------------------- build
 
 
@@ -245,8 +155,13 @@ def _batch(ids: list[str], texts: list[str], vectors, dim: int):
     import pyarrow as pa
 
     flat = pa.array(np.asarray(vectors, dtype=np.float32).ravel())
-    return pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
-                     "vector": pa.FixedSizeListArray.from_arrays(flat, dim)})  # fmt: skip
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "text": pa.array(texts, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+        }
+    )
 
 
 def build_table(
@@ -273,6 +188,8 @@ def build_table(
     path = check_model(model_path)
     if not data.corpus:
         raise EmbedtuneError(f"dataset {data.label} has an empty corpus: nothing to index")
+    from tqdm.auto import tqdm
+
     from embedtune.models import model_label as label_of
     from embedtune.models import truncate
 
@@ -283,8 +200,15 @@ def build_table(
         existing = db.open_table(name) if name in _table_names(db) else None
         if existing is not None and is_complete(existing):
             meta = _meta(existing)
-            return IndexedTable(db_uri, name, existing.count_rows(), int(meta[META_PREFIX + "dim"]), True,
-                                meta.get(META_PREFIX + "vector_index") or None, time.perf_counter() - start)  # fmt: skip
+            return IndexedTable(
+                db_uri,
+                name,
+                existing.count_rows(),
+                int(meta[META_PREFIX + "dim"]),
+                True,
+                meta.get(META_PREFIX + "vector_index") or None,
+                time.perf_counter() - start,
+            )
         if existing is not None:
             log.warning("table %s in %s is incomplete (interrupted ingest?): rebuilding it", name, db_uri)
             db.drop_table(name)
@@ -295,19 +219,34 @@ def build_table(
         ids, texts = list(data.corpus), list(data.corpus.values())
         want_index = len(ids) >= VECTOR_INDEX_MIN_ROWS if vector_index is None else vector_index
         index_type = "IVF_HNSW_SQ" if want_index else None
-        meta = {"expected_rows": len(ids), "dim": dim, "model_id": mid, "model_path": str(path),
-                "data_fingerprint": data.fingerprint, "data_label": data.label, "distance": DISTANCE,
-                "vector_index": index_type or "", "max_seq_length": model.max_seq_length or ""}  # fmt: skip
+        meta = {
+            "expected_rows": len(ids),
+            "dim": dim,
+            "model_id": mid,
+            "model_path": str(path),
+            "data_fingerprint": data.fingerprint,
+            "data_label": data.label,
+            "distance": DISTANCE,
+            "vector_index": index_type or "",
+            "max_seq_length": model.max_seq_length or "",
+        }
         tbl = db.create_table(name, schema=_schema(dim, meta), mode="overwrite")
         label = model_label or label_of(str(model_path))
-        bar = _progress(len(ids), f"embedding {data.label} with {label}", progress)
+        bar = tqdm(
+            total=len(ids), desc=f"embedding {data.label} with {label}", unit="doc", disable=not progress
+        )
         try:
             for lo in range(0, len(ids), chunk_rows):
                 if _stop_after_rows is not None and lo >= _stop_after_rows:
                     raise KeyboardInterrupt("simulated interruption")
                 chunk_ids, chunk_texts = ids[lo : lo + chunk_rows], texts[lo : lo + chunk_rows]
-                vecs = model.encode(chunk_texts, batch_size=batch_size, normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=False)  # fmt: skip
+                vecs = model.encode(
+                    chunk_texts,
+                    batch_size=batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
                 tbl.add(_batch(chunk_ids, chunk_texts, vecs, dim))
                 bar.update(len(chunk_ids))
         finally:
@@ -320,63 +259,9 @@ def build_table(
 
 
 def _create_indexes(tbl, vector_index: bool) -> None:
-    from lancedb.index import FTS, IvfHnswSq
+    from lancedb.index import FTS, BTree, IvfHnswSq
 
     tbl.create_index("text", config=FTS(), replace=True)
-    tbl.create_index("id", config=_btree(), replace=True)
+    tbl.create_index("id", config=BTree(), replace=True)
     if vector_index:
         tbl.create_index("vector", config=IvfHnswSq(distance_type=DISTANCE), replace=True)
-
-
-def _btree():
-    from lancedb.index import BTree
-
-    return BTree()
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="doc")
-
-
-# ---------------------------------------------------------------- LanceDB embedding registry
-
-
-def build_registry_table(model_path: str | Path, data: PreparedData, db_uri: str | Path, name: str | None = None,
-                         device: str = "cpu"):  # fmt: skip
-    """The same corpus table through LanceDB's embedding registry: a LanceModel schema whose vector
-    field is filled by `get_registry().get("sentence-transformers").create(name=<local model dir>)`.
-    LanceDB then embeds on `add` and embeds query strings on `search("some text")` by itself; the
-    embedding function and its model path are stored in the table's schema metadata. (This path
-    encodes without a progress bar or batching control, so `build_table` is what evaluation uses.)"""
-    from lancedb.embeddings import get_registry
-    from lancedb.pydantic import LanceModel, Vector
-
-    path = check_model(model_path)
-    func = get_registry().get("sentence-transformers").create(name=str(path), device=device)
-
-    class CorpusDoc(LanceModel):
-        id: str
-        text: str = func.SourceField()
-        vector: Vector(func.ndims()) = func.VectorField()  # type: ignore[valid-type]
-
-    db = connect(db_uri)
-    tname = name or f"registry__{table_name(model_identity(path), data)}"
-    tbl = db.create_table(tname, schema=CorpusDoc, mode="overwrite")
-    tbl.add([{"id": cid, "text": text} for cid, text in data.corpus.items()])
-    return tbl
-
-
-def describe(tbl) -> str:
-    return json.dumps(_meta(tbl), sort_keys=True)

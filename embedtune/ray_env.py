@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from embedtune.env import patched_environ
+
 # Directories made by `init` for the Ray it started; removed by `shutdown`.
 _owned_dirs: list[Path] = []
 # Marks a directory as made by the embedtune process (PID, start time) written inside.
@@ -50,20 +52,6 @@ def ray_process_env(home: Path) -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TOKENIZERS_PARALLELISM": "false",
     }
-
-
-@contextlib.contextmanager
-def patched_environ(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def is_loopback_address(address: str) -> bool:

@@ -19,42 +19,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from embedtune import env
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
 from embedtune.negatives import Triplets
+from embedtune.records import EpochPoint, best_point
+from embedtune.specs import TrainConfig
+from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC, IR_K
 
 log = logging.getLogger(__name__)
 
-IR_K = (1, 5, 10)
-# What the sweep's scheduler and the leaderboard rank by unless told otherwise.
-DEFAULT_METRIC = "ir_recall_at_10"
-
-
-class TrainConfig(BaseModel):
-    """Hyperparameters of one trial."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = "all-MiniLM-L6-v2"
-    epochs: int = Field(1, ge=1, description="training epochs (>= 1)")
-    lr: float = Field(2e-5, gt=0, lt=1)
-    batch_size: int = Field(32, ge=2, description="MNRL needs in-batch negatives: >= 2")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    seed: int = 42
-    max_seq_length: int | None = Field(128, ge=8, description="truncate inputs (None = the model's own)")
-    hard_negatives: bool = Field(True, description="train on mined triplets; False = plain pairs")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all)")
-    fp16: bool = Field(False, description="mixed precision on GPU")
-
 
 @dataclass
-class EpochMetrics:
-    epoch: int
-    metrics: dict[str, float]
-    seconds: float
+class EpochMetrics(EpochPoint):
+    seconds: float = 0.0
 
 
 @dataclass
@@ -64,9 +42,9 @@ class TrainResult:
     duration_s: float = 0.0
     device: str = "cpu"
 
-    def best(self, metric: str = DEFAULT_METRIC) -> EpochMetrics:
-        trained = [h for h in self.history if h.epoch > 0] or self.history
-        return max(trained, key=lambda h: h.metrics.get(metric, float("-inf")))
+    def best(self, metric: str = DEFAULT_SWEEP_METRIC) -> EpochMetrics | None:
+        """The best trained epoch by `metric` (the base model's when nothing was trained)."""
+        return best_point(self.history, metric) or (self.history[0] if self.history else None)
 
     def to_json(self) -> dict:
         return {
@@ -87,7 +65,9 @@ def clean_metric_name(key: str) -> str:
     return key
 
 
-def _clean(metrics: dict[str, float]) -> dict[str, float]:
+def evaluator_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The retrieval and triplet metrics of an evaluator's (or the trainer's eval) output, renamed
+    with `clean_metric_name`."""
     out = {}
     for k, v in metrics.items():
         name = clean_metric_name(k)
@@ -134,12 +114,6 @@ def build_evaluator(data: PreparedData, triplets: Triplets | None, batch_size: i
     return SequentialEvaluator(evaluators)
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # Fault injection for reliability tests (like Ray's RAY_testing_* switches): the models named here
 # (comma-separated, as in a spec's `models:`) get NaN weights as they are loaded for training, so
 # their loss really goes NaN in the real trainer. Never set in normal use.
@@ -156,6 +130,110 @@ def _inject_fault(model, name: str) -> None:
             next(model.parameters()).fill_(float("nan"))
 
 
+def training_rows(config: TrainConfig, data: PreparedData, triplets: Triplets | None):
+    """The rows MNRL trains on: (anchor, positive, negative) triplets, or plain (anchor, positive) pairs."""
+    from datasets import Dataset
+
+    if config.hard_negatives:
+        return triplets.train.select_columns(["anchor", "positive", "negative"])
+    return Dataset.from_dict({"anchor": [q for q, _ in data.train], "positive": [a for _, a in data.train]})
+
+
+class _EpochReporter:
+    """Trainer callback (built by `_reporter`): at each epoch's evaluation, the metrics (with the
+    last training loss and samples/s of optimizer steps) go to `history` and `on_epoch`, with a
+    saved checkpoint when asked. A NaN/inf loss fails the run loudly (its trial is FAILED), not
+    "finishes"."""
+
+    def __init__(
+        self, config, model, rows, start_epoch, history, on_epoch, scratch, checkpoint_every_epoch, timer
+    ) -> None:
+        self.config, self.model, self.rows = config, model, rows
+        self.start_epoch, self.history, self.on_epoch = start_epoch, history, on_epoch
+        self.scratch, self.checkpoint_every_epoch, self.timer = scratch, checkpoint_every_epoch, timer
+        self.epoch_started = time.time()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch_started = time.time()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        epoch = self.start_epoch + max(1, round(state.epoch or 0))
+        cleaned = evaluator_metrics(metrics or {})
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        if losses:
+            cleaned["train_loss"] = float(losses[-1])
+        bad = next((float(x) for x in losses if not math.isfinite(float(x))), None)
+        if bad is not None:
+            raise EmbedtuneError(
+                f"training loss went {bad} by epoch {epoch} (lr {self.config.lr:g}): the run diverged; "
+                "lower the learning rate"
+            )
+        step_s = self.timer.take()
+        if step_s > 0:  # training rows per second of optimizer steps (evaluation excluded)
+            cleaned["train_samples_per_s"] = len(self.rows) / step_s
+        self.history.append(EpochMetrics(epoch, cleaned, time.time() - self.epoch_started))
+        _log_epoch(epoch, cleaned)
+        ckpt = None
+        if self.checkpoint_every_epoch:
+            ckpt = self.scratch / f"epoch-{epoch}"
+            self.model.save(str(ckpt / "model"))
+        if self.on_epoch:
+            self.on_epoch(epoch, cleaned, ckpt)
+        if ckpt is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _reporter(*args):
+    from transformers import TrainerCallback
+
+    class EpochReporter(_EpochReporter, TrainerCallback):
+        pass
+
+    return EpochReporter(*args)
+
+
+def _training_args(config: TrainConfig, scratch: Path, rows, start_epoch: int, device: str, progress: bool):
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+    steps_per_epoch = max(1, math.ceil(len(rows) / config.batch_size))
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(scratch / "trainer"),
+        num_train_epochs=config.epochs - start_epoch,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        # A float below 1 is a ratio (`warmup_ratio` is deprecated in transformers 5).
+        warmup_steps=config.warmup_ratio if start_epoch == 0 else 0.0,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,  # duplicates in a batch are false in-batch negatives
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_steps=max(1, steps_per_epoch // 4),
+        logging_nan_inf_filter=False,  # a NaN/inf loss must show in the log: it fails the run
+        report_to="none",
+        disable_tqdm=not progress,
+        use_cpu=device == "cpu",
+        fp16=config.fp16 and device == "cuda",
+        dataloader_num_workers=0,
+    )
+
+
+def _save(model, out_dir: Path, result: TrainResult) -> None:
+    """Write the final model and metrics.json: `out_dir` appears whole or not at all."""
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save(str(staging))
+        (staging / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+
+
 def train(
     config: TrainConfig,
     data: PreparedData,
@@ -165,7 +243,6 @@ def train(
     checkpoint_every_epoch: bool = False,
     resume_from: Path | None = None,
     start_epoch: int = 0,
-    history: list[EpochMetrics] | None = None,
     progress: bool = True,
     evaluate_base: bool = True,
     scratch_root: Path | None = None,
@@ -177,141 +254,62 @@ def train(
     saved to `<ckpt>/model` and `<ckpt>` is passed to `on_epoch`, then deleted once it returns (a
     Tune report has copied it to storage by then). `out_dir=None` skips writing the final model
     (a sweep trial's last checkpoint already holds it). Scratch files go under `scratch_root`
-    (default: the system temp dir)."""
+    (default: the system temp dir); none is left behind, also on a crash or Ctrl-C."""
     if config.hard_negatives and triplets is None:
         raise EmbedtuneError(
             "hard_negatives is on but no triplets were given; mine them first (embedtune.negatives.mine)"
         )
     import torch
-    from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
-    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
 
     from embedtune.models import resolve_model, truncate
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = _device()
+    device = env.device()
     started = time.time()
     source = resolve_model(config.model) if resume_from is None else Path(resume_from)
     model = SentenceTransformer(str(source), device=device)
     truncate(model, config.max_seq_length)
     _inject_fault(model, config.model)
-
-    if config.hard_negatives:
-        train_ds = triplets.train.select_columns(["anchor", "positive", "negative"])
-    else:
-        train_ds = Dataset.from_dict(
-            {"anchor": [q for q, _ in data.train], "positive": [a for _, a in data.train]}
-        )
-    if len(train_ds) < config.batch_size:
-        log.warning("only %d training rows for batch size %d", len(train_ds), config.batch_size)
+    rows = training_rows(config, data, triplets)
+    if len(rows) < config.batch_size:
+        log.warning("only %d training rows for batch size %d", len(rows), config.batch_size)
     evaluator = build_evaluator(data, triplets)
-    history = list(history or [])
+    history: list[EpochMetrics] = []
     if start_epoch == 0 and evaluate_base:
         t0 = time.time()
-        base = _clean(evaluator(model))
+        base = evaluator_metrics(evaluator(model))
         history.append(EpochMetrics(0, base, time.time() - t0))
-        _print_epoch(0, base)
+        _log_epoch(0, base)
         if on_epoch:
             on_epoch(0, base, None)
-
-    remaining = config.epochs - start_epoch
     scratch = Path(tempfile.mkdtemp(prefix="embedtune-train-", dir=scratch_root))
-    if remaining > 0:
-        epoch_started = [time.time()]
-        timer = step_timer()
-
-        class _EpochReporter(TrainerCallback):
-            def on_epoch_begin(self, args, state, control, **kwargs):
-                epoch_started[0] = time.time()
-
-            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-                epoch = start_epoch + max(1, round(state.epoch or 0))
-                cleaned = _clean(metrics or {})
-                losses = [h["loss"] for h in state.log_history if "loss" in h]
-                if losses:
-                    cleaned["train_loss"] = float(losses[-1])
-                bad = next((float(x) for x in losses if not math.isfinite(float(x))), None)
-                if bad is not None:  # a diverged run fails loudly (its trial is FAILED), not "finishes"
-                    raise EmbedtuneError(
-                        f"training loss went {bad} by epoch {epoch} (lr {config.lr:g}): the run diverged; "
-                        "lower the learning rate"
-                    )
-                step_s = timer.take()
-                if step_s > 0:  # training rows per second of optimizer steps (evaluation excluded)
-                    cleaned["train_samples_per_s"] = len(train_ds) / step_s
-                history.append(EpochMetrics(epoch, cleaned, time.time() - epoch_started[0]))
-                _print_epoch(epoch, cleaned)
-                ckpt = None
-                if checkpoint_every_epoch:
-                    ckpt = scratch / f"epoch-{epoch}"
-                    model.save(str(ckpt / "model"))
-                if on_epoch:
-                    on_epoch(epoch, cleaned, ckpt)
-                if ckpt is not None:
-                    shutil.rmtree(ckpt, ignore_errors=True)
-
-        steps_per_epoch = max(1, math.ceil(len(train_ds) / config.batch_size))
-        args = SentenceTransformerTrainingArguments(
-            output_dir=str(scratch / "trainer"),
-            num_train_epochs=remaining,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.lr,
-            # A float below 1 is a ratio (`warmup_ratio` is deprecated in transformers 5).
-            warmup_steps=config.warmup_ratio if start_epoch == 0 else 0.0,
-            weight_decay=config.weight_decay,
-            seed=config.seed,
-            batch_sampler=BatchSamplers.NO_DUPLICATES,  # duplicates in a batch are false in-batch negatives
-            eval_strategy="epoch",
-            save_strategy="no",
-            logging_steps=max(1, steps_per_epoch // 4),
-            logging_nan_inf_filter=False,  # a NaN/inf loss must show in the log: it fails the run
-            report_to="none",
-            disable_tqdm=not progress,
-            use_cpu=device == "cpu",
-            fp16=config.fp16 and device == "cuda",
-            dataloader_num_workers=0,
-        )
-        trainer = SentenceTransformerTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            loss=MultipleNegativesRankingLoss(model),
-            evaluator=evaluator,
-            callbacks=[timer, _EpochReporter()],
-        )
-        if not progress:  # no per-step log dicts either (a sweep shows its own progress)
-            from transformers.trainer_callback import PrinterCallback
-
-            trainer.remove_callback(PrinterCallback)
-        try:
-            trainer.train()
-        except BaseException:  # a crash or Ctrl-C leaves no per-epoch checkpoints behind in /tmp
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-    if out_dir is None:
-        shutil.rmtree(scratch, ignore_errors=True)
-        return TrainResult(None, history, time.time() - started, device)
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    result = TrainResult(out_dir, history, time.time() - started, device)
     try:
-        model.save(str(staging))
-        (staging / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
-    except BaseException:  # nothing half-written next to out_dir either
-        shutil.rmtree(staging, ignore_errors=True)
+        if config.epochs > start_epoch:
+            timer = step_timer()
+            reporter = _reporter(
+                config, model, rows, start_epoch, history, on_epoch, scratch, checkpoint_every_epoch, timer
+            )
+            trainer = SentenceTransformerTrainer(
+                model=model,
+                args=_training_args(config, scratch, rows, start_epoch, device, progress),
+                train_dataset=rows,
+                loss=MultipleNegativesRankingLoss(model),
+                evaluator=evaluator,
+                callbacks=[timer, reporter],
+            )
+            if not progress:  # no per-step log dicts either (a sweep shows its own progress)
+                trainer.remove_callback(PrinterCallback)
+            trainer.train()
+        result = TrainResult(Path(out_dir) if out_dir else None, history, time.time() - started, device)
+        if out_dir is not None:
+            _save(model, Path(out_dir), result)
+        return result
+    finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)  # the final model appears whole or not at all
-    shutil.rmtree(scratch, ignore_errors=True)
-    return result
 
 
 def step_timer():
@@ -338,7 +336,7 @@ def step_timer():
     return StepTimer()
 
 
-def _print_epoch(epoch: int, metrics: dict[str, float]) -> None:
+def _log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     keys = [
         "ir_recall_at_10",
         "ir_accuracy_at_1",
@@ -349,9 +347,4 @@ def _print_epoch(epoch: int, metrics: dict[str, float]) -> None:
     ]
     shown = "  ".join(f"{k.removeprefix('ir_')}={metrics[k]:.4f}" for k in keys if k in metrics)
     label = "base" if epoch == 0 else f"epoch {epoch}"
-    print(f"[embedtune] {label:>8}: {shown}", flush=True)
-
-
-def cpu_threads_for(trial_cpus: float) -> int:
-    """Threads a trial may use: its CPU share, at least one (so concurrent trials do not fight)."""
-    return max(1, int(trial_cpus or os.cpu_count() or 1))
+    log.info("%8s: %s", label, shown)

@@ -53,6 +53,11 @@ def _no_egress(event: str, args: tuple) -> None:
 
 sys.addaudithook(_no_egress)
 
+# What the CLI shows (embedtune's INFO lines, others' warnings), so tests see a sweep's output.
+from embedtune.cli import configure_logging  # noqa: E402
+
+configure_logging()
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
@@ -68,7 +73,8 @@ SMALL_MINING = {"max_seq_length": 64}
 
 @pytest.fixture(scope="session")
 def small_data():
-    from embedtune.data import DataSpec, prepare
+    from embedtune.data import prepare
+    from embedtune.specs import DataSpec
 
     return prepare(DataSpec(**SMALL_DATA))
 
@@ -81,7 +87,8 @@ def negatives_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_triplets(small_data, negatives_cache):
     """Triplets mined once per session (into a fresh cache: `.mined` is True), truncating like training."""
-    from embedtune.negatives import MiningSpec, mine
+    from embedtune.negatives import mine
+    from embedtune.specs import MiningSpec
 
     return mine(small_data, MiningSpec(**SMALL_MINING), cache_dir=negatives_cache)
 
@@ -110,7 +117,7 @@ def grid_sweep(tmp_path_factory):
 
     from specs import tiny_spec
 
-    from embedtune.config import parse_spec
+    from embedtune.specs import parse_spec
     from embedtune.sweep import run_sweep
 
     def leftovers() -> set[Path]:
@@ -120,5 +127,6 @@ def grid_sweep(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("grid2x2") / "run"
     before = leftovers()
     result = run_sweep(spec, run_dir, final=False)
-    return SimpleNamespace(spec=spec, result=result, run_dir=run_dir, leftovers_before=before,
-                           leftovers_after=leftovers())  # fmt: skip
+    return SimpleNamespace(
+        spec=spec, result=result, run_dir=run_dir, leftovers_before=before, leftovers_after=leftovers()
+    )

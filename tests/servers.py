@@ -24,9 +24,12 @@ class MlflowServer:
     `start()` brings it back on the same port and store."""
 
     def __init__(
-        self, backend_store_uri: str, command: str = "server", artifacts: Path | None = None,
+        self,
+        backend_store_uri: str,
+        command: str = "server",
+        artifacts: Path | None = None,
         log: Path | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.backend_store_uri = backend_store_uri
         self.command = command
         self.artifacts = artifacts
@@ -36,15 +39,28 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> None:
-        args = [str(Path(sys.executable).parent / "mlflow"), self.command, "--host", "127.0.0.1",
-                "--port", str(self.port), "--workers", "1", "--backend-store-uri", self.backend_store_uri]  # fmt: skip
+        args = [
+            str(Path(sys.executable).parent / "mlflow"),
+            self.command,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            self.backend_store_uri,
+        ]
         if self.artifacts is not None:
             args += ["--artifacts-destination", str(self.artifacts)]
         out = self.log.open("a") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        )  # fmt: skip
+        )
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an env proxy
         deadline = time.time() + timeout
         while True:

@@ -32,8 +32,10 @@ def _with_data(**dataset) -> dict:
 
 def _case(name: str, d: Path) -> tuple[str | dict, str]:
     """(spec text or mapping, text the one error line must contain) for bad-input kind `name`."""
-    pairs = [{"question": f"What is condition {i}?", "answer": f"Condition {i} is a disease of organ {i}."}
-             for i in range(40)]  # fmt: skip
+    pairs = [
+        {"question": f"What is condition {i}?", "answer": f"Condition {i} is a disease of organ {i}."}
+        for i in range(40)
+    ]
     if name == "malformed YAML":
         return "name: [unclosed\nmodels: {\n", "not valid YAML"
     if name == "unknown key":

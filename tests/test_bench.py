@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-from embedtune import bench
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import bench  # noqa: E402  (scripts/bench.py: `make bench`)
 
-SAMPLE = Path(bench.__file__).parent / "samples" / "medquad_sample.jsonl.gz"
+SAMPLE = REPO / "embedtune" / "samples" / "medquad_sample.jsonl.gz"
 REQUIRED = [
     "eval_speedup_vs_loop",
     "eval_time_vs_bruteforce",
@@ -54,9 +57,17 @@ def test_missing_eval_data_is_a_clear_error(tmp_path):
 
 
 def test_outputs_carry_the_checked_keys(tmp_path):
-    results = {"machine": bench.machine(), "repeats": 3, "eval_speedup_vs_loop": 25.0, "eval_time_vs_bruteforce": 2.5,
-               "trial_throughput_vs_plain": 0.97, "mining_cost_vs_per_trial": 0.17, "ingest_vs_encode": 0.93,
-               "sweep_local_seconds": 800.0, "sweep_wall_over_trial_sum": 0.55}  # fmt: skip
+    results = {
+        "machine": bench.machine(),
+        "repeats": 3,
+        "eval_speedup_vs_loop": 25.0,
+        "eval_time_vs_bruteforce": 2.5,
+        "trial_throughput_vs_plain": 0.97,
+        "mining_cost_vs_per_trial": 0.17,
+        "ingest_vs_encode": 0.93,
+        "sweep_local_seconds": 800.0,
+        "sweep_wall_over_trial_sum": 0.55,
+    }
     js, md = bench.write_outputs(results, tmp_path)
     loaded = json.loads(js.read_text())
     assert all(key in loaded for key in REQUIRED)

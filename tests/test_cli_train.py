@@ -171,12 +171,30 @@ def test_usage_errors_exit_2():
 def test_cli_train_end_to_end(tmp_path):
     out = tmp_path / "tuned"
     args = [
-        "-m", "embedtune.cli", "--offline", "train",
-        "--model", "all-MiniLM-L6-v2", "--data", "medquad-sample",
-        "--max-pairs", "200", "--eval-size", "30", "--max-train-pairs", "64",
-        "--epochs", "1", "--batch-size", "16", "--max-seq-length", "64",
-        "--out", str(out), "--json",
-    ]  # fmt: skip
+        "-m",
+        "embedtune.cli",
+        "--offline",
+        "train",
+        "--model",
+        "all-MiniLM-L6-v2",
+        "--data",
+        "medquad-sample",
+        "--max-pairs",
+        "200",
+        "--eval-size",
+        "30",
+        "--max-train-pairs",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-seq-length",
+        "64",
+        "--out",
+        str(out),
+        "--json",
+    ]
     env_vars = {**os.environ, "EMBEDTUNE_HOME": os.environ["EMBEDTUNE_HOME"]}
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=env_vars)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -266,7 +284,20 @@ def test_cli_offline_flag_sets_the_variables_in_its_process(tmp_path):
         k: v for k, v in os.environ.items() if not k.endswith("OFFLINE") and k != "MLFLOW_DISABLE_TELEMETRY"
     }
     proc = subprocess.run(
-        [sys.executable, "-c", code, "--offline", "train", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, env=clean, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--offline",
+            "train",
+            "--data",
+            str(tmp_path / "x.jsonl"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean,
+        timeout=120,
+    )
     assert "['1', '1', '1', 'true']" in proc.stdout, proc.stdout + proc.stderr

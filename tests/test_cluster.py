@@ -36,10 +36,25 @@ pytestmark = pytest.mark.slow
 HEAD_RESOURCE = "embedtune_test_head"
 WORKER_RESOURCE = "embedtune_test_worker"
 TRIAL_KEYS = {
-    "trial_id", "model", "model_label", "dataset", "epochs", "lr", "batch_size", "warmup_ratio", "seed",
-    "status", "duration_s", "gpu_seconds", "epochs_done", "history", "best_epoch", "best_metrics",
-    "best_checkpoint", "mlflow_run_id",
-}  # fmt: skip
+    "trial_id",
+    "model",
+    "model_label",
+    "dataset",
+    "epochs",
+    "lr",
+    "batch_size",
+    "warmup_ratio",
+    "seed",
+    "status",
+    "duration_s",
+    "gpu_seconds",
+    "epochs_done",
+    "history",
+    "best_epoch",
+    "best_metrics",
+    "best_checkpoint",
+    "mlflow_run_id",
+}
 
 
 def _raw_spec(name: str, resources: dict, epochs: list[int], seeds: list[int], smaller: bool = False) -> dict:
@@ -71,7 +86,7 @@ def _raw_spec(name: str, resources: dict, epochs: list[int], seeds: list[int], s
 
 
 def _spec(name: str, resources: dict, epochs: list[int], seeds: list[int], smaller: bool = False):
-    from embedtune.config import parse_spec
+    from embedtune.specs import parse_spec
 
     return parse_spec(_raw_spec(name, resources, epochs, seeds, smaller))
 
@@ -334,7 +349,7 @@ def test_sweep_spreads_trials_over_both_nodes(loopback_cluster, tmp_path):
     finally:
         _disconnect_and_check_released(c.address)
     trials = json.loads((tmp_path / "cluster" / "trials.json").read_text())
-    assert trials == json.loads(json.dumps(result.trials, default=str))
+    assert trials == json.loads(json.dumps([t.to_dict() for t in result.trials], default=str))
     assert len(trials) == 2 and {t["status"] for t in trials} == {"FINISHED"}
 
     rows = _results(tmp_path / "cluster")

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from embedtune.config import load_spec
+from embedtune.specs import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"

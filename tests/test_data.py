@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from paths import shared_data
 
-from embedtune.data import DataSpec, PreparedData, check_no_leak, load_pairs, parse_data_arg, prepare, split
+from embedtune.data import PreparedData, check_no_leak, load_pairs, parse_data_arg, prepare, split
 from embedtune.errors import EmbedtuneError
+from embedtune.specs import DataSpec
 
-SHARED = Path("/work/shared/data")
-SQUAD_DEV = SHARED / "squad_v1.1" / "squad_dev_pairs.jsonl.gz"
-SCIFACT = SHARED / "scifact"
-needs_shared = pytest.mark.skipif(not SQUAD_DEV.exists(), reason="shared data folder not present")
+SQUAD_DEV = shared_data("squad_v1.1/squad_dev_pairs.jsonl.gz")
+SCIFACT = shared_data("scifact")
 
 
 def _rows(path: Path, n: int | None = None) -> list[dict]:
@@ -175,7 +175,6 @@ def test_hf_hub_id_offline_fails_fast_and_clearly():
     assert "rajpurkar/squad" in msg and "offline" in msg.lower() and "\n" not in msg
 
 
-@pytest.mark.skipif(not SCIFACT.exists(), reason="shared SciFact not present")
 def test_beir_folder_scifact():
     spec = DataSpec(source=str(SCIFACT), eval_fraction=0.3)
     pairs, extra = load_pairs(spec)
@@ -250,7 +249,6 @@ def test_split_keeps_shared_text_groups_together():
         assert len({p in train for p in pairs[3:5]}) == 1, seed
 
 
-@needs_shared
 def test_split_is_leak_free_on_squad_paragraphs():
     """SQuAD: many questions share one paragraph, so a naive row split would leak paragraphs."""
     rows = _rows(SQUAD_DEV, 3000)
@@ -321,7 +319,7 @@ def test_fingerprint_changes_with_content_mapping_and_seed(tmp_path, squad_rows)
 
 def test_fingerprint_is_stable_across_processes():
     spec = DataSpec(source="medquad-sample", eval_size=50)
-    code = "from embedtune.data import DataSpec, prepare; print(prepare(DataSpec(source='medquad-sample', eval_size=50)).fingerprint)"
+    code = "from embedtune.data import prepare; from embedtune.specs import DataSpec; print(prepare(DataSpec(source='medquad-sample', eval_size=50)).fingerprint)"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -334,8 +332,8 @@ def test_fingerprint_is_stable_across_processes():
 
 def test_prepared_data_round_trips(tmp_path):
     data = prepare(DataSpec(source="squad-sample", eval_size=30, max_train_pairs=50))
-    data.save(tmp_path / "d.json")
-    assert PreparedData.load(tmp_path / "d.json") == data
+    (tmp_path / "d.json").write_text(json.dumps(data.to_dict()))
+    assert PreparedData.from_dict(json.loads((tmp_path / "d.json").read_text())) == data
 
 
 def test_malformed_beir_folder_is_one_clear_line(tmp_path):

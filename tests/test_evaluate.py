@@ -12,27 +12,24 @@ import pytest
 from lancedb.index import FTS
 from lancedb.rerankers import LinearCombinationReranker
 
-from embedtune.data import DataSpec, PreparedData, prepare
+from embedtune import rerank
+from embedtune.data import PreparedData, prepare
 from embedtune.errors import EmbedtuneError
 from embedtune.evaluate import (
     COLUMNS,
-    EvalSpec,
-    ModelEntry,
     evaluate_models,
-    fts_leg,
-    fts_leg_one,
-    fuse,
     hit_rate_at_k,
-    make_reranker,
     mrr_at_k,
     ndcg_at_k,
     per_query_metrics,
     retrieval_metrics,
-    vector_leg,
-    vector_leg_one,
 )
-from embedtune.index import build_table, load_model
-from embedtune.models import resolve_model
+from embedtune.index import build_table
+from embedtune.models import load_model, resolve_model
+from embedtune.records import ModelEntry
+from embedtune.rerank import combos, fuse
+from embedtune.retrieval import fts_leg, fts_leg_one, vector_leg, vector_leg_one
+from embedtune.specs import DataSpec, EvalSpec
 
 # ---------------------------------------------------------------- metrics, by hand
 
@@ -88,7 +85,7 @@ def _tiny_table(tmp_path: Path):
                 "text": docs,
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 8),
             }
-        ),  # fmt: skip
+        ),
     )
     tbl.create_index("text", config=FTS())
     return tbl
@@ -119,8 +116,8 @@ def test_tiny_corpus_exact_hits(tmp_path):
 def test_eval_spec_validation():
     spec = EvalSpec()
     assert spec.depth == 10 and spec.overfetch == 4
-    assert ("vector", "rrf") not in spec.combos() and ("hybrid", "none") not in spec.combos()
-    assert ("hybrid", "linear") in spec.combos() and ("fts", "cross-encoder") in spec.combos()
+    assert ("vector", "rrf") not in combos(spec) and ("hybrid", "none") not in combos(spec)
+    assert ("hybrid", "linear") in combos(spec) and ("fts", "cross-encoder") in combos(spec)
     with pytest.raises(ValueError):
         EvalSpec(bogus=1)
     with pytest.raises(ValueError):
@@ -180,7 +177,7 @@ def test_fusion_equals_lancedb_hybrid_query(real, name):
     """Our fusion of the batched legs gives exactly LanceDB's own per-query hybrid search."""
     tbl, qv, texts = real["tbl"], real["qv"], real["qtexts"]
     vec, fts = vector_leg(tbl, qv, 10), fts_leg(tbl, texts, 10)
-    reranker = make_reranker(name, EvalSpec())
+    reranker = rerank.build({name}, EvalSpec(), {})[name].reranker  # the LanceDB reranker it wraps
     for i in range(0, len(texts), 3):
         ours = fuse(reranker, texts[i], vec[i], fts[i], 10)["id"].to_pylist()
         theirs = (
@@ -299,8 +296,11 @@ def test_reranker_that_fails_to_load(tmp_path):
     broken = tmp_path / "broken_ce"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "bert"}')  # config but no weights
-    for ref, match in [(str(broken), "failed to load"), (str(tmp_path / "empty_dir_x"), "failed to load"),
-                       ("nobody/no-such-cross-encoder", "failed to load")]:  # fmt: skip
+    for ref, match in [
+        (str(broken), "failed to load"),
+        (str(tmp_path / "empty_dir_x"), "failed to load"),
+        ("nobody/no-such-cross-encoder", "failed to load"),
+    ]:
         if ref.endswith("empty_dir_x"):
             Path(ref).mkdir()
             match = "not a cross-encoder model directory"

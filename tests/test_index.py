@@ -1,4 +1,4 @@
-"""LanceDB ingest: identity, reuse, interrupted ingest, indexes, the embedding registry."""
+"""LanceDB ingest: identity, reuse, interrupted ingest, indexes."""
 
 from __future__ import annotations
 
@@ -8,18 +8,11 @@ import shutil
 import lancedb
 import pytest
 
-from embedtune.data import DataSpec, PreparedData, prepare
+from embedtune.data import prepare
 from embedtune.errors import EmbedtuneError
-from embedtune.index import (
-    COMPLETE_TAG,
-    build_registry_table,
-    build_table,
-    is_complete,
-    load_model,
-    model_identity,
-    table_name,
-)
-from embedtune.models import resolve_model
+from embedtune.index import COMPLETE_TAG, build_table, is_complete, table_name
+from embedtune.models import load_model, model_identity, resolve_model
+from embedtune.specs import DataSpec
 
 
 def test_model_identity_follows_content_not_location(tmp_path):
@@ -84,8 +77,6 @@ def test_truncation_is_part_of_the_table_identity(small, tmp_path):
     max_seq_length holds other vectors, so it is another table, never a reused one."""
     import numpy as np
 
-    from embedtune.index import load_model
-
     data, path, _ = small
     full = build_table(path, data, tmp_path / "db", model=load_model(path), progress=False)
     short = build_table(
@@ -130,26 +121,3 @@ def test_forced_vector_index(small, tmp_path):
     assert built.vector_index == "IVF_HNSW_SQ"
     indexed = {i.columns[0]: i.index_type for i in built.open().list_indices()}
     assert indexed["vector"] == "IvfHnswSq" and indexed["text"] == "FTS"
-
-
-@pytest.mark.slow
-def test_embedding_registry_with_a_local_tuned_model_path(small, tmp_path):
-    """LanceDB's registry embeds on add and on search from a local model directory (as a tuned
-    checkpoint would be), and records the path in the table's schema."""
-    data, path, _ = small
-    tuned = shutil.copytree(path, tmp_path / "tuned-checkpoint")  # any local ST directory
-    few = dataclasses.replace(data, corpus=dict(list(data.corpus.items())[:12]))
-    tbl = build_registry_table(tuned, few, tmp_path / "db")
-    assert tbl.count_rows() == 12
-    assert str(tuned) in tbl.schema.metadata[b"embedding_functions"].decode()
-    cid, text = list(few.corpus.items())[5]
-    top = tbl.search(text).limit(1).to_arrow()  # the query string is embedded by the registry
-    assert top["id"].to_pylist() == [cid]
-
-
-def test_registry_rejects_non_model(tmp_path):
-    data = PreparedData("fp", "tiny", [], [], {"q": "x"}, {"d": "y"}, {"q": ["d"]})
-    (tmp_path / "x").mkdir()
-    with pytest.raises(EmbedtuneError, match="not a sentence-transformers model"):
-        build_registry_table(tmp_path / "x", data, tmp_path / "db")
-    assert not (tmp_path / "db").exists()

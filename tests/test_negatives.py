@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from embedtune.cache import COMPLETE_MARKER, build_once, is_complete, stable_hash
-from embedtune.data import DataSpec, prepare
+from embedtune.data import prepare
 from embedtune.errors import EmbedtuneError
-from embedtune.negatives import MiningSpec, cache_key, mine
+from embedtune.negatives import cache_key, mine
+from embedtune.specs import DataSpec, MiningSpec
 
 # Tiny, without distractors and truncated, so each real mining run encodes ~150 short texts.
 TINY = DataSpec(

@@ -9,24 +9,33 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embedtune.report import (
-    build_report,
-    epoch_advice,
-    leaderboard,
-    overfitting_flags,
-    pick_winner,
-    rebuild_report,
-    verdict,
-)
+from embedtune.records import HarmCheck, TrialRecord
+from embedtune.report import build_report, rebuild_report
+from embedtune.report.epochs import epoch_advice, overfitting_flags
+from embedtune.report.leaderboard import leaderboard, pick_winner
+from embedtune.report.verdict import verdict
+from embedtune.rundir import RunDir
 
 
 def _row(dataset, model, base, kind, qt, rr, h10, trial_id=None, epochs=None, mrr=None):
     return {
-        "dataset": dataset, "model": model, "model_path": f"/nowhere/{model}", "base_model": base, "kind": kind,
-        "trial_id": trial_id, "epochs": epochs, "query_type": qt, "reranker": rr,
-        "hit_at_1": h10 / 2, "hit_at_5": h10 - 0.1, "hit_at_10": h10, "mrr_at_10": mrr if mrr is not None else h10 / 2,
-        "ndcg_at_10": h10 * 0.6, "n_queries": 50, "seconds": 1.0,
-    }  # fmt: skip
+        "dataset": dataset,
+        "model": model,
+        "model_path": f"/nowhere/{model}",
+        "base_model": base,
+        "kind": kind,
+        "trial_id": trial_id,
+        "epochs": epochs,
+        "query_type": qt,
+        "reranker": rr,
+        "hit_at_1": h10 / 2,
+        "hit_at_5": h10 - 0.1,
+        "hit_at_10": h10,
+        "mrr_at_10": mrr if mrr is not None else h10 / 2,
+        "ndcg_at_10": h10 * 0.6,
+        "n_queries": 50,
+        "seconds": 1.0,
+    }
 
 
 def results_frame() -> pd.DataFrame:
@@ -53,16 +62,37 @@ def _trial(tid, dataset, epochs, scores, status="FINISHED", lr=2e-5, model="mini
     history += [{"epoch": i + 1, "metrics": {"ir_recall_at_10": s}} for i, s in enumerate(scores)]
     trained = history[1:]
     best = max(trained, key=lambda h: h["metrics"]["ir_recall_at_10"]) if trained else None
-    return {
-        "trial_id": tid, "model": model, "model_label": model, "dataset": dataset, "epochs": epochs, "lr": lr,
-        "batch_size": 32, "seed": 42, "warmup_ratio": 0.1, "status": status, "duration_s": 100.0 * epochs,
-        "gpu_seconds": gpu, "epochs_done": len(scores), "history": history,
-        "best_epoch": best["epoch"] if best else None, "best_metrics": best["metrics"] if best else {},
-        "best_checkpoint": f"/ckpt/{tid}" if status != "FAILED" else None, "mlflow_run_id": None,
-    }  # fmt: skip
+    return TrialRecord.from_dict(
+        {
+            "trial_id": tid,
+            "config_hash": f"h-{tid}",
+            "model": model,
+            "model_label": model,
+            "dataset": dataset,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": 32,
+            "seed": 42,
+            "warmup_ratio": 0.1,
+            "status": status,
+            "duration_s": 100.0 * epochs,
+            "gpu_seconds": gpu,
+            "epochs_done": len(scores),
+            "history": history,
+            "best_epoch": best["epoch"] if best else None,
+            "best_metrics": best["metrics"] if best else {},
+            "best_checkpoint": f"/ckpt/{tid}" if status != "FAILED" else None,
+            "mlflow_run_id": None,
+        }
+    )
 
 
-def trials_list() -> list[dict]:
+def _save_trials(run_dir, trials) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "trials.json").write_text(json.dumps([t.to_dict() for t in trials]))
+
+
+def trials_list() -> list[TrialRecord]:
     return [
         _trial("t1", "medquad", 2, [0.70, 0.74], gpu=48.0),
         _trial("t2", "medquad", 1, [0.66]),
@@ -139,8 +169,8 @@ def test_verdict_lines():
 
 def test_build_report_writes_files_and_rebuilds(tmp_path):
     trials = trials_list()
-    (tmp_path / "trials.json").write_text(json.dumps(trials))
-    rep = build_report(tmp_path, trials, results_frame(), {}, metric="hit_at_10")
+    _save_trials(tmp_path, trials)
+    rep = build_report(RunDir(tmp_path), trials, results_frame(), {}, metric="hit_at_10")
     for key in ("leaderboard_md", "leaderboard_csv", "leaderboard_html", "results", "meta"):
         assert rep.files[key].exists() and rep.files[key].stat().st_size > 0
     names = sorted(p.name for p in rep.plots)
@@ -168,7 +198,7 @@ def test_build_report_writes_files_and_rebuilds(tmp_path):
 def test_cli_report_rebuilds(tmp_path, capsys):
     from embedtune.cli import main
 
-    build_report(tmp_path, trials_list(), results_frame(), {})
+    build_report(RunDir(tmp_path), trials_list(), results_frame(), {})
     (tmp_path / "report" / "leaderboard.md").unlink()
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "report" / "leaderboard.md").exists()
@@ -195,10 +225,12 @@ def results_with_queries(n: int = 400, seed: int = 0, independent=(), scores=Non
         u = latent.setdefault(key, rng.permutation((np.arange(n) + 0.5) / n))
         u = rng.permutation(u) if (r["model"], r["query_type"]) in independent else u
         per_query = {
-            "hit_at_1": (u < q / 2).astype(float), "hit_at_5": (u < q - 0.1).astype(float),
-            "hit_at_10": (u < q).astype(float), "mrr_at_10": np.where(u < q, 1 - u / 2, 0.0),
+            "hit_at_1": (u < q / 2).astype(float),
+            "hit_at_5": (u < q - 0.1).astype(float),
+            "hit_at_10": (u < q).astype(float),
+            "mrr_at_10": np.where(u < q, 1 - u / 2, 0.0),
             "ndcg_at_10": np.where(u < q, 1 - u / 3, 0.0),
-        }  # fmt: skip
+        }
         r.update({m: float(v.mean()) for m, v in per_query.items()})
         r["n_queries"] = n
         r["per_query"] = {m: v.tolist() for m, v in per_query.items()}
@@ -224,7 +256,7 @@ def test_leaderboard_intervals_and_paired_tests():
     assert loss["p_hit_at_10"] < 0.01 and loss["vs_base"] == "real loss"
     noise = get.loc[("medquad", "mini-ft-e1-t2", "hybrid", "rrf")]  # -0.02, other queries
     assert noise["p_hit_at_10"] > 0.05 and not bool(noise["significant"]) and noise["vs_base"] == "noise"
-    same = leaderboard(res.assign(model=res["model"]), [], "hit_at_10")
+    same = leaderboard(res, [], "hit_at_10")  # no trial records: still tested against the base rows
     base = same[same["kind"] == "base"]
     assert base["p_hit_at_10"].isna().all() and (base["vs_base"] == "").all()  # no test of a base row
     # a tuned row that is its base model over again: p = 1, noise
@@ -277,9 +309,9 @@ def test_epoch_advice_names_a_best_only_beyond_noise():
 
 def test_report_with_per_query_values_round_trips(tmp_path):
     trials = trials_list()
-    (tmp_path / "trials.json").write_text(json.dumps(trials))
+    _save_trials(tmp_path, trials)
     res = results_with_queries(independent={("mini-ft-e1-t2", "hybrid")})
-    rep = build_report(tmp_path, trials, res, {}, metric="hit_at_10")
+    rep = build_report(RunDir(tmp_path), trials, res, {}, metric="hit_at_10")
     md = rep.files["leaderboard_md"].read_text()
     gains = next(line for line in md.splitlines() if line.startswith("- Real gains (p < 0.05):"))
     assert "`mini-ft-e2-t1` vector/none +0.120 (p<0.001)" in gains and "hybrid/rrf +0.050" in gains
@@ -309,15 +341,23 @@ def test_report_with_per_query_values_round_trips(tmp_path):
     assert "No per-query results stored" in old.files["leaderboard_md"].read_text()
 
 
-# ---------------------------------------------------------------- already seen / do no harm (issue #7)
+# ---------------------------------------------------------------- already seen / do no harm
 
 
 def test_normalized_exact_and_embedding_near_duplicates():
-    from embedtune.report import near_duplicates, normalize_question
+    from embedtune.report.probe import near_duplicates, normalize_question
 
     assert normalize_question("  What is   Anemia?? ") == "what is anemia"
-    train = ["What are the symptoms of anemia?", "Who wrote the play Hamlet?", "How is type 2 diabetes treated?"]  # fmt: skip
-    evals = ["what are the SYMPTOMS of anemia", "Who was the writer of the play Hamlet?", "When did Rome fall?"]  # fmt: skip
+    train = [
+        "What are the symptoms of anemia?",
+        "Who wrote the play Hamlet?",
+        "How is type 2 diabetes treated?",
+    ]
+    evals = [
+        "what are the SYMPTOMS of anemia",
+        "Who was the writer of the play Hamlet?",
+        "When did Rome fall?",
+    ]
     # hand-made unit vectors: eval 1 is 0.98 from train 1 (a paraphrase), eval 2 is unrelated
     t = np.eye(3)
     e = np.array([[0.3, 0.0, 0.954], [0.0, 0.98, 0.199], [0.0, 0.0, 0.0]])
@@ -335,14 +375,25 @@ def test_near_duplicates_with_the_base_model_finds_planted_ones():
     from sentence_transformers import SentenceTransformer
 
     from embedtune.models import resolve_model
-    from embedtune.report import near_duplicates
+    from embedtune.report.probe import near_duplicates
 
-    train = ["What are the symptoms of anemia?", "How is type 2 diabetes treated?", "Who wrote the play Hamlet?",
-             "What is the capital city of France?", "How many people live in Tokyo?"]  # fmt: skip
-    planted = ["what are the SYMPTOMS of anemia", "Who was the writer of the play Hamlet?",
-               "How is type 2 diabetes usually treated?"]  # fmt: skip
-    unrelated = ["When did the Western Roman Empire fall?", "What causes migraines in children?",
-                 "What is the capital of Germany?"]  # fmt: skip
+    train = [
+        "What are the symptoms of anemia?",
+        "How is type 2 diabetes treated?",
+        "Who wrote the play Hamlet?",
+        "What is the capital city of France?",
+        "How many people live in Tokyo?",
+    ]
+    planted = [
+        "what are the SYMPTOMS of anemia",
+        "Who was the writer of the play Hamlet?",
+        "How is type 2 diabetes usually treated?",
+    ]
+    unrelated = [
+        "When did the Western Roman Empire fall?",
+        "What causes migraines in children?",
+        "What is the capital of Germany?",
+    ]
     model = SentenceTransformer(str(resolve_model("all-MiniLM-L6-v2")), device="cpu")
 
     def enc(x):
@@ -356,7 +407,7 @@ def test_near_duplicates_with_the_base_model_finds_planted_ones():
 
 def test_model_card_parser_finds_squad_in_minilm_card():
     from embedtune.models import resolve_model
-    from embedtune.report import card_datasets, card_matches
+    from embedtune.report.probe import card_datasets, card_matches
 
     names = card_datasets(resolve_model("all-MiniLM-L6-v2"))
     assert "SQuAD2.0" in names and "gooaq" in names and "ms_marco" in names
@@ -368,7 +419,7 @@ def test_model_card_parser_finds_squad_in_minilm_card():
 
 
 def test_card_datasets_without_a_card(tmp_path):
-    from embedtune.report import card_datasets
+    from embedtune.report.probe import card_datasets
 
     assert card_datasets(tmp_path) == []
     (tmp_path / "README.md").write_text("---\nlicense: mit\ndatasets:\n  - squad\n  - 'gooaq'\n---\n# x\n")
@@ -376,60 +427,99 @@ def test_card_datasets_without_a_card(tmp_path):
 
 
 def test_seen_verdict_lines():
-    from embedtune.report import seen_verdict
+    from embedtune.report.probe import seen_verdict
 
     assert seen_verdict(None) is None
-    seen = seen_verdict({"card_matches": ["SQuAD2.0"], "card_datasets": ["SQuAD2.0"], "train_hit_at_10": 0.97,
-                         "eval_hit_at_10": 0.95, "near_dup_rate": 0.02, "exact_dup_rate": 0.0})  # fmt: skip
+    seen = seen_verdict(
+        {
+            "card_matches": ["SQuAD2.0"],
+            "card_datasets": ["SQuAD2.0"],
+            "train_hit_at_10": 0.97,
+            "eval_hit_at_10": 0.95,
+            "near_dup_rate": 0.02,
+            "exact_dup_rate": 0.0,
+        }
+    )
     assert seen.startswith("Already seen: likely") and "SQuAD2.0" in seen and "0.97 vs eval 0.95" in seen
     assert "2.0% of eval questions near-duplicate" in seen
-    fresh = seen_verdict({"card_datasets": ["gooaq"], "card_matches": [], "train_hit_at_10": 0.55,
-                          "eval_hit_at_10": 0.50, "near_dup_rate": 0.0, "exact_dup_rate": 0.0})  # fmt: skip
+    fresh = seen_verdict(
+        {
+            "card_datasets": ["gooaq"],
+            "card_matches": [],
+            "train_hit_at_10": 0.55,
+            "eval_hit_at_10": 0.50,
+            "near_dup_rate": 0.0,
+            "exact_dup_rate": 0.0,
+        }
+    )
     assert fresh.startswith("Already seen: no sign of it")
-    dup = seen_verdict({"train_hit_at_10": 0.5, "eval_hit_at_10": 0.5, "near_dup_rate": 0.2, "exact_dup_rate": 0.1})  # fmt: skip
+    dup = seen_verdict(
+        {"train_hit_at_10": 0.5, "eval_hit_at_10": 0.5, "near_dup_rate": 0.2, "exact_dup_rate": 0.1}
+    )
     assert dup.startswith("Already seen: likely") and "20%" in dup and "no model card" not in dup
 
 
-def _harm_file(run_dir, winner="mini-ft-e2-t1", flag="harm"):
-    rows = [{"dataset": "medquad", "ood": "scifact", "ood_source": "/x/scifact", "base_model": "mini",
-             "winner": winner, "base_score": 0.8, "winner_score": 0.6, "delta": -0.2, "ci_low": -0.3,
-             "ci_high": -0.1, "p_value": 0.001, "band": 0.05, "n_queries": 100, "flag": flag}]  # fmt: skip
-    (run_dir / "report").mkdir(parents=True, exist_ok=True)
-    harm = {"metric": "hit_at_10", "alpha": 0.05, "test": "exact McNemar", "rows": rows, "hits": {}}
-    (run_dir / "report" / "harm.json").write_text(json.dumps(harm))
+def _harm(run_dir, winner="mini-ft-e2-t1", flag="harm"):
+    rows = [
+        {
+            "dataset": "medquad",
+            "ood": "scifact",
+            "ood_source": "/x/scifact",
+            "base_model": "mini",
+            "winner": winner,
+            "base_score": 0.8,
+            "winner_score": 0.6,
+            "delta": -0.2,
+            "ci_low": -0.3,
+            "ci_high": -0.1,
+            "p_value": 0.001,
+            "band": 0.05,
+            "n_queries": 100,
+            "flag": flag,
+        }
+    ]
+    return HarmCheck.from_dict(
+        {"metric": "hit_at_10", "alpha": 0.05, "test": "exact McNemar", "rows": rows, "hits": {}}
+    )
 
 
 def test_do_no_harm_section_is_written_and_survives_rebuild(tmp_path):
     trials = trials_list()
-    (tmp_path / "trials.json").write_text(json.dumps(trials))
-    _harm_file(tmp_path)
-    rep = build_report(tmp_path, trials, results_frame(), {})
+    _save_trials(tmp_path, trials)
+    rep = build_report(RunDir(tmp_path), trials, results_frame(), {}, harm=_harm(tmp_path))
     md = rep.files["leaderboard_md"].read_text()
     assert "### Do no harm (medquad)" in md and "**Harm:** `mini-ft-e2-t1` loses on scifact" in md
     row = "| scifact | mini | 0.8000 | mini-ft-e2-t1 | 0.6000 | -0.2000 | [-0.3000, -0.1000] | 0.001 | 100 | harm |"
     assert row in md
     assert "Do no harm (squad)" not in md  # squad's winner was not checked
     assert "Do no harm (medquad)" in rep.files["leaderboard_html"].read_text()
-    assert rep.files["harm"].name == "harm.json" and rep.harm["rows"][0]["flag"] == "harm"
+    assert rep.files["harm"].name == "harm.json" and rep.harm.rows[0].flag == "harm"
     for p in rep.paths:
         if p.name not in ("results.csv", "harm.json"):
             p.unlink()
     rebuilt = rebuild_report(tmp_path)
     assert rebuilt.files["leaderboard_md"].read_text() == md
 
-    _harm_file(tmp_path, winner="mini-ft-e1-t2")  # a check of a model that is not the winner: stale, dropped
-    again = build_report(tmp_path, trials, results_frame(), {})
+    stale = _harm(tmp_path, winner="mini-ft-e1-t2")  # a check of a model that is not the winner: dropped
+    again = build_report(RunDir(tmp_path), trials, results_frame(), {}, harm=stale)
     assert "Do no harm" not in again.files["leaderboard_md"].read_text()
 
 
 def test_already_seen_line_from_a_stored_probe(tmp_path):
     """The "Should you fine-tune?" section shows the already-seen verdict and its numbers from the
     probe cache alone (no model, no data: what `embedtune report` has)."""
-    probe = {"train_hit_at_10": 0.97, "eval_hit_at_10": 0.95, "near_dup_rate": 0.04, "exact_dup_rate": 0.01,
-             "dup_threshold": 0.95, "card_datasets": ["SQuAD2.0", "gooaq"], "card_matches": ["SQuAD2.0"]}  # fmt: skip
+    probe = {
+        "train_hit_at_10": 0.97,
+        "eval_hit_at_10": 0.95,
+        "near_dup_rate": 0.04,
+        "exact_dup_rate": 0.01,
+        "dup_threshold": 0.95,
+        "card_datasets": ["SQuAD2.0", "gooaq"],
+        "card_matches": ["SQuAD2.0"],
+    }
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "probe.json").write_text(json.dumps({"squad|mini||200": probe}))
-    rep = build_report(tmp_path, trials_list(), results_frame(), {})
+    rep = build_report(RunDir(tmp_path), trials_list(), results_frame(), {})
     md = rep.files["leaderboard_md"].read_text()
     assert "**Already seen: likely — its model card lists SQuAD2.0 among its training data" in md
     assert "| 4.0% | 1.0% | SQuAD2.0 |" in md  # near-dup, exact-dup, card columns of the probe table
@@ -443,7 +533,7 @@ def test_probe_counts_planted_duplicates(small_data):
     from dataclasses import replace
 
     from embedtune.models import resolve_model
-    from embedtune.report import fine_tune_probe
+    from embedtune.report.probe import fine_tune_probe
 
     qids = sorted(small_data.queries)[:40]
     train_q = list(dict.fromkeys(q for q, _ in small_data.train))
@@ -459,10 +549,12 @@ def test_probe_counts_planted_duplicates(small_data):
 
 
 def test_verdict_does_not_call_a_gain_within_noise_a_reason_to_fine_tune() -> None:
-    from embedtune.report import verdict
+    from embedtune.report.verdict import verdict
 
     noisy = verdict(0.96, 0.993, None, "hit_at_10", p_value=0.062)
     assert noisy.startswith("Promising, not proven") and "+3.3 points" in noisy and "p=0.062" in noisy
     real = verdict(0.80, 0.90, None, "hit_at_10", p_value=0.0004)
     assert real.startswith("Fine-tune:") and "real gain" in real
-    assert verdict(0.80, 0.90, None, "hit_at_10").startswith("Fine-tune:")  # no test stored: as before
+    assert verdict(0.80, 0.90, None, "hit_at_10").startswith(
+        "Fine-tune:"
+    )  # without a stored test: no words on noise

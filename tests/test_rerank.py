@@ -8,19 +8,26 @@ import time
 import numpy as np
 import pytest
 
-from embedtune.data import DataSpec, prepare
+from embedtune.data import prepare
 from embedtune.errors import EmbedtuneError
-from embedtune.evaluate import EvalSpec, ModelEntry, evaluate_models
+from embedtune.evaluate import evaluate_models
 from embedtune.models import resolve_model
 from embedtune.negatives import Triplets, mine
+from embedtune.records import ModelEntry
 from embedtune.rerank import load_cross_encoder, train_reranker, training_pairs
+from embedtune.specs import DataSpec, EvalSpec
 
 
 def _triplets(n: int = 10) -> Triplets:
     from datasets import Dataset
 
-    ds = Dataset.from_dict({"anchor": [f"q{i}" for i in range(n)], "positive": [f"a{i}" for i in range(n)],
-                            "negative": [f"a{(i + 1) % n}" for i in range(n)]})  # fmt: skip
+    ds = Dataset.from_dict(
+        {
+            "anchor": [f"q{i}" for i in range(n)],
+            "positive": [f"a{i}" for i in range(n)],
+            "negative": [f"a{(i + 1) % n}" for i in range(n)],
+        }
+    )
     return Triplets("k", None, ds, ds, False)
 
 
@@ -119,18 +126,19 @@ def test_trained_reranker_improves_hit_at_1_over_untrained_head(trained, tmp_pat
 def test_batched_reranking_equals_lancedb_cross_encoder_reranker(trained, tmp_path):
     """The trained reranker from its local path through LanceDB's own CrossEncoderReranker, one
     query at a time, orders vector candidates exactly as the batched evaluation path does."""
-    from lancedb.rerankers import CrossEncoderReranker
+    from lancedb.rerankers import CrossEncoderReranker as LanceCrossEncoder
 
-    from embedtune.evaluate import BatchedCrossEncoderReranker
-    from embedtune.index import build_table, load_model
+    from embedtune.index import build_table
+    from embedtune.models import load_model
+    from embedtune.rerank import CrossEncoderReranker
 
     data = trained["data"]
     base = resolve_model("all-MiniLM-L6-v2")
     encoder = load_model(base)
     tbl = build_table(base, data, tmp_path / "db", model=encoder, progress=False).open()
-    batched = BatchedCrossEncoderReranker(load_cross_encoder(trained["path"]), 32, str(trained["path"]))
+    batched = CrossEncoderReranker(load_cross_encoder(trained["path"]), data.corpus, 32, str(trained["path"]))
     lance = batched.as_lancedb()
-    assert isinstance(lance, CrossEncoderReranker) and lance.model_name == str(trained["path"])
+    assert isinstance(lance, LanceCrossEncoder) and lance.model_name == str(trained["path"])
 
     qids = list(data.queries)[:12]
     texts = [data.queries[q] for q in qids]
@@ -143,6 +151,6 @@ def test_batched_reranking_equals_lancedb_cross_encoder_reranker(trained, tmp_pa
             tbl.search(vec).distance_type("cosine").limit(15).rerank(lance, query_string=text).to_arrow()
         )
         per_query.append(reranked["id"].to_pylist()[:5])
-    assert batched.rerank_many(texts, candidates, data.corpus, limit=5) == per_query
+    assert batched.rerank_many(texts, candidates, limit=5) == per_query
     # The reranker changes the order for some queries (else this would test nothing).
     assert any(p != c[:5] for p, c in zip(per_query, candidates, strict=True))

@@ -9,7 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from embedtune.errors import EmbedtuneError
-from embedtune.train import EpochMetrics, TrainConfig, TrainResult, clean_metric_name, cpu_threads_for, train
+from embedtune.specs import TrainConfig
+from embedtune.sweep.trainable import cpu_threads_for
+from embedtune.train import EpochMetrics, TrainResult, clean_metric_name, train
 
 METRICS = {"ir_recall_at_10", "ir_accuracy_at_1", "ir_mrr_at_10", "ir_ndcg_at_10", "triplet_accuracy"}
 
@@ -87,7 +89,8 @@ def test_plain_pairs_with_checkpoints_and_no_final_model(small_data, tmp_path):
     """The sweep's path: no hard negatives, a checkpoint per epoch handed to the callback, no out_dir."""
     from sentence_transformers import SentenceTransformer
 
-    from embedtune.data import DataSpec, prepare
+    from embedtune.data import prepare
+    from embedtune.specs import DataSpec
 
     tiny = {"max_pairs": 60, "eval_size": 10, "max_train_pairs": 32, "corpus_distractors": False}
     data = prepare(DataSpec(source="squad-sample", **tiny))
@@ -123,15 +126,20 @@ def test_a_diverged_loss_fails_the_run_loudly(monkeypatch, tmp_path):
     import torch
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from embedtune.data import DataSpec, prepare
+    from embedtune.data import prepare
+    from embedtune.specs import DataSpec
 
     real_forward = MultipleNegativesRankingLoss.forward
-    monkeypatch.setattr(MultipleNegativesRankingLoss, "forward",
-                        lambda self, *a, **k: real_forward(self, *a, **k) * torch.tensor(float("nan")))  # fmt: skip
+    monkeypatch.setattr(
+        MultipleNegativesRankingLoss,
+        "forward",
+        lambda self, *a, **k: real_forward(self, *a, **k) * torch.tensor(float("nan")),
+    )
     tiny = {"max_pairs": 60, "eval_size": 10, "max_train_pairs": 32, "corpus_distractors": False}
     data = prepare(DataSpec(source="squad-sample", **tiny))
-    config = TrainConfig(model="paraphrase-MiniLM-L3-v2", epochs=1, batch_size=16, max_seq_length=32,
-                         hard_negatives=False)  # fmt: skip
+    config = TrainConfig(
+        model="paraphrase-MiniLM-L3-v2", epochs=1, batch_size=16, max_seq_length=32, hard_negatives=False
+    )
     with pytest.raises(EmbedtuneError, match="training loss went nan by epoch 1 .*diverged"):
         train(config, data, None, tmp_path / "out", progress=False, evaluate_base=False)
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -1,4 +1,4 @@
-"""Cross-encoder rerankers: train one offline, or resolve a pretrained one, for `evaluate`.
+"""Train a cross-encoder reranker offline from a packaged bi-encoder.
 
 No cross-encoder weights exist offline, and `CrossEncoder(<bi-encoder dir>, num_labels=1)` starts
 with a random head that ranks at chance. `train_reranker` therefore fine-tunes one from a packaged
@@ -14,32 +14,25 @@ collapses. What works is one random (easy) negative per question besides the har
 10x learning rate for the fresh head and pooler (`head_lr`, via learning_rate_mapping): true
 answer above a random answer 91 %, above the hard negative 68 % (untrained head: ~39-50 %).
 That run took ~2.5 min wall (~1 min CPU) on this shared 2-core machine.
-
-`resolve_reranker` accepts a trained directory, any pretrained cross-encoder directory, or a hub id
-(loaded with `CrossEncoder(id)`; offline this fails with a one-line EmbedtuneError).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import shutil
 from pathlib import Path
 
 from embedtune import env
 from embedtune.cache import build_once, stable_hash
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
+from embedtune.models import packaged_name, resolve_model
 from embedtune.negatives import Triplets
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def training_pairs(
@@ -72,26 +65,11 @@ def training_pairs(
 
 
 def reranker_key(data: PreparedData, triplets: Triplets, base: str, settings: dict) -> str:
-    from embedtune.index import model_identity
+    from embedtune.models import model_identity
 
-    base_id = model_identity(_base_dir(base)) if _is_local(base) or _packaged(base) else base
+    local = Path(base).expanduser().exists() or packaged_name(base) is not None
+    base_id = model_identity(resolve_model(base)) if local else base
     return stable_hash(data.fingerprint, triplets.key, base_id, settings)
-
-
-def _packaged(ref: str) -> bool:
-    from embedtune.models import packaged_name
-
-    return packaged_name(ref) is not None
-
-
-def _is_local(ref: str) -> bool:
-    return Path(ref).expanduser().exists()
-
-
-def _base_dir(base: str) -> Path:
-    from embedtune.models import resolve_model
-
-    return resolve_model(base)
 
 
 def train_reranker(
@@ -120,8 +98,16 @@ def train_reranker(
         raise EmbedtuneError(
             f"no train triplets for {data.label}: mine hard negatives before training a reranker"
         )
-    settings = {"epochs": epochs, "batch_size": batch_size, "max_pairs": max_pairs, "max_length": max_length,
-                "lr": lr, "seed": seed, "random_negatives": random_negatives, "head_lr": head_lr}  # fmt: skip
+    settings = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "max_pairs": max_pairs,
+        "max_length": max_length,
+        "lr": lr,
+        "seed": seed,
+        "random_negatives": random_negatives,
+        "head_lr": head_lr,
+    }
     key = reranker_key(data, triplets, base, settings)
     target = Path(out_dir or env.home() / "rerankers") / f"{data.label}-{key}"
 
@@ -135,9 +121,9 @@ def train_reranker(
         from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
         pairs = training_pairs(triplets, max_pairs, seed, random_negatives)
-        base_dir = _base_dir(base)
+        base_dir = resolve_model(base)
         log.info("training a cross-encoder reranker from %s on %d pairs", base, len(pairs))
-        model = CrossEncoder(str(base_dir), num_labels=1, max_length=max_length, device=_device())
+        model = CrossEncoder(str(base_dir), num_labels=1, max_length=max_length, device=env.device())
         train_ds = Dataset.from_dict(
             {"query": [p[0] for p in pairs], "answer": [p[1] for p in pairs], "label": [p[2] for p in pairs]}
         )
@@ -161,30 +147,8 @@ def train_reranker(
             model=model, args=args, train_dataset=train_ds, loss=BinaryCrossEntropyLoss(model)
         )
         trainer.train()
-        import shutil
-
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         model.save_pretrained(str(tmp))
 
     path, _ = build_once(target, build)
     return path
-
-
-def load_cross_encoder(ref: str | Path, max_length: int | None = None, device: str | None = None):
-    """Load a CrossEncoder from a local dir (used as is) or a hub id; any failure is one EmbedtuneError."""
-    from sentence_transformers.cross_encoder import CrossEncoder
-
-    ref = str(ref)
-    path = Path(ref).expanduser()
-    if path.exists() and not (path.is_dir() and (path / "config.json").exists()):
-        raise EmbedtuneError(f"reranker {ref} is not a cross-encoder model directory (no config.json in it)")
-    try:
-        return CrossEncoder(
-            str(path) if path.exists() else ref, max_length=max_length, device=device or _device()
-        )
-    except Exception as exc:
-        where = "local directory" if path.exists() else "Hugging Face id (offline?)"
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise EmbedtuneError(
-            f"cross-encoder reranker {ref!r} ({where}) failed to load: {type(exc).__name__}: {first}"
-        ) from exc

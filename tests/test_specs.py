@@ -8,9 +8,9 @@ import pytest
 import yaml
 from servers import free_port
 
-from embedtune.config import load_spec, parse_spec
 from embedtune.errors import EmbedtuneError
-from embedtune.sweep import param_space
+from embedtune.specs import load_spec, parse_spec
+from embedtune.sweep.identity import param_space
 
 GOOD = {
     "name": "t",
@@ -37,8 +37,15 @@ def test_grid_param_space_crosses_models_datasets_epochs() -> None:
 
 
 def test_sampled_space_uses_distributions() -> None:
-    raw = dict(GOOD, search={"mode": "optuna", "num_samples": 4, "epochs": [1, 2],
-                             "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-4}})  # fmt: skip
+    raw = dict(
+        GOOD,
+        search={
+            "mode": "optuna",
+            "num_samples": 4,
+            "epochs": [1, 2],
+            "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-4},
+        },
+    )
     space = param_space(parse_spec(raw))
     assert type(space["lr"]).__name__ == "Float"
     assert type(space["model"]).__name__ == "Categorical"

@@ -98,17 +98,13 @@ def bench_eval(eval_data: Path, n_queries: int, corpus_rows: int, repeats: int, 
     per question in a Python loop (as the study's scripts do), and one numpy matrix product."""
     import numpy as np
 
-    from embedtune.data import DataSpec, prepare
+    from embedtune.data import prepare
     from embedtune.errors import EmbedtuneError
-    from embedtune.evaluate import (
-        per_query_metrics,
-        retrieval_metrics,
-        table_vectors,
-        vector_leg,
-        vector_leg_one,
-    )
-    from embedtune.index import build_table, load_model
-    from embedtune.models import resolve_model, truncate
+    from embedtune.evaluate import per_query_metrics, retrieval_metrics
+    from embedtune.index import build_table
+    from embedtune.models import load_model, resolve_model, truncate
+    from embedtune.retrieval import table_vectors, vector_leg, vector_leg_one
+    from embedtune.specs import DataSpec
 
     if not eval_data.exists():
         raise EmbedtuneError(
@@ -130,7 +126,7 @@ def bench_eval(eval_data: Path, n_queries: int, corpus_rows: int, repeats: int, 
             vector_index=False,
             progress=True,
             max_seq_length=64,
-        )  # fmt: skip
+        )
     )
     tbl = indexed.open()
     qids = list(data.queries)
@@ -202,7 +198,7 @@ def bench_ingest(data, model, path, rows: int, repeats: int, work: Path) -> dict
             vector_index=False,
             progress=False,
             max_seq_length=64,
-        ),  # fmt: skip
+        ),
         repeats,
     )
     return {
@@ -261,10 +257,17 @@ def _plain_training(spec, model_ref: str, triplets, seed: int) -> float:
         timer = step_timer()
         with tempfile.TemporaryDirectory() as out:
             args = SentenceTransformerTrainingArguments(
-                output_dir=out, num_train_epochs=1, per_device_train_batch_size=spec.search.batch_size[0],
-                learning_rate=spec.search.lr[0], seed=seed, save_strategy="no", report_to="none",
-                disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
-            )  # fmt: skip
+                output_dir=out,
+                num_train_epochs=1,
+                per_device_train_batch_size=spec.search.batch_size[0],
+                learning_rate=spec.search.lr[0],
+                seed=seed,
+                save_strategy="no",
+                report_to="none",
+                disable_tqdm=True,
+                use_cpu=True,
+                dataloader_num_workers=0,
+            )
             trainer = SentenceTransformerTrainer(
                 model=model,
                 args=args,
@@ -282,26 +285,30 @@ def _plain_training(spec, model_ref: str, triplets, seed: int) -> float:
 def bench_throughput(spec, repeats: int, work: Path) -> dict[str, Any]:
     """Samples/s of `repeats` one-epoch trials (one at a time, so no trial shares the CPUs) against
     as many runs of the plain script, first model and dataset of `spec`."""
-    from embedtune.config import parse_spec
     from embedtune.data import prepare
     from embedtune.negatives import mine
+    from embedtune.specs import parse_spec
     from embedtune.sweep import run_sweep
 
     model_ref, ds = spec.models[-1], spec.datasets[0]
     raw = json.loads(spec.model_dump_json())
     raw.update(
-        name="bench-throughput", models=[model_ref], datasets=[raw["datasets"][0]], max_concurrent_trials=1,
-        scheduler={"type": "none"}, final={"enabled": False},
+        name="bench-throughput",
+        models=[model_ref],
+        datasets=[raw["datasets"][0]],
+        max_concurrent_trials=1,
+        scheduler={"type": "none"},
+        final={"enabled": False},
         mlflow={"tracking_uri": None, "log_models": False},
-    )  # fmt: skip
+    )
     raw["search"].update(epochs=[1], seed=list(range(1, repeats + 1)))
     tspec = parse_spec(raw, "bench throughput spec")
     result = run_sweep(tspec, work / "throughput-sweep", resume=False, final=False)
     trial_rates = [
-        h["metrics"]["train_samples_per_s"]
+        p.metrics["train_samples_per_s"]
         for t in result.trials
-        for h in t["history"]
-        if h["epoch"] > 0 and "train_samples_per_s" in h["metrics"]
+        for p in t.history
+        if p.epoch > 0 and "train_samples_per_s" in p.metrics
     ]
     data = prepare(ds)
     triplets = mine(data, spec.mining)
@@ -321,20 +328,16 @@ def bench_sweep_local(spec, run_dir: Path) -> dict[str, Any]:
     """`make sweep-local` in this process: wall time, phases, concurrency, memory, disk. As on a
     fresh clone: the negatives and reranker caches start empty (a private EMBEDTUNE_HOME holding
     only the packaged models that `make setup` materialises)."""
-    from embedtune import ray_env
     from embedtune.sweep import run_sweep
 
     cold_home = run_dir.parent / "embedtune-home"
     cold_home.mkdir(parents=True, exist_ok=True)
     (cold_home / "models").symlink_to(env.home() / "models", target_is_directory=True)
-    with ray_env.patched_environ({"EMBEDTUNE_HOME": str(cold_home)}):
+    with env.patched_environ({"EMBEDTUNE_HOME": str(cold_home)}):
         t, result = _timed(lambda: run_sweep(spec, run_dir, resume=False))
-    trial_sum = sum(float(x["duration_s"] or 0) for x in result.trials)
+    trial_sum = sum(float(x.duration_s or 0) for x in result.trials)
     rss = [
-        h["metrics"]["system/rss_mb"]
-        for x in result.trials
-        for h in x["history"]
-        if "system/rss_mb" in h["metrics"]
+        p.metrics["system/rss_mb"] for x in result.trials for p in x.history if "system/rss_mb" in p.metrics
     ]
     kept: dict[Path, int] = {}  # Tune's checkpoint_* dirs left per trial dir
     for ckpt in run_dir.rglob("checkpoint_*"):
@@ -343,7 +346,7 @@ def bench_sweep_local(spec, run_dir: Path) -> dict[str, Any]:
     return {
         "sweep_local_seconds": t,
         "sweep_local_trials": len(result.trials),
-        "sweep_local_epochs": sum(x["epochs_done"] for x in result.trials),
+        "sweep_local_epochs": sum(x.epochs_done for x in result.trials),
         "sweep_local_phases": {k: round(v, 1) for k, v in result.timings.items()},
         "sweep_wall_over_trial_sum": result.timings.get("trials_s", t) / trial_sum if trial_sum else None,
         "trial_peak_rss_mb": max(rss) if rss else None,
@@ -371,15 +374,29 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js = out_dir / "results.json"
     js.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    lines = ["# `make bench` results", "", f"Machine: `{json.dumps(results['machine'])}`", "",
-             "| measure | value | target |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        "# `make bench` results",
+        "",
+        f"Machine: `{json.dumps(results['machine'])}`",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+    ]
     for key in TARGETS:
         v = results.get(key)
         shown = f"{v:.3f}" if isinstance(v, float) else str(v)
         lines.append(f"| `{key}` | {shown} | {_verdict(key, v)} |")
-    lines += ["", "Details (medians over the repeats; lists are every repeat):", "", "```json",
-              json.dumps({k: v for k, v in results.items() if k not in TARGETS and k != "machine"}, indent=2,
-                         default=str), "```", ""]  # fmt: skip
+    lines += [
+        "",
+        "Details (medians over the repeats; lists are every repeat):",
+        "",
+        "```json",
+        json.dumps(
+            {k: v for k, v in results.items() if k not in TARGETS and k != "machine"}, indent=2, default=str
+        ),
+        "```",
+        "",
+    ]
     md = out_dir / "results.md"
     md.write_text("\n".join(lines))
     return js, md
@@ -429,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env.apply(offline=True)
 
-    from embedtune.config import load_spec
     from embedtune.errors import EmbedtuneError
+    from embedtune.specs import load_spec
 
     spec = load_spec(args.spec)
     shutil.rmtree(args.work_dir, ignore_errors=True)

@@ -8,7 +8,10 @@ import shutil
 
 import pytest
 
-from embedtune.finalize import FinalSpec, pick_models
+from embedtune.final.pick import epoch_entries, pick_models
+from embedtune.records import ModelEntry, TrialRecord
+from embedtune.rundir import RunDir
+from embedtune.specs import DataSpec, EvalSpec, FinalSpec
 
 
 def _trial(tid, model, dataset, history, status="FINISHED", ckpt=True, epochs=None):
@@ -16,13 +19,29 @@ def _trial(tid, model, dataset, history, status="FINISHED", ckpt=True, epochs=No
     hist += [{"epoch": i + 1, "metrics": {"ir_recall_at_10": s}} for i, s in enumerate(history)]
     trained = hist[1:]
     best = max(trained, key=lambda h: (h["metrics"]["ir_recall_at_10"], -h["epoch"])) if trained else None
-    return {
-        "trial_id": tid, "model": model, "model_label": model.split("/")[-1], "dataset": dataset,
-        "epochs": epochs or len(history), "lr": 2e-5, "batch_size": 32, "seed": 42, "status": status,
-        "duration_s": 10.0, "gpu_seconds": None, "epochs_done": len(history), "history": hist,
-        "best_epoch": best["epoch"] if best else None, "best_metrics": best["metrics"] if best else {},
-        "best_checkpoint": f"/ckpt/{tid}/model" if ckpt else None, "mlflow_run_id": None,
-    }  # fmt: skip
+    return TrialRecord.from_dict(
+        {
+            "trial_id": tid,
+            "config_hash": f"h-{tid}",
+            "model": model,
+            "model_label": model.split("/")[-1],
+            "dataset": dataset,
+            "epochs": epochs or len(history),
+            "lr": 2e-5,
+            "batch_size": 32,
+            "warmup_ratio": 0.1,
+            "seed": 42,
+            "status": status,
+            "duration_s": 10.0,
+            "gpu_seconds": None,
+            "epochs_done": len(history),
+            "history": hist,
+            "best_epoch": best["epoch"] if best else None,
+            "best_metrics": best["metrics"] if best else {},
+            "best_checkpoint": f"/ckpt/{tid}/model" if ckpt else None,
+            "mlflow_run_id": None,
+        }
+    )
 
 
 def _tuned(picks, dataset):
@@ -125,11 +144,11 @@ def _artifact_paths(client, run_id, path=None) -> set[str]:
 def test_report_is_logged_to_the_parent_run(tmp_path):
     from test_report import results_frame, trials_list  # tests/ is on sys.path under pytest
 
-    from embedtune.finalize import log_report
+    from embedtune.final.registry import log_report
     from embedtune.report import build_report
 
     uri, client, parent = _store(tmp_path)
-    rep = build_report(tmp_path / "run", trials_list(), results_frame(), {})
+    rep = build_report(RunDir(tmp_path / "run"), trials_list(), results_frame(), {})
     log_report(uri, parent, rep)
     got = _artifact_paths(client, parent)
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "results.csv", "meta.json"):
@@ -144,7 +163,7 @@ def test_report_is_logged_to_the_parent_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_data():
-    from embedtune.data import DataSpec, prepare
+    from embedtune.data import prepare
 
     return prepare(DataSpec(source="medquad-sample", eval_size=60, max_pairs=300))
 
@@ -152,8 +171,7 @@ def small_data():
 @pytest.mark.slow
 def test_final_stage_registers_the_winner(tmp_path, small_data):
     """run_final_stage without Ray: a fake trial whose 'checkpoint' is a copy of the L3 base model."""
-    from embedtune.evaluate import EvalSpec
-    from embedtune.finalize import run_final_stage
+    from embedtune.final import run_final_stage
     from embedtune.models import resolve_model
 
     uri, client, parent = _store(tmp_path)
@@ -161,9 +179,9 @@ def test_final_stage_registers_the_winner(tmp_path, small_data):
     ckpt = tmp_path / "ckpt" / "model"
     shutil.copytree(resolve_model("paraphrase-MiniLM-L3-v2"), ckpt)
     trial = _trial("t1", "paraphrase-MiniLM-L3-v2", small_data.label, [0.6, 0.7])
-    trial["best_checkpoint"] = str(ckpt)
+    trial.best_checkpoint = str(ckpt)
     run_dir.mkdir()
-    (run_dir / "trials.json").write_text(json.dumps([trial]))
+    (run_dir / "trials.json").write_text(json.dumps([trial.to_dict()]))
     spec = FinalSpec(
         eval=EvalSpec(query_types=["vector", "hybrid"], rerankers=["none", "rrf"]),
         cross_encoder=None,
@@ -171,7 +189,14 @@ def test_final_stage_registers_the_winner(tmp_path, small_data):
         probe_size=40,
     )
     result = run_final_stage(
-        run_dir, [trial], {small_data.label: small_data}, {}, ["paraphrase-MiniLM-L3-v2"], spec, parent, uri
+        RunDir(run_dir),
+        [trial],
+        {small_data.label: small_data},
+        {},
+        ["paraphrase-MiniLM-L3-v2"],
+        spec,
+        parent,
+        uri,
     )
     assert result.winner["kind"] == "tuned" and result.winner["trial_id"] == "t1"
     mv = client.get_model_version_by_alias("embedtune-test", "champion")
@@ -189,7 +214,7 @@ def test_final_stage_registers_the_winner(tmp_path, small_data):
     # the registered model loads back and embeds
     import mlflow
 
-    from embedtune.tracking import fluent_uri
+    from embedtune.tracking.client import fluent_uri
 
     with fluent_uri(uri, registry=True):
         model = mlflow.sentence_transformers.load_model("models:/embedtune-test@champion")
@@ -214,9 +239,26 @@ def test_cli_evaluate_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "ev"
     # Vector search with and without the cross-encoder trained here (hybrid fusion: test_evaluate).
-    argv = ["evaluate", "--models", "all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2", "--data", "medquad-sample",
-            "--eval-size", "40", "--max-pairs", "200", "--out", str(out), "--probe-size", "20", "--overfetch", "1",
-            "--query-types", "vector"]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--models",
+        "all-MiniLM-L6-v2",
+        "paraphrase-MiniLM-L3-v2",
+        "--data",
+        "medquad-sample",
+        "--eval-size",
+        "40",
+        "--max-pairs",
+        "200",
+        "--out",
+        str(out),
+        "--probe-size",
+        "20",
+        "--overfetch",
+        "1",
+        "--query-types",
+        "vector",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "leaderboard" in printed and "best:" in printed
@@ -238,18 +280,15 @@ def test_cli_evaluate_end_to_end(tmp_path, capsys):
     assert pd.read_csv(out / "report" / "leaderboard.csv").equals(board)
 
 
-# ---------------------------------------------------------------- do no harm (issue #7)
+# ---------------------------------------------------------------- do no harm
 
-SCIFACT = "/work/shared/data/scifact"
-needs_scifact = pytest.mark.skipif(
-    not os.path.isdir(SCIFACT), reason="SciFact (shared data) not on this machine"
-)
+SCIFACT = "scifact-sample"  # shipped: 300 claims, 1,000 abstracts
 
 
 def test_harm_flag_logic_on_synthetic_hits():
     import numpy as np
 
-    from embedtune.finalize import harm_check
+    from embedtune.final.harm import harm_check
 
     rng = np.random.default_rng(0)
     base = (rng.random(300) < 0.8).astype(float)
@@ -278,33 +317,59 @@ def test_final_spec_takes_ood_data_specs():
     assert FinalSpec().ood == []
 
 
-@needs_scifact
 def test_ood_data_from_beir_caps_the_corpus_and_keeps_relevant_docs():
-    from embedtune.data import DataSpec
-    from embedtune.finalize import ood_data
+    from embedtune.data import prepare_ood as ood_data
 
     d = ood_data(DataSpec(source=SCIFACT, max_pairs=40), max_corpus=150)
-    assert d.label == "scifact" and d.train == [] and len(d.corpus) == 150
+    assert d.label == "scifact-sample" and d.train == [] and len(d.corpus) == 150
     assert 30 <= len(d.queries) <= 40 and set(d.queries) == set(d.relevant)
     assert all(c in d.corpus for cs in d.relevant.values() for c in cs)
     again = ood_data(DataSpec(source=SCIFACT, max_pairs=40), max_corpus=150)
     assert again.fingerprint == d.fingerprint and again.corpus == d.corpus  # seeded
-    assert len(ood_data(DataSpec(source=SCIFACT, max_pairs=40), max_corpus=None).corpus) == 5183
+    assert len(ood_data(DataSpec(source=SCIFACT, max_pairs=40), max_corpus=None).corpus) == 1000
 
 
 def _harm_results(base_path: str, tuned_path: str):
     import pandas as pd
 
-    from embedtune.evaluate import ModelEntry
-
     rows = [
-        {"dataset": "medquad", "model": "L3", "model_path": base_path, "base_model": "L3", "kind": "base",
-         "trial_id": None, "epochs": None, "query_type": "vector", "reranker": "none", "hit_at_1": 0.3,
-         "hit_at_5": 0.5, "hit_at_10": 0.6, "mrr_at_10": 0.4, "ndcg_at_10": 0.45, "n_queries": 50, "seconds": 1.0},
-        {"dataset": "medquad", "model": "L3-ft", "model_path": tuned_path, "base_model": "L3", "kind": "tuned",
-         "trial_id": "t1", "epochs": 2, "query_type": "vector", "reranker": "none", "hit_at_1": 0.4,
-         "hit_at_5": 0.6, "hit_at_10": 0.7, "mrr_at_10": 0.5, "ndcg_at_10": 0.55, "n_queries": 50, "seconds": 1.0},
-    ]  # fmt: skip
+        {
+            "dataset": "medquad",
+            "model": "L3",
+            "model_path": base_path,
+            "base_model": "L3",
+            "kind": "base",
+            "trial_id": None,
+            "epochs": None,
+            "query_type": "vector",
+            "reranker": "none",
+            "hit_at_1": 0.3,
+            "hit_at_5": 0.5,
+            "hit_at_10": 0.6,
+            "mrr_at_10": 0.4,
+            "ndcg_at_10": 0.45,
+            "n_queries": 50,
+            "seconds": 1.0,
+        },
+        {
+            "dataset": "medquad",
+            "model": "L3-ft",
+            "model_path": tuned_path,
+            "base_model": "L3",
+            "kind": "tuned",
+            "trial_id": "t1",
+            "epochs": 2,
+            "query_type": "vector",
+            "reranker": "none",
+            "hit_at_1": 0.4,
+            "hit_at_5": 0.6,
+            "hit_at_10": 0.7,
+            "mrr_at_10": 0.5,
+            "ndcg_at_10": 0.55,
+            "n_queries": 50,
+            "seconds": 1.0,
+        },
+    ]
     entries = {
         "medquad": [
             ModelEntry("L3", base_path, "L3", "base"),
@@ -314,22 +379,18 @@ def _harm_results(base_path: str, tuned_path: str):
     return pd.DataFrame(rows), entries
 
 
-@needs_scifact
 def test_do_no_harm_on_a_real_model_against_itself_flags_nothing(tmp_path):
-    from embedtune.data import DataSpec
-    from embedtune.finalize import do_no_harm
+    from embedtune.final.harm import do_no_harm
     from embedtune.models import resolve_model
 
     path = str(resolve_model("paraphrase-MiniLM-L3-v2"))
     results, entries = _harm_results(path, path)  # the "winner" is the base model itself
     spec = FinalSpec(ood=[DataSpec(source=SCIFACT, max_pairs=30)], ood_max_corpus=100)
-    harm = do_no_harm(tmp_path, results, [], entries, spec, str(tmp_path / "db"))
-    (row,) = harm["rows"]
-    assert row["dataset"] == "medquad" and row["ood"] == "scifact" and row["winner"] == "L3-ft"
-    assert row["delta"] == 0 and row["p_value"] == 1.0 and row["flag"] == ""
-    assert 0 < row["base_score"] <= 1 and row["n_queries"] == len(harm["hits"]["scifact"]["L3"])
-    stored = json.loads((tmp_path / "report" / "harm.json").read_text())
-    assert stored["rows"] == json.loads(json.dumps(harm["rows"]))
+    harm = do_no_harm(results, [], entries, spec, str(tmp_path / "db"))
+    (row,) = harm.rows
+    assert row.dataset == "medquad" and row.ood == "scifact-sample" and row.winner == "L3-ft"
+    assert row.delta == 0 and row.p_value == 1.0 and row.flag == ""
+    assert 0 < row.base_score <= 1 and row.n_queries == len(harm.hits["scifact-sample"]["L3"])
 
 
 def _harmed_copy(src, dest, scale: float = 2.0):
@@ -347,37 +408,48 @@ def _harmed_copy(src, dest, scale: float = 2.0):
 
 
 @pytest.mark.slow
-@needs_scifact
 def test_do_no_harm_flags_a_harmed_winner_end_to_end(tmp_path, small_data):
     """evaluate_and_report with an OOD set: a noised copy of the base model is the only tuned model
     (so the winner); the do-no-harm check flags it on SciFact, writes harm.json and the report
     section, logs them to MLflow, and `embedtune report` rebuilds the section from stored files."""
-    from embedtune.data import DataSpec
-    from embedtune.evaluate import EvalSpec, ModelEntry
-    from embedtune.finalize import evaluate_and_report
+    from embedtune.final import evaluate_and_report
     from embedtune.models import resolve_model
 
     uri, client, parent = _store(tmp_path)
     base = resolve_model("paraphrase-MiniLM-L3-v2")
     harmed = _harmed_copy(base, tmp_path / "harmed", scale=4.0)
-    entries = {small_data.label: [ModelEntry("paraphrase-MiniLM-L3-v2", "paraphrase-MiniLM-L3-v2", "paraphrase-MiniLM-L3-v2"),
-                                  ModelEntry("L3-harmed", str(harmed), "paraphrase-MiniLM-L3-v2", "tuned", "t9", 1)]}  # fmt: skip
-    spec = FinalSpec(eval=EvalSpec(query_types=["vector"], rerankers=["none"]), cross_encoder=None, registry=False,
-                     probe_size=20, ood=[DataSpec(source=SCIFACT, max_pairs=40)], ood_max_corpus=150)  # fmt: skip
+    entries = {
+        small_data.label: [
+            ModelEntry("paraphrase-MiniLM-L3-v2", "paraphrase-MiniLM-L3-v2", "paraphrase-MiniLM-L3-v2"),
+            ModelEntry("L3-harmed", str(harmed), "paraphrase-MiniLM-L3-v2", "tuned", "t9", 1),
+        ]
+    }
+    spec = FinalSpec(
+        eval=EvalSpec(query_types=["vector"], rerankers=["none"]),
+        cross_encoder=None,
+        registry=False,
+        probe_size=20,
+        ood=[DataSpec(source=SCIFACT, max_pairs=40)],
+        ood_max_corpus=150,
+    )
     run_dir = tmp_path / "run"
-    result = evaluate_and_report(run_dir, entries, {small_data.label: small_data}, {}, [], spec, parent, uri)
+    result = evaluate_and_report(
+        RunDir(run_dir), entries, {small_data.label: small_data}, {}, [], spec, parent, uri
+    )
     assert result.winner["model"] == "L3-harmed"
     (row,) = json.loads((run_dir / "report" / "harm.json").read_text())["rows"]
     assert row["flag"] == "harm" and row["delta"] < -0.1 and (row["p_value"] < 0.05 or row["ci_high"] < 0), (
         row
     )
     md = (run_dir / "report" / "leaderboard.md").read_text()
-    assert f"### Do no harm ({small_data.label})" in md and "**Harm:** `L3-harmed` loses on scifact" in md
+    assert (
+        f"### Do no harm ({small_data.label})" in md and "**Harm:** `L3-harmed` loses on scifact-sample" in md
+    )
     assert "**Already seen:" in md and "near-dup eval q" in md
     assert "report/harm.json" in _artifact_paths(client, parent)
     run = client.get_run(parent)
-    assert run.data.tags["embedtune.harm"] == "L3-harmed@scifact"
-    assert run.data.metrics[f"final.{small_data.label}.ood.scifact.delta_hit_at_10"] == pytest.approx(
+    assert run.data.tags["embedtune.harm"] == "L3-harmed@scifact-sample"
+    assert run.data.metrics[f"final.{small_data.label}.ood.scifact-sample.delta_hit_at_10"] == pytest.approx(
         row["delta"]
     )
     from embedtune.cli import main
@@ -388,18 +460,15 @@ def test_do_no_harm_flags_a_harmed_winner_end_to_end(tmp_path, small_data):
 
 
 def test_a_missing_ood_set_fails_before_any_evaluation(tmp_path):
-    from embedtune.data import DataSpec
     from embedtune.errors import EmbedtuneError
-    from embedtune.finalize import evaluate_and_report
+    from embedtune.final import evaluate_and_report
 
     spec = FinalSpec(ood=[DataSpec(source=str(tmp_path / "no-such-beir"))], cross_encoder=None)
     with pytest.raises(EmbedtuneError, match="not found"):
-        evaluate_and_report(tmp_path / "run", {}, {}, {}, [], spec)
+        evaluate_and_report(RunDir(tmp_path / "run"), {}, {}, {}, [], spec)
 
 
 def test_epoch_entries_add_the_best_checkpoint_of_every_other_epoch_count():
-    from embedtune.finalize import epoch_entries
-
     trials = [
         _trial("a", "mini", "med", [0.80, 0.90, 0.85]),  # best epoch 2: the pick
         _trial("b", "mini", "med", [0.82]),  # best epoch 1

@@ -1,30 +1,19 @@
-"""Sweep specs: a YAML file validated by pydantic before Ray starts.
-
-Unknown keys and bad values fail with a one-line error naming the key path, e.g.
-`sweeps/x.yaml: search.epochs.0: Input should be greater than or equal to 1`.
-"""
+"""A sweep spec (`sweeps/*.yaml`): models × datasets × a search space, and how to run it."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from embedtune.data import DataSpec
-from embedtune.errors import EmbedtuneError
-from embedtune.finalize import FinalSpec
-from embedtune.negatives import MiningSpec
-from embedtune.train import DEFAULT_METRIC
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from embedtune.specs.base import Strict
+from embedtune.specs.data import DataSpec
+from embedtune.specs.evaluation import FinalSpec
+from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC, GAIN_SUFFIX, HYPERPARAMS
+from embedtune.specs.train import MiningSpec, TrainSettings
 
 
-class Distribution(_Strict):
+class Distribution(Strict):
     """A sampled hyperparameter: `{distribution: loguniform, low: 1e-5, high: 1e-4}`."""
 
     distribution: Literal["uniform", "loguniform", "randint", "choice"]
@@ -41,8 +30,12 @@ class Distribution(_Strict):
             raise ValueError(f"{self.distribution} needs low < high")
         return self
 
+    @property
+    def largest(self) -> float:
+        return max(self.values) if self.values else float(self.high)
 
-class SearchSpace(_Strict):
+
+class SearchSpace(Strict):
     """Each entry: a list (grid axis, or a choice when sampling) or a distribution."""
 
     mode: Literal["grid", "random", "optuna"] = "grid"
@@ -75,25 +68,18 @@ class SearchSpace(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _optuna_needs_samples(self) -> SearchSpace:
+    def _grid_takes_lists(self) -> SearchSpace:
         if self.mode == "grid" and any(isinstance(getattr(self, k), Distribution) for k in HYPERPARAMS):
             raise ValueError("grid mode takes lists only; use mode: random or optuna for distributions")
         return self
 
-
-HYPERPARAMS = ("epochs", "lr", "batch_size", "warmup_ratio", "seed")
-
-
-class TrainSettings(_Strict):
-    """Fixed training settings shared by every trial."""
-
-    max_seq_length: int | None = Field(128, ge=8)
-    hard_negatives: bool = True
-    weight_decay: float = Field(0.01, ge=0)
-    fp16: bool = False
+    @property
+    def max_epochs(self) -> int:
+        e = self.epochs
+        return int(e.largest) if isinstance(e, Distribution) else max(e)
 
 
-class Resources(_Strict):
+class Resources(Strict):
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0, description="whole or fractional GPUs per trial (0.5 = two trials per GPU)")
 
@@ -105,12 +91,9 @@ class Resources(_Strict):
         return v
 
 
-GAIN_SUFFIX = "_gain"  # reported by each trial: metric minus its base model's score
-
-
-class SchedulerSpec(_Strict):
+class SchedulerSpec(Strict):
     type: Literal["asha", "none"] = "asha"
-    metric: str = DEFAULT_METRIC
+    metric: str = DEFAULT_SWEEP_METRIC
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
@@ -127,7 +110,7 @@ class SchedulerSpec(_Strict):
         return f"{self.metric}{GAIN_SUFFIX}" if self.compare == "gain" else self.metric
 
 
-class MlflowSpec(_Strict):
+class MlflowSpec(Strict):
     tracking_uri: str | None = Field(
         None, description="None: $MLFLOW_TRACKING_URI if set, else a SQLite store in the run directory"
     )
@@ -141,17 +124,17 @@ class MlflowSpec(_Strict):
     )
 
 
-class CheckpointSpec(_Strict):
+class CheckpointSpec(Strict):
     keep: int = Field(1, ge=1, description="checkpoints kept per trial, best by the scheduler metric")
 
 
-class RaySpec(_Strict):
+class RaySpec(Strict):
     address: str | None = Field(None, description="None: a private local Ray (or RAY_ADDRESS when set)")
     num_cpus: int | None = Field(None, ge=1)
     num_gpus: float | None = Field(None, ge=0)
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     datasets: list[DataSpec] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
@@ -189,49 +172,3 @@ class SweepSpec(_Strict):
     @property
     def experiment(self) -> str:
         return self.mlflow.experiment or f"embedtune-{self.name}"
-
-
-def _format_error(source: str, exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling)"
-        parts.append(
-            f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else "")
-        )
-    more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
-    return f"{source}: " + "; ".join(parts) + more
-
-
-def parse_spec(raw: dict[str, Any], source: str = "sweep spec") -> SweepSpec:
-    if not isinstance(raw, dict):
-        raise EmbedtuneError(f"{source}: expected a mapping of keys at the top level")
-    try:
-        return SweepSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise EmbedtuneError(_format_error(source, exc)) from exc
-
-
-def load_spec(path: str | Path) -> SweepSpec:
-    path = Path(path)
-    if not path.exists():
-        raise EmbedtuneError(f"sweep spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise EmbedtuneError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-    except UnicodeDecodeError as exc:
-        raise EmbedtuneError(f"{path}: not UTF-8 text") from exc
-    spec = parse_spec(raw, str(path))
-    # Relative local data paths are relative to the spec file, not the cwd.
-    for ds in spec.datasets:
-        src = ds.source
-        if not src.startswith("hf:") and not Path(src).is_absolute() and (path.parent / src).exists():
-            ds.source = str((path.parent / src).resolve())
-    return spec
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text)

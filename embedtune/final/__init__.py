@@ -1,0 +1,6 @@
+"""The final stage of a sweep: `pick` (which checkpoints), `stage` (LanceDB evaluation and the
+report), `harm` (the do-no-harm check on out-of-domain data) and `registry` (MLflow)."""
+
+from embedtune.final.stage import FinalResult, evaluate_and_report, run_final_stage
+
+__all__ = ["FinalResult", "evaluate_and_report", "run_final_stage"]

@@ -1,0 +1,138 @@
+"""Do no harm: does fine-tuning make a dataset's winner worse on data from other domains?
+
+Only when `final.ood` names out-of-domain data specs: each dataset's winner and its base model are
+scored on every OOD set (`data.prepare_ood`: all questions are queries; vector search via
+`evaluate_models`), compared query by query (`harm_check`: paired bootstrap interval, exact McNemar p
+from `embedtune.stats`) and flagged "harm" on a significant drop. The result (`HarmCheck`) is stored
+with the report as `report/harm.json`, which every rebuild turns into a "Do no harm" table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from embedtune.data import prepare_ood
+from embedtune.errors import EmbedtuneError
+from embedtune.evaluate import evaluate_models
+from embedtune.records import HarmCheck, HarmRow, ModelEntry, TrialRecord
+from embedtune.specs import EvalSpec, FinalSpec
+
+log = logging.getLogger(__name__)
+
+
+def harm_check(base_hits, winner_hits, alpha: float = 0.05, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Paired comparison of a winner with its base model over the same queries (one 0/1 hit per
+    query each, same order): `delta` = winner − base, its paired-bootstrap (1 − alpha) interval
+    (`ci_low`, `ci_high`), `p_value` (exact McNemar for 0/1 hits, paired bootstrap otherwise, from
+    embedtune.stats), `band` = half-width of the base score's own bootstrap interval, and `flag`:
+    "harm" when the winner scores lower and the drop is significant (p < alpha) or larger than the
+    95% band (the interval of delta lies below 0, or the drop exceeds `band`); else "".
+    A model compared with itself has delta 0, p 1 and no flag."""
+    import numpy as np
+
+    from embedtune.stats import bootstrap_ci, paired_pvalue
+
+    b = np.asarray(base_hits, dtype=float)
+    w = np.asarray(winner_hits, dtype=float)
+    if b.ndim != 1 or b.shape != w.shape or not len(b):
+        raise EmbedtuneError(
+            f"harm check needs per-query scores over the same queries, got {b.shape} and {w.shape}"
+        )
+    delta = float(w.mean() - b.mean())
+    lo, hi = bootstrap_ci(w - b, n_boot=n_boot, alpha=alpha, seed=seed)
+    base_lo, base_hi = bootstrap_ci(b, n_boot=n_boot, alpha=alpha, seed=seed)
+    band = (base_hi - base_lo) / 2
+    p = paired_pvalue(w, b, "hit_at_10", n_boot=n_boot, seed=seed)  # 1.0 when no query differs
+    harmed = delta < 0 and (p < alpha or hi < 0 or -delta > band)
+    return {
+        "base_score": float(b.mean()),
+        "winner_score": float(w.mean()),
+        "delta": delta,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "p_value": float(p),
+        "band": float(band),
+        "n_queries": int(len(b)),
+        "flag": "harm" if harmed else "",
+    }
+
+
+def harm_pairs(results, trials: list[TrialRecord], entries: dict[str, list[ModelEntry]], metric: str):
+    """(training dataset, base entry, winner entry) per dataset whose winner (the report's
+    `pick_winner`: the best tuned row that beats its base) is a tuned model."""
+    from embedtune.report.leaderboard import PER_QUERY, leaderboard, pick_winner
+
+    # Only the winner is needed here: without per-query values the leaderboard skips the bootstrap
+    # (the report computes the intervals once).
+    board = leaderboard(results.drop(columns=[PER_QUERY], errors="ignore"), trials, metric)
+    out = []
+    for ds, rows in board.groupby("dataset", sort=True):
+        w = pick_winner(rows, metric)
+        if not w or w.get("kind") != "tuned":
+            continue
+        by_label = {e.label: e for e in entries.get(str(ds), [])}
+        tuned, base = by_label.get(w["model"]), by_label.get(w["base_model"])
+        if tuned is None or base is None:
+            log.warning(
+                "do no harm: no model entry for %s or its base %s on %s", w["model"], w["base_model"], ds
+            )
+            continue
+        out.append((str(ds), base, tuned))
+    return out
+
+
+def do_no_harm(
+    results, trials: list[TrialRecord], entries: dict[str, list[ModelEntry]], spec: FinalSpec, db_uri: str
+) -> HarmCheck:
+    """Score each dataset's winner and its base model on every out-of-domain set of `spec.ood`
+    (vector search, no reranker) and compare them query by query (`harm_check`). `entries` hold
+    resolved model paths."""
+    pairs = harm_pairs(results, trials, entries, spec.leaderboard_metric)
+    ood_spec = EvalSpec(
+        query_types=["vector"],
+        rerankers=["none"],
+        ks=sorted({*spec.eval.ks, 10}),
+        batch_size=spec.eval.batch_size,
+        max_seq_length=spec.eval.max_seq_length,
+    )
+    out = HarmCheck(alpha=spec.harm_alpha)
+    start = time.perf_counter()
+    for ood in spec.ood if pairs else []:
+        data = prepare_ood(ood, spec.ood_max_corpus)
+        models = list({e.label: e for _, base, tuned in pairs for e in (base, tuned)}.values())
+        log.info(
+            "do no harm on %s (%d queries, %d docs): %s",
+            data.label,
+            len(data.queries),
+            len(data.corpus),
+            ", ".join(m.label for m in models),
+        )
+        frame = evaluate_models(models, data, ood_spec, db_uri, progress=False)
+        records = frame.to_dict("records")
+        hits = {row["model"]: [float(x) for x in row["per_query"]["hit_at_10"]] for row in records}
+        out.hits[data.label] = hits
+        out.results += [{k: v for k, v in r.items() if k != "per_query"} for r in records]
+        for ds, base, tuned in pairs:
+            check = harm_check(hits[base.label], hits[tuned.label], alpha=spec.harm_alpha)
+            row = HarmRow(
+                dataset=ds,
+                ood=data.label,
+                ood_source=ood.source,
+                base_model=base.label,
+                winner=tuned.label,
+                **check,
+            )
+            out.rows.append(row)
+            if row.flag:
+                log.warning(
+                    "HARM: %s (trained on %s) loses %+.4f hit@10 on %s vs %s (p=%.3g)",
+                    tuned.label,
+                    ds,
+                    row.delta,
+                    data.label,
+                    base.label,
+                    row.p_value,
+                )
+    out.seconds = round(time.perf_counter() - start, 2)
+    return out

@@ -1,0 +1,221 @@
+"""The final stage: score the picked checkpoints in LanceDB next to the untouched base models, write
+the leaderboard, log it to MLflow and register the winner.
+
+Evaluation runs per dataset (`embedtune.evaluate.evaluate_models`); the report
+(`embedtune.report.build_report`) is written into the run dir as a whole. With a tracking URI the
+report folder is logged to the sweep's parent run (artifact path `report/`) with summary metrics
+`final.<dataset>.*`, and the winner (the tuned model with the best leaderboard metric) is logged in a
+child run of the parent and registered under `register_name` with the alias `alias`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from embedtune import storage
+from embedtune.data import PreparedData, resolve_source
+from embedtune.errors import EmbedtuneError
+from embedtune.final.harm import do_no_harm
+from embedtune.final.pick import epoch_entries, pick_models
+from embedtune.final.registry import log_report, register_winner, standalone_run
+from embedtune.models import resolve_model
+from embedtune.records import HarmCheck, ModelEntry, TrialRecord
+from embedtune.rundir import DATA, RunDir
+from embedtune.specs import FinalSpec, MiningSpec
+from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinalResult:
+    """What the final stage produced."""
+
+    report_dir: Path
+    results_path: Path
+    files: dict[str, Path]
+    winner: dict[str, Any] | None
+    registered: dict[str, Any] | None = None  # {"name", "version", "alias", "model_uri", "run_id"}
+    picked: dict[str, list[ModelEntry]] = field(default_factory=dict)
+    cross_encoders: dict[str, str] = field(default_factory=dict)
+
+
+def cross_encoders(
+    spec: FinalSpec, datasets: dict[str, PreparedData], triplets: dict[str, Any]
+) -> dict[str, str]:
+    """Cross-encoder path (or hub id) per dataset label; empty when the spec asks for none."""
+    if spec.cross_encoder is None or "cross-encoder" not in spec.eval.rerankers:
+        return {}
+    if spec.cross_encoder != "train":
+        return dict.fromkeys(datasets, spec.cross_encoder)
+    from embedtune.negatives import mine
+    from embedtune.rerank import train_reranker
+
+    out = {}
+    for label, data in datasets.items():
+        trip = triplets.get(label) or mine(data, MiningSpec(model=spec.cross_encoder_base))
+        path = train_reranker(
+            data, trip, base=spec.cross_encoder_base, max_pairs=spec.cross_encoder_max_pairs
+        )
+        log.info("cross-encoder reranker for %s: %s", label, path)
+        out[label] = str(path)
+    return out
+
+
+def local_models(entries: list[ModelEntry], checkpoints: Path) -> list[ModelEntry]:
+    """`entries` with local model folders: base models resolved, remote checkpoints downloaded (once)
+    under `checkpoints`; a checkpoint that is gone is skipped with a warning."""
+    out = []
+    for e in entries:
+        if e.kind != "tuned":
+            out.append(replace(e, path=str(resolve_model(e.path))))
+            continue
+        path = e.path
+        if storage.is_remote(path):
+            local = checkpoints / str(e.trial_id) / "model"
+            if not local.exists() and not storage.download_dir(path, local):
+                log.warning("checkpoint of trial %s is gone (%s); skipping it", e.trial_id, path)
+                continue
+            path = str(local)
+        elif not Path(path).exists():
+            log.warning("checkpoint of trial %s is gone (%s); skipping it", e.trial_id, path)
+            continue
+        out.append(replace(e, path=path))
+    return out
+
+
+def evaluate_and_report(
+    rundir: RunDir,
+    entries: dict[str, list[ModelEntry]],
+    datasets: dict[str, PreparedData],
+    triplets: dict[str, Any],
+    trials: list[TrialRecord],
+    spec: FinalSpec,
+    mlflow_parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    epoch_models: dict[str, list[ModelEntry]] | None = None,
+    sweep_name: str | None = None,
+    sweep_metric: str = DEFAULT_SWEEP_METRIC,
+) -> FinalResult:
+    """Evaluate `entries` per dataset (and `epoch_models`, see `epoch_entries`, on vector search
+    only), build the report, log and register. Shared by the sweep's final stage and
+    `embedtune evaluate`."""
+    import pandas as pd
+
+    from embedtune.evaluate import evaluate_models
+    from embedtune.report import build_report
+
+    rundir.create()
+    for label, data in datasets.items():
+        rundir.write_json(f"{DATA}/{label}.json", data.to_dict())  # what `embedtune report` rebuilds from
+    db_uri = spec.lancedb_uri or rundir.default_lancedb
+    for ood in spec.ood:
+        resolve_source(ood)  # a missing OOD file fails now, not after the evaluation
+    eval_spec = spec.eval
+    cross = cross_encoders(spec, datasets, triplets)
+    if not cross and "cross-encoder" in eval_spec.rerankers:
+        eval_spec = eval_spec.model_copy(
+            update={"rerankers": [r for r in eval_spec.rerankers if r != "cross-encoder"]}
+        )
+    frames = []
+    resolved: dict[str, list[ModelEntry]] = {}
+    for label, models in entries.items():
+        if label not in datasets:
+            raise EmbedtuneError(
+                f"no prepared data for dataset {label!r} (expected {rundir.data_file(label)})"
+            )
+        models = resolved[label] = local_models(models, rundir.checkpoints)
+        log.info("evaluating %d model(s) on %s: %s", len(models), label, ", ".join(m.label for m in models))
+        frames.append(
+            evaluate_models(models, datasets[label], eval_spec, db_uri, cross_encoder_path=cross.get(label))
+        )
+        extra = local_models((epoch_models or {}).get(label, []), rundir.checkpoints)
+        if extra:
+            log.info("epoch comparison on %s (vector search): %s", label, ", ".join(m.label for m in extra))
+            vector_only = eval_spec.model_copy(update={"query_types": ["vector"], "rerankers": ["none"]})
+            frames.append(evaluate_models(extra, datasets[label], vector_only, db_uri, progress=False))
+            resolved[label] = [*models, *extra]
+    results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    harm = HarmCheck(alpha=spec.harm_alpha)
+    if spec.ood and not results.empty:
+        try:
+            harm = do_no_harm(results, trials, resolved, spec, db_uri)
+        except Exception as exc:  # the leaderboard must not be lost to the extra check
+            log.warning("do-no-harm check failed (%s: %s); report without it", type(exc).__name__, exc)
+    report = build_report(
+        rundir,
+        trials,
+        results,
+        datasets,
+        metric=spec.leaderboard_metric,
+        sweep_metric=sweep_metric,
+        probe_size=spec.probe_size,
+        harm=harm,
+    )
+    final = FinalResult(
+        report.report_dir,
+        report.files["results"],
+        report.files,
+        report.winner,
+        picked=entries,
+        cross_encoders=cross,
+    )
+    if tracking_uri:
+        parent = mlflow_parent_run_id or standalone_run(tracking_uri, rundir.path, rundir.path.name)
+        log_report(tracking_uri, parent, report)
+        if spec.registry and report.winner and report.winner.get("kind") == "tuned":
+            name = spec.register_name or f"embedtune-{sweep_name or rundir.path.name}"
+            final.registered = register_winner(
+                tracking_uri, parent, report.winner, name, spec.alias, spec.leaderboard_metric
+            )
+            log.info(
+                "registered %s as %s v%s (alias %s)",
+                report.winner["model"],
+                name,
+                final.registered["version"],
+                spec.alias,
+            )
+        elif spec.registry:
+            log.info("no tuned model was evaluated: nothing registered")
+    return final
+
+
+def run_final_stage(
+    rundir: RunDir,
+    trials: list[TrialRecord],
+    datasets: dict[str, PreparedData],
+    triplets: dict[str, Any],
+    base_models: list[str],
+    spec: FinalSpec,
+    mlflow_parent_run_id: str | None,
+    tracking_uri: str | None,
+    max_seq_length: int | None = None,
+    sweep_name: str | None = None,
+    sweep_metric: str = DEFAULT_SWEEP_METRIC,
+) -> FinalResult:
+    """Pick (see `pick_models`), evaluate in LanceDB, report, log to the parent run, register the winner.
+    `max_seq_length` (the sweep's training truncation) applies to every model unless `spec.eval`
+    sets its own, so the base models are not scored on longer inputs than the tuned ones."""
+    if max_seq_length and spec.eval.max_seq_length is None:
+        spec = spec.model_copy(
+            update={"eval": spec.eval.model_copy(update={"max_seq_length": max_seq_length})}
+        )
+    entries = pick_models(trials, base_models, spec.top_k, spec.metric, spec.mode, datasets=list(datasets))
+    entries = {k: v for k, v in entries.items() if k in datasets}
+    extra = epoch_entries(trials, entries, spec.metric, spec.mode) if spec.epoch_compare else None
+    return evaluate_and_report(
+        rundir,
+        entries,
+        datasets,
+        triplets,
+        trials,
+        spec,
+        mlflow_parent_run_id,
+        tracking_uri,
+        extra,
+        sweep_name,
+        sweep_metric,
+    )

@@ -1,0 +1,193 @@
+"""Typed records that cross stage boundaries: a trial's record, a model to evaluate, the
+do-no-harm and probe results. Each rule about them (the best epoch, which trials are usable, how
+a (model, dataset) pair is keyed) is written once, here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, NamedTuple
+
+DONE_STATUSES = ("FINISHED", "KILLED")  # KILLED = stopped by the scheduler: done, not to be rerun
+
+
+class ModelData(NamedTuple):
+    """The one key of a (base model reference, dataset label) pair."""
+
+    model: str
+    dataset: str
+
+
+def number(value: Any) -> float | None:
+    """`value` as a float, or None when it is missing, not a number, or NaN."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+@dataclass
+class EpochPoint:
+    """One point of a trial's curve; epoch 0 is the untouched base model."""
+
+    epoch: int
+    metrics: dict[str, float]
+
+    def score(self, metric: str) -> float | None:
+        return number(self.metrics.get(metric))
+
+
+def best_point(history: list[EpochPoint], metric: str, mode: str = "max") -> EpochPoint | None:
+    """The trained epoch (> 0) with the best `metric` (ties: the earlier epoch); None without one."""
+    scored = [p for p in history if p.epoch > 0 and p.score(metric) is not None]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda p: (sign * p.score(metric), -p.epoch))
+
+
+@dataclass
+class TrialRecord:
+    """One trial of a sweep, as `trials.json` stores it (docs/INTERFACES.md)."""
+
+    trial_id: str
+    config_hash: str
+    model: str  # reference as given in the spec
+    model_label: str
+    dataset: str  # data label
+    epochs: int
+    lr: float
+    batch_size: int
+    warmup_ratio: float
+    seed: int
+    status: Literal["FINISHED", "KILLED", "FAILED"]
+    error: str | None = None
+    duration_s: float = 0.0
+    gpu_seconds: float | None = None
+    epochs_done: int = 0
+    history: list[EpochPoint] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    best_checkpoint: str | None = None  # a local folder or a URI holding `model/`
+    mlflow_run_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrialRecord:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        values["history"] = [
+            p if isinstance(p, EpochPoint) else EpochPoint(int(p["epoch"]), dict(p.get("metrics") or {}))
+            for p in raw.get("history") or []
+        ]
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def key(self) -> ModelData:
+        return ModelData(str(self.model), str(self.dataset))
+
+    @property
+    def done(self) -> bool:
+        return self.status in DONE_STATUSES
+
+    def score(self, metric: str) -> float | None:
+        """`metric` at the best epoch."""
+        return number(self.best_metrics.get(metric))
+
+    def base_score(self, metric: str) -> float | None:
+        """`metric` of the base model (epoch 0 of the history)."""
+        base = next((p for p in self.history if p.epoch == 0), None)
+        return base.score(metric) if base else None
+
+    def usable(self, metric: str) -> bool:
+        """Can the final stage evaluate this trial: not FAILED, has a checkpoint, a best epoch and a score."""
+        return (
+            self.status != "FAILED"
+            and bool(self.best_checkpoint)
+            and self.best_epoch is not None
+            and self.score(metric) is not None
+        )
+
+    @property
+    def last_point(self) -> EpochPoint | None:
+        trained = [p for p in self.history if p.epoch > 0]
+        return max(trained, key=lambda p: p.epoch) if trained else None
+
+    def hyperparams(self) -> tuple:
+        """The hyperparameters other than epochs: runs that share them differ only in length."""
+        return (self.lr, self.batch_size, self.seed, self.warmup_ratio)
+
+    def order(self) -> tuple:
+        return (self.dataset or "", self.model_label or "", self.epochs or 0, self.trial_id or "")
+
+
+def load_trials(raw: list[dict[str, Any]] | None) -> list[TrialRecord]:
+    return [TrialRecord.from_dict(r) for r in raw or []]
+
+
+def dump_trials(trials: list[TrialRecord]) -> list[dict[str, Any]]:
+    return [t.to_dict() for t in trials]
+
+
+@dataclass
+class ModelEntry:
+    """One model to evaluate: a base model or a tuned checkpoint of a sweep trial."""
+
+    label: str
+    path: str  # local sentence-transformers directory (a base model: its reference until resolved)
+    base_model: str  # label of the base model
+    kind: Literal["base", "tuned"] = "base"
+    trial_id: str | None = None
+    epochs: int | None = None
+
+
+@dataclass
+class HarmRow:
+    """The do-no-harm comparison of one dataset's winner with its base model on one OOD set."""
+
+    dataset: str
+    ood: str
+    ood_source: str
+    base_model: str
+    winner: str
+    base_score: float
+    winner_score: float
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    band: float
+    n_queries: int
+    flag: str  # "harm" or ""
+
+
+@dataclass
+class HarmCheck:
+    """Everything the do-no-harm check found (stored as report/harm.json)."""
+
+    metric: str = "hit_at_10"
+    alpha: float = 0.05
+    test: str = "exact McNemar on per-query hits (embedtune.stats)"
+    seconds: float = 0.0
+    rows: list[HarmRow] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)  # the OOD evaluation rows
+    hits: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # ood -> model -> per-query
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> HarmCheck:
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        rows = [
+            HarmRow(**{k: v for k, v in r.items() if k in HarmRow.__dataclass_fields__})
+            for r in raw.get("rows") or []
+        ]
+        return cls(**{**{k: v for k, v in raw.items() if k in known}, "rows": rows})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def for_dataset(self, dataset: str) -> list[HarmRow]:
+        return [r for r in self.rows if r.dataset == str(dataset)]

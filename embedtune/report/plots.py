@@ -1,0 +1,121 @@
+"""The report's plots (matplotlib, Agg): epochs per dataset, and the best combinations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from embedtune.report.epochs import run_points
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_epochs(board, trials, dataset: str, metric: str, sweep_metric: str, out: Path) -> Path:
+    """Left: the sweep metric at each run's last epoch against its epoch count (dots), best per
+    epoch count (line), base model dashed. Right: the leaderboard metric of the evaluated models
+    (vector search, no reranker) against epochs, base model dashed."""
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    points = [p for p in run_points(trials, sweep_metric) if p["dataset"] == dataset]
+    models = sorted(
+        {p["model"] for p in points} | set(board[board["dataset"] == dataset]["base_model"].unique())
+    )
+    color = {m: colors[i % len(colors)] for i, m in enumerate(models)}
+    for m in models:
+        mine = [p for p in points if p["model"] == m]
+        if not mine:
+            continue
+        left.scatter(
+            [p["epochs"] for p in mine], [p["score"] for p in mine], color=color[m], alpha=0.45, s=18
+        )
+        best = {}
+        for p in mine:
+            best[p["epochs"]] = max(best.get(p["epochs"], -math.inf), p["score"])
+        xs = sorted(best)
+        left.plot(xs, [best[x] for x in xs], marker="o", color=color[m], label=m)
+        base = next((p["base"] for p in mine if p["base"] is not None), None)
+        if base is not None:
+            left.axhline(base, color=color[m], linestyle="--", linewidth=1, label=f"{m} (base)")
+    left.set_title(f"{dataset}: sweep {sweep_metric} (eval during training)")
+    left.set_xlabel("epochs trained")
+    left.set_ylabel(sweep_metric)
+    if not points:
+        left.text(0.5, 0.5, "no trial records", ha="center", va="center", transform=left.transAxes)
+
+    rows = board[board["dataset"] == dataset]
+    plain = rows[(rows["query_type"] == "vector") & (rows["reranker"] == "none")]
+    rows = (
+        plain
+        if not plain.empty
+        else rows[
+            (rows["query_type"] == rows["query_type"].iloc[0])
+            & (rows["reranker"] == rows["reranker"].iloc[0])
+        ]
+    )
+    combo = f"{rows['query_type'].iloc[0]}/{rows['reranker'].iloc[0]}" if not rows.empty else ""
+    for m in models:
+        mine = rows[rows["base_model"] == m]
+        tuned = mine[mine["kind"] == "tuned"].dropna(subset=["epochs"]).sort_values("epochs")
+        if not tuned.empty:
+            right.plot(
+                tuned["epochs"].astype(float),
+                tuned[metric],
+                marker="o",
+                linestyle=":",
+                color=color[m],
+                label=m,
+            )
+        base = mine[mine["kind"] == "base"][metric]
+        if not base.empty:
+            right.axhline(float(base.max()), color=color[m], linestyle="--", linewidth=1, label=f"{m} (base)")
+    right.set_title(f"{dataset}: {metric} in LanceDB ({combo})")
+    right.set_xlabel("epochs trained (best checkpoint)")
+    right.set_ylabel(metric)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_best(board, metric: str, out: Path, top: int = 10) -> Path:
+    """Horizontal bars of the `top` best (model, query type, reranker) rows per dataset."""
+    plt = _plt()
+    datasets = sorted(board["dataset"].unique())
+    heights = [min(top, int((board["dataset"] == d).sum())) for d in datasets]
+    fig, axes = plt.subplots(
+        len(datasets),
+        1,
+        figsize=(10, 1.2 + 0.38 * sum(heights) + 0.8 * len(datasets)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
+    for ax, ds in zip(axes[:, 0], datasets, strict=True):
+        rows = board[board["dataset"] == ds].head(top).iloc[::-1]
+        labels = [
+            f"{m} · {q}/{r}"
+            for m, q, r in zip(rows["model"], rows["query_type"], rows["reranker"], strict=True)
+        ]
+        colors = ["#4c72b0" if k == "tuned" else "#9a9a9a" for k in rows["kind"]]
+        ax.barh(labels, rows[metric], color=colors)
+        for y, v in enumerate(rows[metric]):
+            ax.text(v, y, f" {v:.3f}", va="center", fontsize=7)
+        ax.set_xlim(0, min(1.0, float(rows[metric].max()) * 1.12 + 0.02))
+        ax.set_title(f"{ds}: best combinations by {metric} (blue: fine-tuned, grey: base)", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

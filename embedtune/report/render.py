@@ -1,0 +1,290 @@
+"""The leaderboard page as a list of blocks (headings, paragraphs, lists, tables), rendered to
+Markdown and HTML by one template pair (`templates/leaderboard.{md,html}.j2`), so the two always say
+the same. Text may carry Markdown's inline `**bold**` and `` `code` ``; the HTML template converts it."""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedtune.records import HarmCheck, HarmRow, number
+from embedtune.report.epochs import EPOCH_NOTE
+from embedtune.report.fmt import fmt, fmt_p, pct
+from embedtune.report.leaderboard import N_BOOT, SIGNIFICANCE
+
+TABLE = [  # (column, header, format)
+    ("rank", "#", "int"),
+    ("model", "model", "text"),
+    ("kind", "kind", "text"),
+    ("epochs", "epochs", "int"),
+    ("best_epoch", "best ep (sweep)", "epoch"),
+    ("last_epoch", "last ep (sweep)", "epoch"),
+    ("query_type", "query", "text"),
+    ("reranker", "reranker", "text"),
+    ("hit_at_5", "hit@5", "score"),
+    ("hit_at_10", "hit@10", "score"),
+    ("mrr_at_10", "MRR@10", "score"),
+    ("ndcg_at_10", "nDCG@10", "score"),
+    ("DELTA", "Δ vs base", "delta"),
+    ("vs_base", "vs base", "text"),
+    ("training_s", "train s", "seconds"),
+    ("gpu_s_per_point", "GPU s/point", "seconds1"),
+    ("flags", "flags", "text"),
+]
+PROBE_HEADERS = ["base model", "zero-shot", "best tuned", "gain", "eval→train sim", "train→train sim",
+                 "train-q hit@10 (0-shot)", "eval-q hit@10 (0-shot)", "near-dup eval q", "exact-dup eval q",
+                 "on model card"]  # fmt: skip
+HARM_HEADERS = ["out-of-domain set", "base model", "base", "winner", "winner score", "Δ", "95% interval of Δ",
+                "p", "queries", "flag"]  # fmt: skip
+SEEN_NOTE = (
+    "Already seen: near-dup = share of eval questions whose nearest train question has base-model cosine "
+    ">= the threshold (or an exact match); exact-dup = same normalised text (lowercase, no punctuation or "
+    "extra whitespace); on model card = training datasets the base model's card lists that name this data."
+)
+PROBE_NOTE = (
+    "Similarities: mean base-model cosine of each eval question to its nearest train question vs of train "
+    "questions to their nearest other train question. Zero-shot hit@10 of train vs eval questions over one "
+    "shared corpus: a base model that already retrieves the training pairs leaves little for fine-tuning "
+    "to teach."
+)
+SIG_LABELS = {
+    "real gain": "Real gains (p < 0.05)",
+    "real loss": "Real losses (p < 0.05)",
+    "noise": "Noise (p ≥ 0.05, no difference beyond chance)",
+}
+
+
+@dataclass
+class Block:
+    """One piece of the page: `kind` is heading (level, text), para (text), list (items) or table
+    (headers, rows); text is Markdown inline."""
+
+    kind: str
+    text: str = ""
+    level: int = 2
+    items: list[str] = field(default_factory=list)
+    headers: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    src: str = ""  # image: the path of a plot, relative to the page
+
+
+def heading(text: str, level: int = 2) -> Block:
+    return Block("heading", text, level)
+
+
+def para(text: str) -> Block:
+    return Block("para", text)
+
+
+def bullets(items: list[str]) -> Block:
+    return Block("list", items=items)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> Block:
+    return Block("table", headers=headers, rows=rows)
+
+
+# ---------------------------------------------------------------- cells
+
+
+def cell(r: dict[str, Any], col: str, kind: str, metric: str) -> str:
+    """One leaderboard cell: a score with its interval ("0.812 [0.770, 0.850]"), the delta with its
+    p-value, an epoch with the sweep metric there ("2 (0.740)"), or `fmt` of the value."""
+    if col == "DELTA":
+        d, p = number(r.get(f"delta_{metric}")), number(r.get(f"p_{metric}"))
+        return fmt(d, "delta") + (f" ({fmt_p(p)})" if d is not None and p is not None else "")
+    if kind == "score":
+        v, lo, hi = number(r.get(col)), number(r.get(f"{col}_lo")), number(r.get(f"{col}_hi"))
+        if v is not None and lo is not None and hi is not None:
+            return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    if kind == "epoch":
+        e, score = number(r.get(col)), number(r.get(f"{col}_score"))
+        return "" if e is None else f"{e:.0f}" + (f" ({score:.3f})" if score is not None else "")
+    return fmt(r.get(col), kind)
+
+
+def leaderboard_table(rows, metric: str) -> Block:
+    headers = [h if c != "DELTA" else f"Δ {metric}" for c, h, _ in TABLE]
+    return table(headers, [[cell(r, c, f, metric) for c, _, f in TABLE] for r in rows.to_dict("records")])
+
+
+def probe_cells(row: dict[str, Any]) -> list[str]:
+    p = row.get("probe") or {}
+    card = ", ".join(p.get("card_matches") or []) or ("none listed" if p.get("card_datasets") else "")
+    return [
+        row["base_model"],
+        fmt(row["zero_shot"]),
+        fmt(row["best_tuned"]),
+        fmt(row["gain"], "delta"),
+        fmt(p.get("eval_to_train_sim")),
+        fmt(p.get("train_to_train_sim")),
+        fmt(p.get("train_hit_at_10")),
+        fmt(p.get("eval_hit_at_10")),
+        pct(p.get("near_dup_rate")),
+        pct(p.get("exact_dup_rate")),
+        card,
+    ]
+
+
+def harm_cells(row: HarmRow) -> list[str]:
+    band = f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]"
+    return [
+        row.ood,
+        row.base_model,
+        fmt(row.base_score),
+        row.winner,
+        fmt(row.winner_score),
+        fmt(row.delta, "delta"),
+        band,
+        f"{row.p_value:.3g}",
+        fmt(row.n_queries, "int"),
+        row.flag,
+    ]
+
+
+def harm_note(harm: HarmCheck) -> str:
+    return (
+        f"Do no harm: the winner and its base model on out-of-domain sets (vector search, {harm.metric}). "
+        f"Δ = winner − base; interval: paired bootstrap of the per-query difference; p: {harm.test}. "
+        f"Flag `harm`: the winner scores lower and the drop is significant (p < {harm.alpha}) or "
+        "larger than the 95% band (the interval of Δ lies below 0, or the drop exceeds the half-width of the "
+        "base score's own 95% interval)."
+    )
+
+
+# ---------------------------------------------------------------- sections
+
+
+def winner_line(winner: dict[str, Any], metric: str) -> str:
+    line = (
+        f"**Winner** ({metric}): `{winner['model']}` on {winner['dataset']} — {winner['query_type']}/"
+        f"{winner['reranker']}, {metric} {winner[metric]:.4f}"
+    )
+    delta = winner.get(f"delta_{metric}")
+    if delta is not None:
+        words, p = winner.get("vs_base"), number(winner.get(f"p_{metric}"))
+        test = f", {words}, {fmt_p(p)}" if words and p is not None else ""
+        line += f" ({delta:+.4f} vs base{test})"
+    return line
+
+
+def significance(rows, metric: str) -> dict[str, Any] | None:
+    """Which tuned rows of one dataset differ from their base model beyond noise on `metric`:
+    {"note": str, "real gain": [...], "real loss": [...], "noise": [...]} (items are markdown), or
+    {"note": ...} alone without per-query results; None without tuned rows."""
+    tuned = rows[rows["kind"] == "tuned"]
+    if tuned.empty:
+        return None
+    if f"p_{metric}" not in tuned or tuned[f"p_{metric}"].isna().all():
+        return {
+            "note": "No per-query results stored for this dataset: no intervals and no test of which "
+            "differences are real (re-run the evaluation to get them)."
+        }
+    out: dict[str, Any] = {
+        "note": f"Real or noise? Δ {metric} of each tuned row against its base model (same dataset, query type and "
+        f"reranker) over the same queries: exact McNemar test for hit@k, paired bootstrap for MRR/nDCG; "
+        f"real = p < {SIGNIFICANCE}, otherwise noise (each test on its own, no correction for the number of "
+        f"rows). Intervals: 95% percentile bootstrap over queries ({N_BOOT} resamples, seed 0).",
+        "real gain": [],
+        "real loss": [],
+        "noise": [],
+    }
+    for r in tuned.to_dict("records"):
+        words, d, p = r.get("vs_base") or "", number(r.get(f"delta_{metric}")), number(r.get(f"p_{metric}"))
+        if words in out and d is not None:
+            out[words].append(f"`{r['model']}` {r['query_type']}/{r['reranker']} {d:+.3f} ({fmt_p(p)})")
+    return out
+
+
+def dataset_blocks(ds: str, rows, metric: str, advice, verdict, harm: HarmCheck, flags) -> list[Block]:
+    blocks = [heading(ds), leaderboard_table(rows, metric)]
+    sig = significance(rows, metric)
+    if sig and len(sig) == 1:
+        blocks.append(para(f"**{sig['note']}**"))
+    elif sig:
+        blocks += [
+            para(sig["note"]),
+            bullets([f"{SIG_LABELS[k]}: {'; '.join(sig[k]) or 'none'}" for k in SIG_LABELS]),
+        ]
+    if advice:
+        blocks += [heading(f"Epochs ({ds})", 3), bullets([a["text"] for a in advice]), para(EPOCH_NOTE)]
+    if verdict:
+        blocks += [heading(f"Should you fine-tune? ({ds})", 3), para(f"**Verdict:** {verdict['verdict']}")]
+        if verdict.get("seen"):
+            blocks.append(para(f"**{verdict['seen']}**"))
+        blocks += [
+            para(f"Scores: {metric}, {verdict['basis']}. {PROBE_NOTE}"),
+            table(PROBE_HEADERS, [probe_cells(r) for r in verdict["rows"]]),
+            para(SEEN_NOTE),
+        ]
+    mine = harm.for_dataset(ds)
+    if mine:
+        flagged = [r for r in mine if r.flag == "harm"]
+        line = (
+            f"**Harm:** `{flagged[0].winner}` loses on {', '.join(r.ood for r in flagged)}."
+            if flagged
+            else "**No harm found:** no out-of-domain set shows a significant drop."
+        )
+        blocks += [
+            heading(f"Do no harm ({ds})", 3),
+            para(line),
+            para(harm_note(harm)),
+            table(HARM_HEADERS, [harm_cells(r) for r in mine]),
+        ]
+    mine_flags = [f for f in flags if f["dataset"] == ds]
+    if mine_flags:
+        blocks += [
+            heading(f"Overfitting flags ({ds})", 3),
+            bullets(
+                [f"`{f['model']}` trial {f['trial_id']} ({f['flag']}): {f['message']}" for f in mine_flags]
+            ),
+        ]
+    return blocks
+
+
+def page_blocks(
+    board, metric: str, winner, verdicts, flags, plots: list[Path], epochs, harm: HarmCheck
+) -> list[Block]:
+    blocks = [heading("embedtune leaderboard", 1)]
+    if winner:
+        blocks.append(para(winner_line(winner, metric)))
+    for ds, rows in board.groupby("dataset", sort=True):
+        blocks += dataset_blocks(
+            str(ds), rows, metric, (epochs or {}).get(str(ds)), verdicts.get(str(ds)), harm, flags
+        )
+    if plots:
+        blocks.append(heading("Plots"))
+        blocks += [Block("image", p.stem, src=f"plots/{p.name}") for p in plots]
+    return blocks
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then render Markdown's `**bold**` and `` `code` `` of a generated line."""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def render(blocks: list[Block], kind: str) -> str:
+    """The page as Markdown (`kind` "md") or HTML ("html")."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("embedtune.report", "templates"),
+        autoescape=kind == "html",
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["inline"] = lambda t: jinja2.utils.markupsafe.Markup(_inline_html(t))
+    env.filters["mdcell"] = _md_cell
+    return env.get_template(f"leaderboard.{kind}.j2").render(blocks=blocks)

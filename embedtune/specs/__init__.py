@@ -1,0 +1,38 @@
+"""Every spec (pydantic, validated before any work starts) and every shared constant: the bottom
+layer, imported by each stage, importing none of them."""
+
+from embedtune.specs.data import DataSpec
+from embedtune.specs.evaluation import EvalSpec, FinalSpec, QueryType, RerankerName
+from embedtune.specs.load import load_spec, parse_spec
+from embedtune.specs.sweep import (
+    CheckpointSpec,
+    Distribution,
+    MlflowSpec,
+    RaySpec,
+    Resources,
+    SchedulerSpec,
+    SearchSpace,
+    SweepSpec,
+)
+from embedtune.specs.train import MiningSpec, TrainConfig, TrainSettings
+
+__all__ = [
+    "CheckpointSpec",
+    "DataSpec",
+    "Distribution",
+    "EvalSpec",
+    "FinalSpec",
+    "MiningSpec",
+    "MlflowSpec",
+    "QueryType",
+    "RaySpec",
+    "RerankerName",
+    "Resources",
+    "SchedulerSpec",
+    "SearchSpace",
+    "SweepSpec",
+    "TrainConfig",
+    "TrainSettings",
+    "load_spec",
+    "parse_spec",
+]

@@ -1,0 +1,108 @@
+"""Retrieval evaluation and the final stage (a sweep's `final:` block)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from embedtune.specs.base import Strict
+from embedtune.specs.data import DataSpec
+from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_METRIC, LEADERBOARD_METRICS
+
+QueryType = Literal["vector", "fts", "hybrid"]
+RerankerName = Literal["none", "rrf", "linear", "cross-encoder"]
+
+
+class EvalSpec(Strict):
+    """What to evaluate. Combinations a reranker does not apply to (see `embedtune.rerank`) are skipped."""
+
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="hit@k cut-offs")
+    query_types: list[QueryType] = Field(default_factory=lambda: ["vector", "fts", "hybrid"])
+    rerankers: list[RerankerName] = Field(default_factory=lambda: ["none", "rrf", "linear", "cross-encoder"])
+    overfetch: int = Field(
+        4, ge=1, description="a reranker sees k x overfetch candidates, then the top k are kept"
+    )
+    batch_size: int = Field(64, ge=1, description="encode / cross-encoder batch size")
+    max_seq_length: int | None = Field(
+        None,
+        ge=8,
+        description="truncate every model's queries and documents to this many tokens (a sweep sets "
+        "its train.max_seq_length, so base and tuned models compete under the same truncation); "
+        "None: each model's own limit",
+    )
+    linear_weight: float = Field(0.7, ge=0, le=1, description="weight of the vector leg in linear fusion")
+    fts_threads: int = Field(4, ge=1, description="parallel FTS queries (LanceDB FTS takes one query string)")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalSpec:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"ks must be positive integers, got {self.ks}")
+        self.ks = sorted(set(self.ks))
+        if not self.query_types or not self.rerankers:
+            raise ValueError("query_types and rerankers must not be empty")
+        return self
+
+    @property
+    def depth(self) -> int:
+        """How many results a query returns: the largest k, and at least 10 for MRR@10 / nDCG@10."""
+        return max([*self.ks, 10])
+
+
+class FinalSpec(Strict):
+    """Settings of the final stage: pick, score in LanceDB, report, register."""
+
+    enabled: bool = True
+    top_k: int = Field(
+        2, ge=0, description="best trials overall evaluated besides the best per (model, dataset)"
+    )
+    metric: str = Field(DEFAULT_SWEEP_METRIC, description="sweep metric that picks checkpoints (best epoch)")
+    mode: Literal["max", "min"] = "max"
+    leaderboard_metric: str = Field(
+        DEFAULT_LEADERBOARD_METRIC, description="retrieval metric that ranks the leaderboard"
+    )
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    cross_encoder: str | None = Field(
+        "train", description="'train' (train one per dataset), a local cross-encoder dir or hub id, or null"
+    )
+    cross_encoder_base: str = Field(
+        "all-MiniLM-L6-v2", description="model a trained cross-encoder starts from"
+    )
+    cross_encoder_max_pairs: int | None = Field(
+        400, ge=2, description="training pairs of a trained cross-encoder"
+    )
+    epoch_compare: bool = Field(
+        True,
+        description="also score the best checkpoint of every other epoch count per (model, dataset), "
+        "vector search only, so the report can tell whether an epoch count is best beyond noise",
+    )
+    lancedb_uri: str | None = Field(None, description="None: <run_dir>/lancedb")
+    registry: bool = Field(True, description="register the winner in the MLflow model registry")
+    register_name: str | None = Field(None, description="None: embedtune-<sweep name>")
+    alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
+    probe_size: int = Field(200, ge=0, description="questions sampled for the 'should you fine-tune?' probe")
+    ood: list[DataSpec] = Field(
+        default_factory=list,
+        description="out-of-domain sets (pair files or BEIR folders) the winner must not get worse on: the "
+        "do-no-harm check scores the winner and its base model on each (vector search)",
+    )
+    ood_max_corpus: int | None = Field(
+        2000,
+        ge=10,
+        description="documents per out-of-domain corpus at most (relevant ones always kept); null: all",
+    )
+    harm_alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the do-no-harm flag")
+
+    @field_validator("leaderboard_metric")
+    @classmethod
+    def _lb_metric(cls, v: str) -> str:
+        if v not in LEADERBOARD_METRICS:
+            raise ValueError(f"must be one of {', '.join(LEADERBOARD_METRICS)}")
+        return v
+
+    @field_validator("cross_encoder")
+    @classmethod
+    def _ce(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or v.strip().lower() in {"none", "null", "off"}):
+            return None
+        return v

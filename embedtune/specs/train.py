@@ -1,0 +1,58 @@
+"""Training specs: one run's configuration, the settings every trial of a sweep shares, mining."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from embedtune.specs.base import Strict
+
+
+class TrainSettings(Strict):
+    """Fixed training settings shared by every trial of a sweep (its `train:` block)."""
+
+    max_seq_length: int | None = Field(128, ge=8)
+    hard_negatives: bool = True
+    weight_decay: float = Field(0.01, ge=0)
+    fp16: bool = False
+
+
+class TrainConfig(Strict):
+    """Hyperparameters and settings of one fine-tuning run."""
+
+    model: str = "all-MiniLM-L6-v2"
+    epochs: int = Field(1, ge=1, description="training epochs (>= 1)")
+    lr: float = Field(2e-5, gt=0, lt=1)
+    batch_size: int = Field(32, ge=2, description="MNRL needs in-batch negatives: >= 2")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 42
+    max_seq_length: int | None = Field(128, ge=8, description="truncate inputs (None = the model's own)")
+    hard_negatives: bool = Field(True, description="train on mined triplets; False = plain pairs")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all)")
+    fp16: bool = Field(False, description="mixed precision on GPU")
+
+
+class MiningSpec(Strict):
+    """Settings passed to `mine_hard_negatives` (see its docs for the meaning of each)."""
+
+    model: str = "all-MiniLM-L6-v2"
+    num_negatives: int = Field(1, ge=1, description="negatives per pair (one triplet each)")
+    range_min: int = Field(0, ge=0, description="skip the top range_min candidates (likely false negatives)")
+    range_max: int | None = Field(50, ge=1, description="consider only the top range_max candidates")
+    relative_margin: float | None = Field(
+        0.05, ge=0, lt=1, description="negative must score < (1-m) x positive"
+    )
+    absolute_margin: float | None = Field(None, ge=0)
+    sampling_strategy: str = Field("top", pattern="^(top|random)$")
+    batch_size: int = Field(64, ge=1)
+    max_seq_length: int | None = Field(
+        None, ge=8, description="truncate texts while mining (None = the model's own)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MiningSpec:
+        if self.range_max is not None and self.range_max <= self.range_min:
+            raise ValueError(
+                f"range_max ({self.range_max}) must be greater than range_min ({self.range_min})"
+            )
+        return self

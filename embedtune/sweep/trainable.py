@@ -1,0 +1,124 @@
+"""The Ray Tune trainable: one fine-tuning run inside a trial process, reporting every epoch.
+
+What a trial needs travels in a `TrialPayload` through Ray's object store (`tune.with_parameters`),
+so trials on other nodes need no shared disk: the prepared data, the mined triplets (in memory),
+the base models' scores (to report the gain over the base model) and the sweep's settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedtune.data import PreparedData
+from embedtune.negatives import Triplets
+from embedtune.records import ModelData
+from embedtune.specs import Resources, TrainConfig, TrainSettings
+from embedtune.specs.metrics import GAIN_SUFFIX
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialPayload:
+    """Everything a trial needs besides its config (picklable)."""
+
+    metric: str  # the sweep metric every epoch reports
+    tune_metric: str  # what Tune ranks on (the metric or its gain over the base model)
+    base_scores: dict[ModelData, float]  # the sweep metric of each base model on each dataset
+    datasets: dict[str, PreparedData]
+    triplets: dict[str, Triplets]  # in memory (`Triplets.in_memory`)
+    train: TrainSettings
+    resources: Resources
+    hasher: Any  # sweep.identity.ConfigHasher
+    skip: dict[str, float] = field(default_factory=dict)  # done configs -> their Tune score
+
+
+def cpu_threads_for(trial_cpus: float) -> int:
+    """Threads a trial may use: its CPU share, at least one (so concurrent trials do not fight)."""
+    return max(1, int(trial_cpus or os.cpu_count() or 1))
+
+
+def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
+    """One trial: train `config` on its dataset, report each epoch with a checkpoint (continuing
+    after the last reported epoch when Tune restores the trial from a checkpoint)."""
+    import psutil
+    import ray
+    import torch
+    from ray import tune
+
+    from embedtune.train import train
+
+    digest = payload.hasher(config)
+    if digest in payload.skip:  # a sampled draw of a config done earlier in the run dir
+        log.warning("config %s is already done in this run dir; skipped", digest)
+        # Tune wants the metric in a trial's last result; the done trial's score also informs optuna.
+        tune.report({payload.tune_metric: payload.skip[digest], "skipped_done_config": 1})
+        return
+    label = config["dataset"]
+    data = payload.datasets[label]
+    cfg = TrainConfig(
+        model=config["model"],
+        epochs=int(config["epochs"]),
+        lr=float(config["lr"]),
+        batch_size=int(config["batch_size"]),
+        warmup_ratio=float(config["warmup_ratio"]),
+        seed=int(config["seed"]),
+        threads=cpu_threads_for(payload.resources.cpu),
+        **payload.train.model_dump(),
+    )
+    # Scratch in the trial's working directory (Tune chdirs there; it lives in Ray's session dir):
+    # a trial the scheduler stops is killed without running `finally`, and Ray's temp dir, not
+    # /tmp, then holds what it left.
+    work = Path(tempfile.mkdtemp(prefix="embedtune-trial-", dir=os.getcwd()))
+    start_epoch, resume_dir = 0, None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # restored trial: continue after the last reported epoch
+        local = Path(checkpoint.to_directory(str(work / "restored")))
+        start_epoch = int(json.loads((local / "state.json").read_text())["epoch"])
+        resume_dir = local / "model"
+    base_score = payload.base_scores.get(ModelData(str(config["model"]), str(label)))
+    started = time.time()
+    proc = psutil.Process()
+
+    def on_epoch(epoch: int, metrics: dict[str, float], ckpt: Path | None) -> None:
+        (ckpt / "state.json").write_text(json.dumps({"epoch": epoch, "trial_config": config}))
+        report = dict(metrics)
+        report["epoch"] = epoch
+        if payload.metric in metrics and base_score is not None:
+            report[payload.metric + GAIN_SUFFIX] = metrics[payload.metric] - base_score
+        report["system/rss_mb"] = proc.memory_info().rss / 2**20
+        report["system/cpu_threads"] = torch.get_num_threads()
+        # Where the trial ran (strings: MLflow metric logging skips them; result.json keeps them).
+        report["system/node_id"] = ray.get_runtime_context().get_node_id()
+        report["system/cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if torch.cuda.is_available():
+            report["system/gpu_max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            report["gpu_seconds"] = (time.time() - started) * max(payload.resources.gpu, 0)
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+
+    try:
+        train(
+            cfg,
+            data,
+            payload.triplets.get(label) if cfg.hard_negatives else None,
+            out_dir=None,
+            on_epoch=on_epoch,
+            checkpoint_every_epoch=True,
+            resume_from=resume_dir,
+            start_epoch=start_epoch,
+            evaluate_base=False,
+            progress=False,
+            scratch_root=work,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,77 @@
+"""Building the Tune experiment of a sweep from Tune's own scheduler and searcher registries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from embedtune.specs import SweepSpec
+from embedtune.sweep.identity import explicit_space, param_space, trial_dirname
+
+# Spec name -> the name in Ray Tune's registries (`create_scheduler`, `create_searcher`). To add
+# one, add its spec name here (and to the spec's Literal); its settings go through the kwargs.
+SCHEDULERS = {"asha": "async_hyperband"}
+SEARCHERS = {"optuna": "optuna"}
+
+
+def scheduler_for(spec: SweepSpec):
+    from ray.tune.schedulers import create_scheduler
+
+    if spec.scheduler.type == "none":
+        return None
+    max_epochs = spec.search.max_epochs
+    return create_scheduler(
+        SCHEDULERS[spec.scheduler.type],
+        time_attr="epoch",
+        max_t=max_epochs,
+        grace_period=min(spec.scheduler.grace_period, max_epochs),
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+def build_tuner(
+    spec: SweepSpec,
+    trainable,
+    storage: str,
+    callback,
+    name: str,
+    configs: list[dict[str, Any]] | None = None,
+    num_samples: int | None = None,
+):
+    """A Tuner over `configs` (grid mode: an explicit list, each run once) or, for sampled modes
+    (`configs` None), `num_samples` draws from the spec's space."""
+    from ray import tune
+    from ray.tune.search import create_searcher
+
+    if configs is not None:
+        space, search_alg = explicit_space(configs, spec.max_concurrent_trials)
+        samples = len(configs)
+    else:
+        space, samples = param_space(spec), num_samples or spec.search.num_samples
+        mode = SEARCHERS.get(spec.search.mode)
+        search_alg = create_searcher(mode, seed=0) if mode else None
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=spec.scheduler.tune_metric,
+            mode=spec.scheduler.mode,
+            scheduler=scheduler_for(spec),
+            search_alg=search_alg,
+            num_samples=samples,
+            max_concurrent_trials=None if configs is not None else spec.max_concurrent_trials,
+            reuse_actors=False,
+            trial_dirname_creator=trial_dirname if configs is not None else None,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=spec.checkpoints.keep,
+                checkpoint_score_attribute=spec.scheduler.metric,
+                checkpoint_score_order=spec.scheduler.mode,
+            ),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            callbacks=[callback],
+            verbose=1,
+        ),
+    )

@@ -1,0 +1,143 @@
+"""A child MLflow run per trial, written from records ("ops") that can be replayed.
+
+Every write about a trial is an op: `start` (find or create its run, params, the base model's
+scores as step 0), `result` (one epoch's metrics), `close` (final metrics, tags, the model, the
+status). Applying an op twice does nothing new: a run is found by its trial tag, an epoch already
+logged is not logged again, and a close remembers which of its parts are done. So ops a tracking
+server did not take can be kept and replayed later in any number of attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from embedtune import storage
+from embedtune.models import model_label
+from embedtune.records import ModelData
+from embedtune.tracking import client as mlc
+
+log = logging.getLogger(__name__)
+
+
+class TrialRuns:
+    """Applies trial ops to MLflow (see the module docstring). `hasher(config)` gives a trial's
+    config hash; `epoch_metric` is a metric logged every epoch (it tells which epochs a reopened run
+    already has)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        base_metrics: dict[ModelData, dict[str, float]],
+        epoch_metric: str,
+        log_models: bool = True,
+        hasher=None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.base_metrics = base_metrics
+        self.epoch_metric = epoch_metric
+        self.log_models = log_models
+        self.hasher = hasher
+        self.run_ids: dict[str, str] = {}
+        self.logged_epochs: dict[str, set[int]] = {}
+
+    def config_hash(self, config: dict[str, Any]) -> str | None:
+        return self.hasher(config) if self.hasher else config.get("config_hash")
+
+    def find_existing(self, trial_id: str) -> str | None:
+        runs = mlc.child_runs(
+            self.tracking_uri,
+            self.experiment_id,
+            self.parent_run_id,
+            f"tags.`{mlc.TRIAL_TAG}` = '{trial_id}'",
+        )
+        return runs[0].info.run_id if runs else None
+
+    def answers(self) -> bool:
+        """Whether the tracking store answers now (a cheap read)."""
+        try:
+            mlc.client(self.tracking_uri).get_experiment(self.experiment_id)
+            return True
+        except Exception:
+            return False
+
+    def _drop_stale(self, digest: str) -> None:
+        """Delete this sweep's earlier child runs of config `digest` (a failed or abandoned
+        attempt): the new trial's run is the config's one run."""
+        c = mlc.client(self.tracking_uri)
+        mine = set(self.run_ids.values())
+        for run in mlc.child_runs(
+            self.tracking_uri, self.experiment_id, self.parent_run_id, f"tags.`{mlc.CONFIG_TAG}` = '{digest}'"
+        ):
+            if run.info.run_id not in mine:  # a duplicate draw within this Tuner keeps its run
+                log.info("deleting stale run %s of config %s", run.info.run_id, digest)
+                c.delete_run(run.info.run_id)
+
+    def run_id(self, trial_id: str, config: dict[str, Any]) -> str:
+        """The trial's run: known, found by its tag (reopened), or created with params and step 0."""
+        if trial_id in self.run_ids:
+            return self.run_ids[trial_id]
+        c = mlc.client(self.tracking_uri)
+        run_id = self.find_existing(trial_id)
+        if run_id:
+            c.update_run(run_id, status="RUNNING")
+            history = c.get_metric_history(run_id, self.epoch_metric)
+            self.logged_epochs[trial_id] = {m.step for m in history}
+        else:
+            name = f"{model_label(str(config.get('model')))}-{config.get('dataset', 'data')}-e{config.get('epochs')}-{trial_id}"
+            tags = {mlc.PARENT_TAG: self.parent_run_id, mlc.TRIAL_TAG: trial_id, mlc.KIND_TAG: "trial"}
+            digest = self.config_hash(config)
+            if digest:
+                self._drop_stale(digest)
+                tags[mlc.CONFIG_TAG] = digest
+            run_id = c.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            params = {k: v for k, v in config.items() if not isinstance(v, dict | list)}
+            mlc.log_params(self.tracking_uri, run_id, params)
+            base = self.base_metrics.get(ModelData(str(config.get("model")), str(config.get("dataset"))), {})
+            mlc.log_metrics(self.tracking_uri, run_id, base, step=0)
+        self.run_ids[trial_id] = run_id
+        return run_id
+
+    def apply(self, op: dict[str, Any]) -> None:
+        run_id = self.run_id(op["trial_id"], op["config"])
+        if op["op"] == "result":
+            done = self.logged_epochs.setdefault(op["trial_id"], set())
+            if op["epoch"] in done:
+                # A trial restored from a checkpoint older than its last report repeats an epoch
+                # (and a replay may repeat a logged op): one point per epoch keeps curves one line.
+                return
+            mlc.log_metrics(self.tracking_uri, run_id, op["metrics"], step=op["epoch"])
+            done.add(op["epoch"])
+        elif op["op"] == "close":
+            self._close(run_id, op)
+
+    def _close(self, run_id: str, op: dict[str, Any]) -> None:
+        done = op.setdefault("done", [])
+        if "metrics" not in done:
+            mlc.log_metrics(self.tracking_uri, run_id, op["metrics"], step=op["step"])
+            done.append("metrics")
+        if "tags" not in done:
+            mlc.set_tags(self.tracking_uri, run_id, op["tags"])
+            done.append("tags")
+        if op.get("checkpoint") and "model" not in done:
+            self._log_model(run_id, op)
+            done.append("model")
+        mlc.finish_run(self.tracking_uri, run_id, op["status"])
+
+    def _log_model(self, run_id: str, op: dict[str, Any]) -> None:
+        try:
+            with storage.local_copy(op["checkpoint"]) as ckpt:
+                model_dir = ckpt / "model"
+                if model_dir.exists():
+                    info = mlc.log_sentence_transformer(self.tracking_uri, run_id, model_dir)
+                    mlc.set_tags(self.tracking_uri, run_id, {"embedtune.model_uri": info.model_uri})
+        except Exception as exc:
+            if not self.answers():
+                raise  # the server went away: keep the op, log the model on replay
+            log.warning(
+                "could not log the model of trial %s: %s", op["trial_id"], exc
+            )  # not a reason to stop

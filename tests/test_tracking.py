@@ -1,0 +1,192 @@
+"""MLflow tracking: secrets kept out, the fluent URI restored, and the trial callback's child runs
+(status, one run per trial and per config, records kept through a server outage and replayed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+from servers import MlflowServer
+
+from embedtune.records import ModelData
+from embedtune.rundir import JOURNAL, RunDir
+from embedtune.tracking import client as mlc
+from embedtune.tracking.callback import MlflowTrialCallback, _error_line
+from embedtune.tracking.journal import Journal
+from embedtune.tracking.trial_runs import TrialRuns
+
+
+def _children(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    return [r for r in runs if r.data.tags.get(mlc.KIND_TAG) == "trial"]
+
+
+def _store(tmp_path: Path, name: str, uri: str | None = None):
+    uri = uri or f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = mlc.ensure_experiment(uri, name, tmp_path / "art")
+    return uri, exp, mlc.start_parent_run(uri, exp, None, "p")
+
+
+def _callback(uri, exp, parent, base=None, skip=(), rundir=None, retry_every_s=10.0):
+    runs = TrialRuns(uri, exp, parent, base or {}, "ir_recall_at_10", log_models=False)
+    return MlflowTrialCallback(runs, Journal(rundir), skip, retry_every_s)
+
+
+def _trial(tid: str, epochs: int, done: int, **config):
+    return SimpleNamespace(
+        trial_id=tid,
+        config={"model": "m", "dataset": "d", "epochs": epochs, "lr": 1e-5, **config},
+        last_result={"epoch": done, "time_total_s": 3.0},
+        checkpoint=None,
+        error_file=None,
+    )
+
+
+def test_fluent_uri_leaves_no_tracking_uri_behind(tmp_path: Path, monkeypatch) -> None:
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which a later sweep (or a child
+    process) would take as its store."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'a.db'}"
+    with mlc.fluent_uri(uri, registry=True):
+        assert mlflow.get_tracking_uri() == uri and os.environ["MLFLOW_TRACKING_URI"] == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    with mlc.fluent_uri(uri):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1"
+
+
+def test_callback_marks_scheduler_stops_killed_and_errors_failed(tmp_path: Path) -> None:
+    """The driver-side callback's status logic on a real SQLite store (fake trial objects)."""
+    uri, exp, parent = _store(tmp_path, "cb")
+    cb = _callback(uri, exp, parent, {ModelData("m", "d"): {"ir_recall_at_10": 0.5}})
+    stopped, finished, crashed = _trial("a", 3, 1), _trial("b", 2, 2), _trial("c", 2, 1)
+    for t in (stopped, finished, crashed):
+        cb.on_trial_start(0, [], t)
+        cb.on_trial_result(0, [], t, {"epoch": 1, "ir_recall_at_10": 0.6, "training_iteration": 1})
+    cb.on_trial_complete(0, [], stopped)
+    cb.on_trial_complete(0, [], finished)
+    cb.on_trial_error(0, [], crashed)
+    client = MlflowClient(uri)
+    runs = [r for r in client.search_runs([exp]) if mlc.TRIAL_TAG in r.data.tags]
+    status = {r.data.tags[mlc.TRIAL_TAG]: r.info.status for r in runs}
+    assert status == {"a": "KILLED", "b": "FINISHED", "c": "FAILED"}
+    history = client.get_metric_history(cb.run_ids["a"], "ir_recall_at_10")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.6)]  # base model = step 0
+    # a resumed driver reuses the run of a trial instead of opening a second one
+    cb2 = _callback(uri, exp, parent)
+    assert cb2.runs.run_id("a", stopped.config) == cb.run_ids["a"]
+    assert len(client.search_runs([exp])) == 4  # the parent + one run per trial
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "server-artifacts")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_callback_keeps_records_through_a_server_outage_and_replays_them(
+    tmp_path: Path, mlflow_server, capsys
+) -> None:
+    """The tracking server dies between two epochs of a trial: the callback keeps the records (in
+    memory and in its journal), says so once, and replays them in order when the server is back."""
+    from embedtune.cli import configure_logging
+
+    configure_logging()
+    uri, exp, parent = _store(tmp_path, "outage", mlflow_server.uri)
+    rundir = RunDir(tmp_path / "run")
+    journal = rundir.path / JOURNAL
+    cb = _callback(
+        uri, exp, parent, {ModelData("m", "d"): {"ir_recall_at_10": 0.5}}, rundir=rundir, retry_every_s=0
+    )
+    t = _trial("t1", 3, 3)
+    cb.on_trial_start(0, [], t)
+    cb.on_trial_result(0, [], t, {"epoch": 1, "ir_recall_at_10": 0.6})
+    assert not journal.exists()
+
+    mlflow_server.kill()
+    cb.on_trial_result(0, [], t, {"epoch": 2, "ir_recall_at_10": 0.7})  # no exception: training goes on
+    cb.on_trial_result(0, [], t, {"epoch": 3, "ir_recall_at_10": 0.8})
+    out = capsys.readouterr().out
+    assert out.count("WARNING: MLflow at") == 1 and "training goes on" in out and str(journal) in out
+    assert [op["epoch"] for op in json.loads(journal.read_text())] == [2, 3]  # kept on disk, in order
+
+    mlflow_server.start()
+    cb.on_trial_complete(0, [], t)  # the server answers again: the kept records go first
+    assert "replayed 2 kept record(s)" in capsys.readouterr().out
+    assert not journal.exists() and cb.pending == []
+    client = MlflowClient(uri)
+    run = client.get_run(cb.run_ids["t1"])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "ir_recall_at_10")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (0, 0.5),
+        (1, 0.6),
+        (2, 0.7),
+        (3, 0.8),
+    ]
+    # (An outage that outlasts the trials: test_sweep.py::test_sweep_against_a_tracking_server_that_goes_away.)
+
+
+def test_callback_replaces_the_stale_run_of_a_rerun_config(tmp_path: Path) -> None:
+    """A config that runs again (its earlier trial FAILED) ends with one child run: the new one."""
+    uri, exp, parent = _store(tmp_path, "stale")
+
+    def trial(tid: str, digest: str):
+        return _trial(tid, 1, 1, config_hash=digest)
+
+    first = _callback(uri, exp, parent)
+    for t in (trial("a", "h1"), trial("b", "h2")):
+        first.on_trial_start(0, [], t)
+    first.on_trial_error(0, [], trial("a", "h1"))
+    first.on_trial_complete(0, [], trial("b", "h2"))
+    second = _callback(uri, exp, parent, skip={"h2"})
+    second.on_trial_start(0, [], trial("c", "h1"))
+    second.on_trial_complete(0, [], trial("c", "h1"))
+    second.on_trial_start(0, [], trial("d", "h2"))  # a sampled draw of a done config: no run
+    second.on_trial_complete(0, [], trial("d", "h2"))
+    children = _children(MlflowClient(uri), "stale")
+    assert sorted(
+        (c.data.tags[mlc.CONFIG_TAG], c.data.tags[mlc.TRIAL_TAG], c.info.status) for c in children
+    ) == [("h1", "c", "FINISHED"), ("h2", "b", "FINISHED")]
+
+
+def test_redact_hides_uri_credentials() -> None:
+    redact = mlc.redact
+    assert redact("http://alice:hunter2@127.0.0.1:5000") == "http://alice:***@127.0.0.1:5000"
+    assert (
+        redact('{"uri": "https://u:p%40ss@mlflow.example.com/x"}')
+        == '{"uri": "https://u:***@mlflow.example.com/x"}'
+    )
+    signed = "https://bucket.s3.amazonaws.com/k?X-Amz-Credential=AKIA1&X-Amz-Signature=abc123&x=1"
+    assert redact(signed) == "https://bucket.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&x=1"
+    assert redact("http://h/api?token=t0k3n&api_key=k") == "http://h/api?token=***&api_key=***"
+    for clean in (
+        "sqlite:////tmp/run/mlflow.db",
+        "s3://bucket/sweeps",
+        "http://127.0.0.1:5000",
+        "ray://10.0.0.1:10001",
+    ):
+        assert redact(clean) == clean
+
+
+def test_error_line_is_the_exception_of_a_trial_error_file(tmp_path: Path) -> None:
+    err = tmp_path / "error.txt"
+    err.write_text(
+        "Failure # 1 (occurred at 2026-11-30)\nray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n"
+        '  File "train.py", line 3, in on_evaluate\n'
+        "embedtune.errors.EmbedtuneError: training loss went nan by epoch 1 (lr 5e-05): the run diverged\n"
+    )
+    assert _error_line(str(err)).endswith("the run diverged")
+    assert _error_line(str(tmp_path / "missing.txt")) is None
