@@ -277,7 +277,19 @@ def ray_client_env(state: State) -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str((state.dir / "secrets" / "ray_auth_token").resolve()),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # For clients of the GCS (`ray status --address 127.0.0.1:<gcs>`, `ray.init("127.0.0.1:<gcs>")`):
+        # else Ray swaps 127.0.0.1 for this machine's outward IP, where nothing listens.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
+
+
+def job_runtime_env_file(state: State) -> Path:
+    """A `ray job submit --runtime-env` file (0600) carrying what the job's driver and trials need
+    when the nodes do not have it (`up --no-node-credentials`): S3 access and the MLflow login."""
+    path = state.dir / "secrets" / "job_runtime_env.yaml"
+    env_vars = {**s3_env(state), **mlflow_client_env(state)}
+    write_private(path, json.dumps({"env_vars": env_vars}, indent=2) + "\n")  # JSON is YAML
+    return path
 
 
 def client_env(state: State) -> dict[str, str]:
@@ -812,6 +824,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             log.exception("up failed: stopping what was started (logs kept in %s)", state_dir / "logs")
             _down(state, purge=False)
             return 1
+        job_runtime_env_file(state)
         timings["total"] = round(time.monotonic() - t0, 1)
         state.data["up_timings_s"] = timings
         state.save()
@@ -837,7 +850,9 @@ def summary(state: State) -> str:
         "",
         "# submit a sweep:",
         f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token_path} \\\n"
-        f"  ray job submit --address {s['ray']['dashboard']} --working-dir . -- embedtune sweep sweeps/cluster-local.yaml",
+        f"  ray job submit --address {s['ray']['dashboard']} --working-dir . "
+        + ("" if state.data.get("node_credentials", True) else f"--runtime-env {job_runtime_env_file(state)} ")
+        + "-- embedtune sweep sweeps/cluster-local.yaml",
     ]
     return "\n".join(lines)
 
