@@ -77,11 +77,11 @@ def job_result(proc: subprocess.CompletedProcess) -> dict:
 def check_token(env: dict[str, str]) -> None:
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
     proc = submit(no_token, ["python", "-c", "print('should not run')"], timeout=120)
-    err = next((line for line in (proc.stdout + proc.stderr).splitlines() if "AuthenticationError" in line), "")
+    err = next((line for line in (proc.stdout + proc.stderr).splitlines() if "ray.exceptions.AuthenticationError" in line), "")
     record("ray job submit without the token is refused", proc.returncode != 0 and "Missing authentication token" in err, err.strip()[:200])
     wrong = {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
     proc = submit(wrong, ["python", "-c", "print('should not run')"], timeout=120)
-    err = next((line for line in (proc.stdout + proc.stderr).splitlines() if "AuthenticationError" in line), "")
+    err = next((line for line in (proc.stdout + proc.stderr).splitlines() if "ray.exceptions.AuthenticationError" in line), "")
     record("ray job submit with a wrong token is refused", proc.returncode != 0 and "Invalid authentication token" in err, err.strip()[:200])
     t0 = time.monotonic()
     proc = submit(env, ["python", "-c", "import ray; ray.init(); print('NODE', ray.get_runtime_context().get_node_id())"], timeout=300)
@@ -194,6 +194,8 @@ def main() -> int:
             run_check("(c) LanceDB on s3://", HERE / "lancedb_s3.py", env)
         if "mlflow" not in skip:
             run_check("(d) MLflow basic auth + artifacts in S3", HERE / "mlflow_auth_s3.py", env)
+        if "mlflow" not in skip and loopback_only():
+            run_check("MLflow server with AWS_ENDPOINT_URL only (no MLFLOW_S3_ENDPOINT_URL)", HERE / "mlflow_server_endpoint_env.py", env)
         if "token" not in skip:
             check_token(env)
         if "tune" not in skip:

@@ -63,6 +63,8 @@ def main() -> int:
     ray.init()
     head = ray.get_runtime_context().get_node_id()
     out: dict = {"head": head, "workers_at_start": len(workers())}
+    # Workers of an earlier job go first (idle timeout), so the launch below is measured.
+    out["s_waited_for_no_workers"] = wait(lambda: not workers(), 400, "no worker node at start")
 
     t0 = time.monotonic()
     refs = [half_gpu.remote(20) for _ in range(2)]
