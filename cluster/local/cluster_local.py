@@ -918,7 +918,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.ray and up.get("ray"):
         env = ray_node_env(state, argparse.Namespace(node_credentials=False)) | {MARKER: "status"}
         subprocess.run([str(BIN / "ray"), "status", f"--address={state.services['ray']['gcs']}"], env=env, check=False)
-    return 0 if all(up.values()) else 1
+    return 0 if set(up) == set(SERVICES) and all(up.values()) else 1
 
 
 def cmd_env(args: argparse.Namespace) -> int:

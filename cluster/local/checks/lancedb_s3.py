@@ -43,11 +43,12 @@ print(f"create/add/fts-index/search/drop ok in {time.monotonic() - t0:.1f}s (vec
 """
 
 
-def run(name: str, env: dict[str, str], *argv: str) -> bool:
+def run(name: str, env: dict[str, str], *argv: str, expect_ok: bool = True) -> bool:
     proc = subprocess.run([sys.executable, "-c", CHILD, *argv], env=env, capture_output=True, text=True, timeout=300)
-    text = proc.stdout.strip() or "\n".join(proc.stderr.strip().splitlines()[-3:])
-    print(f"{'OK  ' if proc.returncode == 0 else 'FAIL'} {name}: {text}")
-    return proc.returncode == 0
+    text = proc.stdout.strip() or proc.stderr.strip().splitlines()[-1]
+    ok = (proc.returncode == 0) == expect_ok
+    print(f"{'OK  ' if ok else 'FAIL'} {name}{'' if expect_ok else ' (must fail)'}: {text}")
+    return ok
 
 
 def main() -> int:
@@ -71,7 +72,7 @@ def main() -> int:
     ok = run("options: storage_options={aws_endpoint, keys, aws_region, allow_http}, no AWS_* env", bare, base + "-opt", json.dumps(options))
     ok &= run("env: lancedb.connect(uri) with AWS_ENDPOINT_URL, keys, region, AWS_ALLOW_HTTP in env", env, base + "-env")
     no_http = {k: v for k, v in env.items() if k != "AWS_ALLOW_HTTP"}
-    run("env without AWS_ALLOW_HTTP (endpoint is http://)", no_http, base + "-nohttp")
+    ok &= run("env without AWS_ALLOW_HTTP (endpoint is http://)", no_http, base + "-nohttp", expect_ok=False)
     import pyarrow.fs as pafs
 
     fs, _ = pafs.FileSystem.from_uri("s3://embedtune")
