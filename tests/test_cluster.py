@@ -6,16 +6,13 @@ agents; the worker joins the head's GCS over 127.0.0.1) run small real sweeps th
 
 - trials land on both nodes (the trial data travels through the object store from the head), and
   trials.json has the shape of a local run of the same spec;
-- a third node is SIGKILLed under a running trial: Tune retries it on a remaining node from its
-  last checkpoint (FailureConfig) and it finishes, its epochs continuing;
-- `resources: {gpu: 0.5}` reaches Tune: on a node declaring one (logical) GPU, two trials run at
-  the same time and each sees CUDA_VISIBLE_DEVICES (training itself runs on CPU: torch sees no
-  CUDA device here);
 - every process of the cluster runs with the private HOME holding `ray_bootstrap_config.yaml`
   (so the head skips its cloud-metadata probes), usage stats and token auth off, and nothing
   lands in the real HOME.
 
-Only the nodes started here are shut down (fixture teardown); `ray stop` is never used.
+Only the nodes started here are shut down (fixture teardown); `ray stop` is never used. The
+cluster path as users run it (`make cluster-local`: S3, PostgreSQL, MLflow, an autoscaling Ray with
+token auth, `ray job submit`, a node lost under a trial, fractional GPUs) is tests/test_cluster_local.py.
 """
 
 from __future__ import annotations
@@ -367,138 +364,3 @@ def test_sweep_spreads_trials_over_both_nodes(loopback_cluster, tmp_path):
     assert [sorted(t) for t in trials] == [sorted(t) for t in local_trials]
     assert _shape(trials) == _shape(local_trials)
     assert [len(t["history"]) for t in sorted(trials, key=lambda t: t["epochs"])] == [2, 3]
-
-
-def test_half_gpu_trials_share_one_gpu(loopback_cluster, tmp_path):
-    from embedtune.sweep import run_sweep
-
-    c = loopback_cluster
-    # Only the worker declares a GPU (logical: no device here), with one CPU: both trials
-    # (0.5 CPU + 0.5 GPU each) fit on it at the same time, and nowhere else.
-    spec = _spec("cluster-half-gpu", {"cpu": 0.5, "gpu": 0.5}, epochs=[1], seeds=[1, 2], smaller=True)
-    try:
-        run_sweep(spec, tmp_path / "gpu", final=False, ray_address=c.address)
-    finally:
-        _disconnect_and_check_released(c.address)
-    trials = json.loads((tmp_path / "gpu" / "trials.json").read_text())
-    assert len(trials) == 2 and {t["status"] for t in trials} == {"FINISHED"}
-    rows = _results(tmp_path / "gpu")
-    assert set(rows) == {t["trial_id"] for t in trials}
-    for tid, rs in rows.items():
-        assert {r["system/node_id"] for r in rs} == {c.worker.node_id}, tid
-        assert {r["system/cuda_visible_devices"] for r in rs} == {"0"}, tid  # Ray assigned GPU 0
-    # Overlapping time windows: the two trials ran concurrently on the one GPU.
-    windows = [(rs[-1]["timestamp"] - rs[-1]["time_total_s"], rs[-1]["timestamp"]) for rs in rows.values()]
-    (s1, e1), (s2, e2) = windows
-    assert max(s1, s2) < min(e1, e2), windows
-
-
-def test_ray_job_submit_runs_the_sweep_on_the_head(loopback_cluster, tmp_path):
-    """The README's path: `ray job submit --working-dir DIR -- embedtune sweep SPEC`. The entrypoint
-    runs on the head with RAY_ADDRESS set to the cluster (on loopback here), the spec path is
-    relative to the uploaded working dir, and the trial runs on the cluster."""
-    import yaml
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    c = loopback_cluster
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    (job_dir / "spec.yaml").write_text(
-        yaml.safe_dump(_raw_spec("cluster-job", {"cpu": 1, "gpu": 0}, epochs=[1], seeds=[42], smaller=True))
-    )
-    run_dir = tmp_path / "run"
-    assert c.head.webui_url.startswith("127.0.0.1:")
-    client = JobSubmissionClient(f"http://{c.head.webui_url}")
-    job_id = _within(
-        60,
-        client.submit_job,
-        entrypoint=f"embedtune sweep spec.yaml --run-dir {run_dir} --no-final",
-        runtime_env={"working_dir": str(job_dir)},
-    )
-    deadline = time.time() + 240
-    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while (status := _within(30, client.get_job_status, job_id)) not in done:
-        assert time.time() < deadline, "job did not finish in time"
-        time.sleep(2)
-    logs = _within(30, client.get_job_logs, job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "[embedtune] data medquad" in logs
-    assert client.get_job_info(job_id).driver_node_id == c.head.node_id
-
-    trials = json.loads((run_dir / "trials.json").read_text())
-    assert [t["status"] for t in trials] == ["FINISHED"]
-    rows = _results(run_dir)
-    assert {r["system/node_id"] for rs in rows.values() for r in rs} <= {c.head.node_id, c.worker.node_id}
-    state = json.loads((run_dir / "sweep_state.json").read_text())
-    assert state["finished"] is True
-
-
-def test_trial_survives_its_node_being_killed(loopback_cluster, tmp_path, sweep_command):
-    """A third node joins; the head's and the worker's CPUs are held so the trial starts there;
-    once it has reported (and checkpointed) an epoch, that node is killed (SIGKILL of its raylet
-    and workers). Tune retries the trial (FailureConfig max_failures) on a remaining node from
-    its last checkpoint, and it finishes: epochs continue, nothing is trained twice."""
-    import subprocess
-
-    import ray
-    from mlflow import MlflowClient
-    from ray import tune
-
-    from embedtune import ray_env
-
-    c = loopback_cluster
-    victim = c.add_node(num_cpus=1, resources={"embedtune_test_victim": 1})
-    raw = _raw_spec("cluster-node-loss", {"cpu": 1, "gpu": 0}, epochs=[5], seeds=[42], smaller=True)
-    raw["datasets"][0]["max_train_pairs"] = 64
-    raw["max_failures"] = 1
-    cmd, run_dir = sweep_command(raw, "spec")
-    # Tune copies results to the storage path with each experiment snapshot: every second here.
-    env = {**os.environ, "RAY_ADDRESS": c.address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-
-    ray_env.init(address=c.address)
-    proc = None
-    try:
-
-        @ray.remote(num_cpus=1)
-        class Hold:
-            def ready(self) -> bool:
-                return True
-
-        holds = [Hold.options(resources={r: 0.01}).remote() for r in (HEAD_RESOURCE, WORKER_RESOURCE)]
-        ray.get([h.ready.remote() for h in holds])  # the only free CPU is the new node's
-        log = open(tmp_path / "sweep.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            rows = [r for rs in _results(run_dir).values() for r in rs]
-            if rows:
-                break
-            time.sleep(0.2)
-        assert rows, (tmp_path / "sweep.log").read_text()[-3000:]
-        assert {r["system/node_id"] for r in rows} == {victim.node_id}
-        assert len(rows) < 5  # still training
-        for h in holds:
-            ray.kill(h)  # room on the remaining nodes for the retry
-        c.cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: raylet, object store, trial
-        assert proc.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        ray.shutdown()
-    _disconnect_and_check_released(c.address)
-
-    trials = json.loads((run_dir / "trials.json").read_text())
-    assert [t["status"] for t in trials] == ["FINISHED"] and trials[0]["epochs_done"] == 5
-    (rows,) = _results(run_dir).values()
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]  # continued from its checkpoint, not redone
-    nodes = [r["system/node_id"] for r in rows]
-    assert nodes[0] == victim.node_id and nodes[-1] in {c.head.node_id, c.worker.node_id}, nodes
-    restarted = [r["epoch"] for r in rows if r["iterations_since_restore"] == 1]
-    assert restarted[0] == 1 and len(restarted) == 2, rows  # one restore, after the first epoch(s)
-    (trial,) = tune.ExperimentAnalysis(str(run_dir / "tune")).trials
-    assert trial.run_metadata.num_failures == 1
-    client = MlflowClient(json.loads((run_dir / "sweep_state.json").read_text())["tracking_uri"])
-    run = client.get_run(trials[0]["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "ir_recall_at_10"))
-    assert steps == [0, 1, 2, 3, 4, 5]  # one MLflow run, one point per epoch

@@ -79,6 +79,43 @@ def test_every_sweep_spec_loads(path: Path) -> None:
     assert spec.name and spec.models and spec.datasets
 
 
+# The environments the README documents for the cluster specs: what each target sets on its head.
+TARGETS = {
+    "kuberay": {},  # the specs' defaults: the in-cluster tracking service, the S3 bucket
+    "ray-up": {
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+        "EMBEDTUNE_STORAGE": "s3://embedtune-runs/sweeps",
+    },
+    "cluster-local": {
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:45678",
+        "EMBEDTUNE_STORAGE": "s3://embedtune/sweeps",
+    },
+}
+CLUSTER_SPECS = [p for p in SWEEPS if p.stem in ("gooaq", "squad", "cluster-local")]
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("path", CLUSTER_SPECS, ids=[p.name for p in CLUSTER_SPECS])
+def test_cluster_specs_take_tracking_and_storage_from_each_target(
+    path: Path, target: str, monkeypatch
+) -> None:
+    for key in ("MLFLOW_TRACKING_URI", "EMBEDTUNE_STORAGE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in TARGETS[target].items():
+        monkeypatch.setenv(key, value)
+    if path.stem == "cluster-local" and "MLFLOW_TRACKING_URI" not in TARGETS[target]:
+        from embedtune.errors import EmbedtuneError
+
+        with pytest.raises(EmbedtuneError, match="MLFLOW_TRACKING_URI is not set"):
+            load_spec(path)  # the laptop cluster has no default server: the spec says so at once
+        return
+    spec = load_spec(path)
+    expected_uri = TARGETS[target].get("MLFLOW_TRACKING_URI", "http://mlflow.embedtune.svc:5000")
+    assert spec.mlflow.tracking_uri == expected_uri
+    default_store = "s3://embedtune/sweeps" if path.stem == "cluster-local" else "s3://embedtune-runs/sweeps"
+    assert spec.storage_path == TARGETS[target].get("EMBEDTUNE_STORAGE", default_store)
+
+
 def test_gpu_specs_exist_and_share_storage_and_tracking() -> None:
     assert [p.stem for p in GPU_SPECS] == ["gooaq", "squad"]
     for path in GPU_SPECS:
@@ -105,13 +142,13 @@ def test_launcher_config_passes_ray_schema(launcher) -> None:
     assert launcher["head_node_type"] in launcher["available_node_types"]
 
 
-def test_launcher_installs_torch_first_then_the_project(launcher) -> None:
+def test_launcher_installs_with_the_one_install_script(launcher) -> None:
     cmds = launcher["setup_commands"]
-    torch_at = next(i for i, c in enumerate(cmds) if "torch==2.13.0" in c)
-    project_at = next(i for i, c in enumerate(cmds) if "~/embedtune" in c and "pip install" in c)
-    assert torch_at < project_at
-    assert "constraints.txt" in cmds[project_at]
-    assert launcher["file_mounts"] == {"~/embedtune": "."}  # the repo, synced from where `ray up` runs
+    install = [c for c in cmds if "scripts/install.sh" in c]
+    assert install and "cd ~/embedtune" in install[0] and "cluster" in install[0]
+    assert not [c for c in cmds if "pip install" in c]  # no second install path beside the script
+    # the repo, and the secrets made by cluster/make-secrets.sh, synced from where `ray up` runs
+    assert launcher["file_mounts"] == {"~/embedtune": ".", "~/embedtune-secrets": "cluster/secrets"}
     assert ".venv" in launcher["rsync_exclude"]
     assert launcher["docker"]["image"].startswith("rayproject/ray:2.60.0-py311")
 
@@ -134,8 +171,14 @@ def test_launcher_start_commands_parse_and_carry_the_env(launcher) -> None:
     head_cmd = next(c for c in launcher["head_start_ray_commands"] if "ray start" in c)
     worker_cmd = next(c for c in launcher["worker_start_ray_commands"] if "ray start" in c)
     for cmd in (head_cmd, worker_cmd):
-        assert "MLFLOW_TRACKING_URI=http://" in cmd
         assert "RAY_USAGE_STATS_ENABLED=0" in cmd
+        assert (
+            "RAY_AUTH_MODE=token" in cmd
+            and "RAY_AUTH_TOKEN_PATH=$HOME/embedtune-secrets/ray_auth_token" in cmd
+        )
+    # the driver runs on the head: the specs take its tracking server and storage from there
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in head_cmd and "EMBEDTUNE_STORAGE=s3://" in head_cmd
+    assert "mlflow_client.env" in head_cmd  # the driver's MLflow login, from the secrets folder
     head = _click_parses(start, _after(shlex.split(head_cmd), "ray", "start"))
     worker = _click_parses(
         start, _after(shlex.split(worker_cmd.replace("$RAY_HEAD_IP", "10.0.0.1")), "ray", "start")
@@ -152,6 +195,7 @@ def test_launcher_mlflow_server_command(launcher) -> None:
     assert params["serve_artifacts"] and params["artifacts_destination"].startswith("s3://")
     assert params["backend_store_uri"].startswith("sqlite:////")
     assert params["port"] == 5000
+    assert params["app_name"] == "basic-auth" and "MLFLOW_AUTH_CONFIG_PATH=$HOME/embedtune-secrets/" in cmd
     allowed = _allowed_hosts(params)
     assert _host_ok(allowed, "127.0.0.1:5000") and _host_ok(allowed, "localhost:5000")
     assert not _host_ok(allowed, "attacker.example.com")
@@ -193,6 +237,11 @@ def test_raycluster_shape(raycluster) -> None:
     # No trials on the head (it runs the driver).
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    assert spec["authOptions"] == {"mode": "token", "secretName": "embedtune-ray-token"}
+    for c in [head, *workers]:  # the driver's MLflow login by reference to a Secret, never inline
+        login = {e["name"]: e for e in c["env"] if e["name"].startswith("MLFLOW_TRACKING_")}
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert login[name]["valueFrom"]["secretKeyRef"]["name"] == "embedtune-mlflow-client"
 
 
 def test_raycluster_start_params_are_ray_start_flags(raycluster) -> None:
@@ -229,14 +278,19 @@ def test_rayjob_runs_the_sweep_and_shuts_down(rayjob, raycluster) -> None:
     words = shlex.split(spec["entrypoint"])
     assert words[:2] == ["embedtune", "sweep"]
     args = build_parser().parse_args(words[1:])  # the real CLI accepts it
-    assert args.spec == "sweeps/gooaq.yaml" and args.run_dir == "/tmp/embedtune-run"
-    load_spec(REPO / args.spec)
+    # the spec comes with the image: cluster/Dockerfile copies sweeps/ into its WORKDIR
+    workdir = next(
+        ln.split()[1] for ln in (CLUSTER / "Dockerfile").read_text().splitlines() if ln.startswith("WORKDIR")
+    )
+    assert "COPY --chown=ray:users sweeps ./sweeps" in (CLUSTER / "Dockerfile").read_text()
+    assert args.spec.startswith(workdir + "/") and args.run_dir is None  # the run dir: on S3 by default
+    load_spec(REPO / Path(args.spec).relative_to(workdir))
     # shutdownAfterJobFinishes only acts on a cluster the RayJob creates itself (not with clusterSelector).
     assert spec["shutdownAfterJobFinishes"] is True and "clusterSelector" not in spec
     assert spec["rayClusterSpec"] == raycluster["spec"]  # the same cluster as raycluster.yaml
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert runtime_env["working_dir"].endswith(".zip")  # sweeps/gooaq.yaml resolves against it
-    assert urlparse(runtime_env["env_vars"]["MLFLOW_TRACKING_URI"]).netloc in _tracking_hosts()
+    assert "working_dir" not in runtime_env  # the image holds the code (see the archive test below)
+    assert not {k for k in runtime_env["env_vars"] if k.startswith(("MLFLOW_TRACKING", "AWS_"))}  # no secrets
     # A stop reaches the sweep as Ctrl-C (its KeyboardInterrupt path), with time to close runs.
     assert runtime_env["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
     assert int(runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
@@ -254,7 +308,7 @@ def mlflow_docs() -> dict[str, dict]:
 
 
 def test_mlflow_server_manifest(mlflow_docs) -> None:
-    assert set(mlflow_docs) == {"Deployment", "Service"}
+    assert set(mlflow_docs) == {"Deployment", "Service", "ServiceAccount"}
     dep, svc = mlflow_docs["Deployment"], mlflow_docs["Service"]
     # The service is what the specs and the Ray pods point at.
     port = svc["spec"]["ports"][0]["port"]
@@ -271,8 +325,20 @@ def test_mlflow_server_manifest(mlflow_docs) -> None:
     assert params["backend_store_uri"].startswith("postgresql")
     assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"]
     assert params["host"] == "0.0.0.0" and params["port"] == container["ports"][0]["containerPort"]
-    backend = next(e for e in container["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
-    assert "secretKeyRef" in backend["valueFrom"]  # credentials stay out of the manifest
+    assert params["app_name"] == "basic-auth"  # every request needs a login
+    env = {e["name"]: e for e in container["env"]}
+    assert (
+        "secretKeyRef" in env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]
+    )  # credentials stay out of the manifest
+    assert "secretKeyRef" in env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "mlflow-auth")
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith(mount["mountPath"] + "/")
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "mlflow-auth")
+    assert volume["secret"]["secretName"] == "mlflow-auth"
+    assert (
+        dep["spec"]["template"]["spec"]["serviceAccountName"]
+        == mlflow_docs["ServiceAccount"]["metadata"]["name"]
+    )
     # Host-header allowlist: the in-cluster names the clients use, and localhost for port-forward.
     allowed = _allowed_hosts(params)
     for host in (
@@ -286,3 +352,60 @@ def test_mlflow_server_manifest(mlflow_docs) -> None:
     from mlflow.server.security_utils import HEALTH_ENDPOINTS
 
     assert container["readinessProbe"]["httpGet"]["path"] in HEALTH_ENDPOINTS  # exempt from the host check
+
+
+# ------------------------------------------------------------------ secrets and packaging
+
+SECRETISH = ("PASSWORD", "SECRET", "TOKEN", "ACCESS_KEY")
+
+
+def test_no_secret_is_written_into_a_manifest() -> None:
+    """Passwords, keys and tokens reach pods by reference (secretKeyRef / secretRef / a mounted
+    Secret), never as a literal `value`."""
+    for path in [*(CLUSTER / "kuberay").glob("*.yaml"), CLUSTER / "mlflow-server.yaml"]:
+        text = path.read_text()
+        for doc in yaml.safe_load_all(text):
+            for env in _walk_env(doc):
+                if any(word in env["name"] for word in SECRETISH):
+                    assert "value" not in env and "valueFrom" in env, (path.name, env)
+
+
+def _walk_env(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("env"), list):
+            yield from node["env"]
+        for value in node.values():
+            yield from _walk_env(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk_env(value)
+
+
+ARCHIVE = "git archive --prefix=embedtune/ -o embedtune.zip HEAD"
+
+
+def test_documented_code_archive_is_a_working_dir_ray_accepts(tmp_path: Path) -> None:
+    """The zip the README and the RayJob document for a remote working_dir: one top-level folder,
+    which Ray's own unpacking strips, leaving the checkout (and its specs) at the working dir."""
+    import subprocess
+
+    from ray._private.runtime_env.packaging import get_top_level_dir_from_compressed_package, unzip_package
+
+    assert (
+        ARCHIVE in (REPO / "README.md").read_text()
+        and ARCHIVE in (CLUSTER / "kuberay" / "rayjob.yaml").read_text()
+    )
+    words = shlex.split(ARCHIVE)
+    words[words.index("-o") + 1] = str(tmp_path / "embedtune.zip")
+    subprocess.run(words, cwd=REPO, check=True)
+    assert get_top_level_dir_from_compressed_package(str(tmp_path / "embedtune.zip")) == "embedtune"
+    unzip_package(
+        str(tmp_path / "embedtune.zip"),
+        str(tmp_path / "wd"),
+        remove_top_level_directory=True,
+        unlink_zip=False,
+    )
+    assert (tmp_path / "wd" / "pyproject.toml").exists() and (
+        tmp_path / "wd" / "sweeps" / "gooaq.yaml"
+    ).exists()
+    load_spec(tmp_path / "wd" / "sweeps" / "gooaq.yaml")

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import fcntl
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -106,10 +107,15 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: floa
         except Exception as exc:  # noqa: BLE001 - the server is still coming up
             last_exc = exc
         time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+    raise RuntimeError(
+        f"timed out after {timeout:.0f}s waiting for {what}"
+        + (f" (last error: {last_exc})" if last_exc else "")
+    )
 
 
-def http_status(url: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None) -> int:
+def http_status(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes | None = None
+) -> int:
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     # No proxies: the servers are on loopback and a proxy from the environment must not see them.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -152,7 +158,13 @@ def spawn(cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> sub
     log.info("starting: %s", shlex.join(cmd))
     with open(log_path, "ab") as out:
         return subprocess.Popen(
-            cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
 
@@ -316,21 +328,44 @@ def weed_binary() -> str:
 
 def weed_grpc_sockets(state: State) -> list[Path]:
     """`weed server` hard-codes its local gRPC Unix sockets as /tmp/seaweedfs-<svc>-grpc-<port>.sock."""
-    names = {"master": "s3_master_grpc", "volume": "s3_volume_grpc", "filer": "s3_filer_grpc", "s3": "s3_grpc"}
-    return [Path(f"/tmp/seaweedfs-{svc}-grpc-{state.ports[key]}.sock") for svc, key in names.items() if key in state.ports]
+    names = {
+        "master": "s3_master_grpc",
+        "volume": "s3_volume_grpc",
+        "filer": "s3_filer_grpc",
+        "s3": "s3_grpc",
+    }
+    return [
+        Path(f"/tmp/seaweedfs-{svc}-grpc-{state.ports[key]}.sock")
+        for svc, key in names.items()
+        if key in state.ports
+    ]
 
 
 def start_s3(state: State) -> dict[str, Any]:
     root = state.dir / "s3"
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
-    p = {k: state.port(k) for k in ("s3", "s3_grpc", "s3_master", "s3_master_grpc", "s3_volume", "s3_volume_grpc", "s3_filer", "s3_filer_grpc")}
+    p = {
+        k: state.port(k)
+        for k in (
+            "s3",
+            "s3_grpc",
+            "s3_master",
+            "s3_master_grpc",
+            "s3_volume",
+            "s3_volume_grpc",
+            "s3_filer",
+            "s3_filer_grpc",
+        )
+    }
     env = s3_env(state)
     identities = {
         "identities": [
             {
                 "name": "embedtune",
-                "credentials": [{"accessKey": env["AWS_ACCESS_KEY_ID"], "secretKey": env["AWS_SECRET_ACCESS_KEY"]}],
+                "credentials": [
+                    {"accessKey": env["AWS_ACCESS_KEY_ID"], "secretKey": env["AWS_SECRET_ACCESS_KEY"]}
+                ],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"],
             }
         ]
@@ -372,7 +407,12 @@ def start_s3(state: State) -> dict[str, Any]:
     info = {"pid": proc.pid, "sid": proc.pid, "started": time.time(), "endpoint": env["AWS_ENDPOINT_URL"]}
     state.services["s3"] = info
     state.save()
-    wait_for(lambda: not _died(proc, "weed server") and (_create_bucket(env) or True), 90, "the SeaweedFS S3 gateway to create the bucket", interval=1)
+    wait_for(
+        lambda: not _died(proc, "weed server") and (_create_bucket(env) or True),
+        90,
+        "the SeaweedFS S3 gateway to create the bucket",
+        interval=1,
+    )
     log.info("s3: %s bucket %s ready", env["AWS_ENDPOINT_URL"], BUCKET)
     return info
 
@@ -425,7 +465,10 @@ def pg_os_user(requested: str | None) -> str:
         pwd.getpwnam("postgres")  # created by Debian's postgresql package
         return "postgres"
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "embedtune-pg"], check=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "embedtune-pg"],
+            check=True,
+        )
         return "embedtune-pg"
 
 
@@ -435,8 +478,25 @@ def as_pg_user(user: str, cmd: list[str]) -> list[str]:
     return cmd
 
 
-def start_postgres(state: State, os_user: str) -> dict[str, Any]:
+def pg_root(state: State, os_user: str) -> Path:
+    """Where PostgreSQL keeps its files: in the state dir, unless the PostgreSQL OS user cannot reach
+    it (a checkout under /root): then in /var/tmp, named after the state dir (removed by `down --purge`)."""
+    if state.data.get("pg_root"):
+        return Path(state.data["pg_root"])
     root = state.dir / "postgres"
+    if subprocess.run(as_pg_user(os_user, ["test", "-x", str(state.dir)])).returncode != 0:
+        digest = hashlib.sha256(str(state.dir).encode()).hexdigest()[:12]
+        root = Path("/var/tmp") / f"embedtune-cluster-local-{digest}" / "postgres"
+        root.parent.mkdir(mode=0o755, exist_ok=True)
+        log.info(
+            "%s is not reachable by the PostgreSQL user %s: its files go to %s", state.dir, os_user, root
+        )
+    state.data["pg_root"] = str(root)
+    return root
+
+
+def start_postgres(state: State, os_user: str) -> dict[str, Any]:
+    root = pg_root(state, os_user)
     data, run = root / "data", root / "run"
     pw = pwd.getpwnam(os_user)
     for d in (root, run):
@@ -454,24 +514,64 @@ def start_postgres(state: State, os_user: str) -> dict[str, Any]:
         os.chown(pwfile, pw.pw_uid, pw.pw_gid)
         try:
             subprocess.run(
-                as_pg_user(os_user, [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
-                                     "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C", "--no-instructions"]),
-                env=env, check=True, stdout=subprocess.DEVNULL,
+                as_pg_user(
+                    os_user,
+                    [
+                        str(bindir / "initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        "postgres",
+                        f"--pwfile={pwfile}",
+                        "--auth=scram-sha-256",
+                        "--encoding=UTF8",
+                        "--locale=C",
+                        "--no-instructions",
+                    ],
+                ),
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
             )
         finally:
             pwfile.unlink(missing_ok=True)
         with open(data / "postgresql.conf", "a") as fh:
             # Also for a manual `pg_ctl start`: loopback only, socket in the state dir.
-            fh.write(f"\n# cluster_local\nlisten_addresses = '{LOOPBACK}'\nunix_socket_directories = '{run}'\n")
+            fh.write(
+                f"\n# cluster_local\nlisten_addresses = '{LOOPBACK}'\nunix_socket_directories = '{run}'\n"
+            )
     port = state.port("postgres")
     subprocess.run(
-        as_pg_user(os_user, [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-t", "120",
-                             "-o", f"-c listen_addresses={LOOPBACK} -c port={port} -c unix_socket_directories={run}", "start"]),
-        env=env, check=True, stdout=subprocess.DEVNULL,
+        as_pg_user(
+            os_user,
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(root / "postgres.log"),
+                "-w",
+                "-t",
+                "120",
+                "-o",
+                f"-c listen_addresses={LOOPBACK} -c port={port} -c unix_socket_directories={run}",
+                "start",
+            ],
+        ),
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     pid = int((data / "postmaster.pid").read_text().split()[0])
-    info = {"pid": pid, "sid": os.getsid(pid), "started": time.time(), "os_user": os_user, "bindir": str(bindir),
-            "data": str(data), "dsn": f"postgresql://{PG_DB_USER}@{LOOPBACK}:{port}/mlflow"}
+    info = {
+        "pid": pid,
+        "sid": os.getsid(pid),
+        "started": time.time(),
+        "os_user": os_user,
+        "bindir": str(bindir),
+        "data": str(data),
+        "dsn": f"postgresql://{PG_DB_USER}@{LOOPBACK}:{port}/mlflow",
+    }
     state.services["postgres"] = info
     state.save()
     _create_mlflow_databases(state, port, superuser_pw)
@@ -482,7 +582,9 @@ def start_postgres(state: State, os_user: str) -> dict[str, Any]:
 def _check_reachable(os_user: str, path: Path) -> None:
     probe = subprocess.run(as_pg_user(os_user, ["test", "-w", str(path)]))
     if probe.returncode != 0:
-        raise RuntimeError(f"{path} is not writable by {os_user} (a parent dir not traversable?): use another --state-dir")
+        raise RuntimeError(
+            f"{path} is not writable by {os_user} (a parent dir not traversable?): use another --state-dir"
+        )
 
 
 def _create_mlflow_databases(state: State, port: int, superuser_pw: str) -> None:
@@ -490,16 +592,24 @@ def _create_mlflow_databases(state: State, port: int, superuser_pw: str) -> None
     from psycopg2 import sql
 
     mlflow_pw = state.secret("pg_mlflow_password")
-    conn = psycopg2.connect(host=LOOPBACK, port=port, user="postgres", password=superuser_pw, dbname="postgres")
+    conn = psycopg2.connect(
+        host=LOOPBACK, port=port, user="postgres", password=superuser_pw, dbname="postgres"
+    )
     conn.autocommit = True  # CREATE DATABASE cannot run in a transaction (nor under `with conn`)
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PG_DB_USER,))
         verb = "ALTER" if cur.fetchone() else "CREATE"
-        cur.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(PG_DB_USER)), (mlflow_pw,))
+        cur.execute(
+            sql.SQL(verb + " ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(PG_DB_USER)), (mlflow_pw,)
+        )
         for db in ("mlflow", "mlflow_auth"):
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
             if not cur.fetchone():
-                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(PG_DB_USER)))
+                cur.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                        sql.Identifier(db), sql.Identifier(PG_DB_USER)
+                    )
+                )
     conn.close()
     # libpq reads the password from here, so it is in no URI, command line or ini file.
     write_private(state.dir / "secrets" / "pgpass", f"{LOOPBACK}:*:*:{PG_DB_USER}:{mlflow_pw}\n")
@@ -510,8 +620,23 @@ def stop_postgres(state: State) -> None:
     if not info or not alive(info.get("pid")):
         return
     subprocess.run(
-        as_pg_user(info["os_user"], [str(Path(info["bindir"]) / "pg_ctl"), "-D", info["data"], "-m", "fast", "-w", "-t", "60", "stop"]),
-        env=base_env(state, "postgres") | {"TMPDIR": "/tmp"}, check=False, stdout=subprocess.DEVNULL,
+        as_pg_user(
+            info["os_user"],
+            [
+                str(Path(info["bindir"]) / "pg_ctl"),
+                "-D",
+                info["data"],
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "stop",
+            ],
+        ),
+        env=base_env(state, "postgres") | {"TMPDIR": "/tmp"},
+        check=False,
+        stdout=subprocess.DEVNULL,
     )
 
 
@@ -562,7 +687,11 @@ def start_mlflow(state: State) -> dict[str, Any]:
     info = {"pid": proc.pid, "sid": proc.pid, "started": time.time(), "url": url}
     state.services["mlflow"] = info
     state.save()
-    wait_for(lambda: not _died(proc, "mlflow server") and http_status(url + "/health") == 200, 180, "MLflow /health")
+    wait_for(
+        lambda: not _died(proc, "mlflow server") and http_status(url + "/health") == 200,
+        180,
+        "MLflow /health",
+    )
     _check_mlflow_auth(url, admin_pw)
     log.info("mlflow: %s (basic auth on, artifacts -> s3://%s/mlartifacts)", url, BUCKET)
     return info
@@ -581,7 +710,9 @@ def _check_mlflow_auth(url: str, admin_pw: str) -> None:
     anon = http_status(url + "/api/2.0/mlflow/experiments/create", "POST", hdr, body)
     if anon != 401:
         raise RuntimeError(f"MLflow accepted an unauthenticated write (HTTP {anon}): basic auth is not on")
-    ok = http_status(url + "/api/2.0/mlflow/experiments/search?max_results=1", headers=basic_auth(MLFLOW_ADMIN, admin_pw))
+    ok = http_status(
+        url + "/api/2.0/mlflow/experiments/search?max_results=1", headers=basic_auth(MLFLOW_ADMIN, admin_pw)
+    )
     if ok != 200:
         raise RuntimeError(f"MLflow refused the admin (HTTP {ok})")
 
@@ -594,7 +725,11 @@ BOOTSTRAP = "# written by cluster_local: a manually started cluster, so Ray skip
 
 def autoscaler_config(state: State, args: argparse.Namespace) -> dict[str, Any]:
     """Ray's fake multi-node provider: worker "nodes" are extra raylets on this machine."""
-    worker_resources = {"CPU": args.worker_cpus, "GPU": args.worker_gpus, "object_store_memory": 256 * 1024**2}
+    worker_resources = {
+        "CPU": args.worker_cpus,
+        "GPU": args.worker_gpus,
+        "object_store_memory": 256 * 1024**2,
+    }
     return {
         "cluster_name": "embedtune-local",
         "max_workers": args.max_workers,
@@ -614,7 +749,12 @@ def autoscaler_config(state: State, args: argparse.Namespace) -> dict[str, Any]:
         },
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0, "GPU": 0}, "node_config": {}, "max_workers": 0},
-            WORKER_NODE_TYPE: {"resources": worker_resources, "node_config": {}, "min_workers": 0, "max_workers": args.max_workers},
+            WORKER_NODE_TYPE: {
+                "resources": worker_resources,
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": args.max_workers,
+            },
         },
         "head_node_type": "ray.head.default",
         "auth": {},
@@ -669,7 +809,9 @@ def start_ray(state: State, args: argparse.Namespace) -> dict[str, Any]:
     home = root / "home"
     home.mkdir(parents=True, exist_ok=True)
     (home / "ray_bootstrap_config.yaml").write_text(BOOTSTRAP)
-    state.secret("ray_auth_token", lambda: secrets.token_hex(32))  # the format `ray get-auth-token --generate` writes
+    state.secret(
+        "ray_auth_token", lambda: secrets.token_hex(32)
+    )  # the format `ray get-auth-token --generate` writes
     for name in ("ray_gcs", "ray_dashboard", "ray_client", "ray_agent_listen", "ray_agent_grpc", "ray_runtime_env_agent",
                  "ray_metrics", "ray_node_manager", "ray_object_manager"):  # fmt: skip
         state.port(name)
@@ -700,8 +842,14 @@ def start_ray(state: State, args: argparse.Namespace) -> dict[str, Any]:
     ]  # fmt: skip
     started = time.time()
     proc = spawn(cmd, ray_node_env(state, args), state.dir / "logs" / "ray-start.log", root)
-    info = {"pid": proc.pid, "sid": proc.pid, "started": started, "temp_dir": str(temp_dir),
-            "gcs": f"{LOOPBACK}:{p['ray_gcs']}", "dashboard": f"http://{LOOPBACK}:{p['ray_dashboard']}"}
+    info = {
+        "pid": proc.pid,
+        "sid": proc.pid,
+        "started": started,
+        "temp_dir": str(temp_dir),
+        "gcs": f"{LOOPBACK}:{p['ray_gcs']}",
+        "dashboard": f"http://{LOOPBACK}:{p['ray_dashboard']}",
+    }
     state.services["ray"] = info
     state.save()
     rc = proc.wait(timeout=300)  # `ray start` returns once the head is up (its servers stay in our session)
@@ -785,7 +933,10 @@ def stop_services(state: State, services: tuple[str, ...], grace: float) -> int:
 
 
 def running(state: State) -> dict[str, bool]:
-    return {name: alive(info.get("pid")) if name != "ray" else _ray_alive(state) for name, info in state.services.items()}
+    return {
+        name: alive(info.get("pid")) if name != "ray" else _ray_alive(state)
+        for name, info in state.services.items()
+    }
 
 
 def _ray_alive(state: State) -> bool:
@@ -802,7 +953,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(summary(state))
             return 0
         if any(status.values()):
-            log.error("partly up (%s): run `down` first", ", ".join(f"{k}={'up' if v else 'down'}" for k, v in status.items()))
+            log.error(
+                "partly up (%s): run `down` first",
+                ", ".join(f"{k}={'up' if v else 'down'}" for k, v in status.items()),
+            )
             return 1
         t0 = time.monotonic()
         state.data.update({"cluster_id": secrets.token_hex(6), "services": {}, "state_dir": str(state_dir.resolve()),
@@ -835,24 +989,28 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def summary(state: State) -> str:
     s, pg = state.services, state.services["postgres"]
-    token_path = ray_client_env(state)["RAY_AUTH_TOKEN_PATH"]
     script = Path(__file__).resolve()
+    env_cmd = f"{sys.executable} {script} env --state-dir {state.dir}"
+    ray = shutil.which("ray") or str(BIN / "ray")
     lines = [
         "cluster-local is up:",
         f"  S3 endpoint     {s['s3']['endpoint']}  (bucket s3://{BUCKET}, region {REGION}, path-style)",
         f"  MLflow          {s['mlflow']['url']}  (basic auth: user {MLFLOW_ADMIN}, password in {state.dir / 'secrets' / 'mlflow_admin_password'})",
-        f"  Ray job API     {s['ray']['dashboard']}  (token in {token_path})",
+        f"  Ray job API     {s['ray']['dashboard']}  (token auth: token in {state.dir / 'secrets' / 'ray_auth_token'})",
         f"  Ray GCS         {s['ray']['gcs']}",
         f"  PostgreSQL      {pg['dsn']}  (password via PGPASSFILE={state.dir / 'secrets' / 'pgpass'})",
         "",
-        "# client environment (also: eval \"$(" + f"{sys.executable} {script} env --state-dir {state.dir})\"):",
-        export_lines(state),
-        "",
-        "# submit a sweep:",
-        f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token_path} \\\n"
-        f"  ray job submit --address {s['ray']['dashboard']} --working-dir . "
-        + ("" if state.data.get("node_credentials", True) else f"--runtime-env {job_runtime_env_file(state)} ")
+        "# the client environment (S3 keys, the MLflow login and the Ray token path; secrets stay in files):",
+        f'eval "$({env_cmd})"',
+        "# submit the sweep:",
+        f"{ray} job submit --working-dir . "
+        + (
+            ""
+            if state.data.get("node_credentials", True)
+            else f"--runtime-env {job_runtime_env_file(state)} "
+        )
         + "-- embedtune sweep sweeps/cluster-local.yaml",
+        "# stop everything: make cluster-local-down",
     ]
     return "\n".join(lines)
 
@@ -870,13 +1028,15 @@ def _down(state: State, purge: bool) -> int:
         sock.unlink(missing_ok=True)
     if state.data.get("runtime_dir"):
         shutil.rmtree(state.data["runtime_dir"], ignore_errors=True)
-    for pidfile in (state.dir / "postgres" / "run").glob(".s.PGSQL.*"):
+    for pidfile in (Path(state.data.get("pg_root") or state.dir / "postgres") / "run").glob(".s.PGSQL.*"):
         pidfile.unlink(missing_ok=True)
     if left:
         log.error("still running after down: %s", left)
         return 1
     log.info("stopped %d processes (%d found at start)", stopped, len(found))
     if purge:
+        if state.data.get("pg_root") and not Path(state.data["pg_root"]).is_relative_to(state.dir):
+            shutil.rmtree(Path(state.data["pg_root"]).parent, ignore_errors=True)
         shutil.rmtree(state.dir, ignore_errors=True)
         log.info("removed %s", state.dir)
     else:
@@ -914,11 +1074,82 @@ def cmd_status(args: argparse.Namespace) -> int:
             with contextlib.suppress(psutil.Error):
                 rss += psutil.Process(pid).memory_info().rss
         where = info.get("endpoint") or info.get("url") or info.get("dashboard") or info.get("dsn")
-        print(f"{name:9} {'up' if up.get(name) else 'DOWN':5} {where:45} {len(pids):3} processes  {rss / 2**20:7.0f} MiB RSS")
+        print(
+            f"{name:9} {'up' if up.get(name) else 'DOWN':5} {where:45} {len(pids):3} processes  {rss / 2**20:7.0f} MiB RSS"
+        )
     if args.ray and up.get("ray"):
         env = ray_node_env(state, argparse.Namespace(node_credentials=False)) | {MARKER: "status"}
-        subprocess.run([str(BIN / "ray"), "status", f"--address={state.services['ray']['gcs']}"], env=env, check=False)
+        subprocess.run(
+            [str(BIN / "ray"), "status", f"--address={state.services['ray']['gcs']}"], env=env, check=False
+        )
     return 0 if set(up) == set(SERVICES) and all(up.values()) else 1
+
+
+RESTARTABLE = {"s3": lambda state: start_s3(state), "mlflow": lambda state: start_mlflow(state)}
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Crash a server (SIGKILL, as a node failure would) and start it again on the same port and
+    data after `--down-for` seconds: the faults a sweep must survive."""
+    import psutil
+
+    state_dir = Path(args.state_dir).resolve()
+    with locked(state_dir):
+        state = State(state_dir)
+        if not state.services.get(args.service):
+            log.error("%s is not up in %s", args.service, state_dir)
+            return 3
+        procs = [psutil.Process(pid) for pid, svc in owned_processes(state).items() if svc == args.service]
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=30)
+        log.info("%s killed (%d processes); down for %.0f s", args.service, len(procs), args.down_for)
+        if args.service == "s3":
+            for sock in weed_grpc_sockets(state):
+                sock.unlink(missing_ok=True)
+        time.sleep(args.down_for)
+        RESTARTABLE[args.service](state)
+        return 0
+
+
+def worker_raylets(state: State) -> dict[str, int]:
+    """{node id: raylet pid} of the autoscaled worker nodes (the fake provider starts each with its
+    node id in RAY_OVERRIDE_NODE_ID_FOR_TESTING)."""
+    import psutil
+
+    out: dict[str, int] = {}
+    for pid, svc in owned_processes(state).items():
+        if svc != "ray":
+            continue
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            node = proc.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")
+            if node and proc.name() == "raylet":
+                out[node] = pid
+    return out
+
+
+def cmd_kill_worker(args: argparse.Namespace) -> int:
+    """Lose a worker node under its trials, as a dead machine would: SIGKILL its raylet and every
+    process on it (workers, agents) at once. `--node-id`, else the first worker."""
+    import psutil
+
+    state = State(Path(args.state_dir).resolve())
+    raylets = worker_raylets(state)
+    node = args.node_id or next(iter(sorted(raylets)), None)
+    if node not in raylets:
+        log.error("no live worker node %s (workers: %s)", node, ", ".join(sorted(raylets)) or "none")
+        return 3
+    raylet = psutil.Process(raylets[node])
+    procs = [*raylet.children(recursive=True), raylet]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=30)
+    log.info("killed worker node %s (raylet pid %d and %d processes on it)", node, raylet.pid, len(procs) - 1)
+    print(node)
+    return 0
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -945,24 +1176,55 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--state-dir", default=argparse.SUPPRESS, help=state_help)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", parents=[common], help="start the servers (a no-op when already up)")
-    up.add_argument("--pg-user", help="OS user running PostgreSQL when root (default: postgres, else a new embedtune-pg)")
-    up.add_argument("--head-cpus", type=float, default=0, help="logical CPUs of the Ray head (default 0: no trial lands there)")
-    up.add_argument("--worker-cpus", type=float, default=1, help="logical CPUs per autoscaled worker (default 1)")
-    up.add_argument("--worker-gpus", type=float, default=1, help="logical GPUs per autoscaled worker (default 1)")
+    up.add_argument(
+        "--pg-user", help="OS user running PostgreSQL when root (default: postgres, else a new embedtune-pg)"
+    )
+    up.add_argument(
+        "--head-cpus",
+        type=float,
+        default=0,
+        help="logical CPUs of the Ray head (default 0: no trial lands there)",
+    )
+    up.add_argument(
+        "--worker-cpus", type=float, default=1, help="logical CPUs per autoscaled worker (default 1)"
+    )
+    up.add_argument(
+        "--worker-gpus", type=float, default=1, help="logical GPUs per autoscaled worker (default 1)"
+    )
     up.add_argument("--max-workers", type=int, default=2, help="most autoscaled worker nodes (default 2)")
-    up.add_argument("--idle-timeout-minutes", type=float, default=1, help="an idle worker node goes after this (default 1)")
+    up.add_argument(
+        "--idle-timeout-minutes",
+        type=float,
+        default=1,
+        help="an idle worker node goes after this (default 1)",
+    )
     up.add_argument("--no-node-credentials", dest="node_credentials", action="store_false",
                     help="do not put S3 keys and the MLflow login into the Ray nodes' environment "
                          "(jobs then pass them in their runtime env)")  # fmt: skip
-    down = sub.add_parser("down", parents=[common], help="stop every process `up` started and remove runtime files")
+    down = sub.add_parser(
+        "down", parents=[common], help="stop every process `up` started and remove runtime files"
+    )
     down.add_argument("--purge", action="store_true", help="also remove the state dir (data, secrets, logs)")
     status = sub.add_parser("status", parents=[common], help="what is running (processes, memory)")
-    status.add_argument("--ray", action="store_true", help="also print `ray status` (nodes, autoscaler demand)")
+    status.add_argument(
+        "--ray", action="store_true", help="also print `ray status` (nodes, autoscaler demand)"
+    )
     sub.add_parser("env", parents=[common], help='print the client `export` lines: eval "$(... env)"')
+    restart = sub.add_parser(
+        "restart", parents=[common], help="crash a server (SIGKILL) and start it again (faults)"
+    )
+    restart.add_argument("service", choices=sorted(RESTARTABLE))
+    restart.add_argument("--down-for", type=float, default=5, help="seconds it stays down (default 5)")
+    kill = sub.add_parser(
+        "kill-worker", parents=[common], help="SIGKILL a worker node's raylet (a lost node)"
+    )
+    kill.add_argument("--node-id", help="the node to kill (default: the first live worker)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
-    return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env}[args.command](args)
+    commands = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env, "restart": cmd_restart,
+                "kill-worker": cmd_kill_worker}  # fmt: skip
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

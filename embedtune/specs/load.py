@@ -1,8 +1,16 @@
 """Read a sweep spec from YAML (or a dict); every error is one line naming the key path, e.g.
-`sweeps/x.yaml: search.epochs.0: Input should be greater than or equal to 1`."""
+`sweeps/x.yaml: search.epochs.0: Input should be greater than or equal to 1`.
+
+String values may name environment variables, so one spec serves several clusters:
+`${VAR}` (required: unset is an error naming the key) and `${VAR:-default}` (the default when VAR
+is unset or empty). The environment of the process that loads the spec decides: on a cluster, the
+driver's (a RayJob's env, a `ray job submit --runtime-env`, or the head node's).
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +33,37 @@ def _format_error(source: str, exc: ValidationError) -> str:
     return f"{source}: " + "; ".join(parts) + more
 
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(raw: Any, source: str, where: str = "") -> Any:
+    """`raw` with `${VAR}` / `${VAR:-default}` in its strings replaced from the environment."""
+    if isinstance(raw, dict):
+        return {k: expand_env(v, source, f"{where}.{k}" if where else str(k)) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [expand_env(v, source, f"{where}.{i}") for i, v in enumerate(raw)]
+    if not isinstance(raw, str) or "${" not in raw:
+        return raw
+
+    def value(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        got = os.environ.get(name)
+        if got:
+            return got
+        if default is not None:
+            return default
+        raise EmbedtuneError(
+            f"{source}: {where}: environment variable {name} is not set (export it, or write ${{{name}:-default}})"
+        )
+
+    expanded = _VAR.sub(value, raw)
+    return None if expanded == "" and raw.strip().startswith("${") else expanded
+
+
 def parse_spec(raw: dict[str, Any], source: str = "sweep spec") -> SweepSpec:
     if not isinstance(raw, dict):
         raise EmbedtuneError(f"{source}: expected a mapping of keys at the top level")
+    raw = expand_env(raw, source)
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:

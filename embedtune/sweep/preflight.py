@@ -125,6 +125,21 @@ def check_writable(path: Path) -> None:
         ) from None
 
 
+def check_remote_writable(location: str) -> None:
+    """Object storage at `location` takes a write (one small object, removed again); else one line
+    naming the location and the reason (endpoint, credentials, bucket)."""
+    probe = storage.join(location, ".embedtune-write-probe")
+    try:
+        storage.write_bytes(probe, b"probe")
+        storage.delete(probe)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EmbedtuneError(
+            f"{location} is not writable ({first[:200]}): check the bucket, the endpoint (AWS_ENDPOINT_URL) and "
+            "the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        ) from None
+
+
 def check_local_resources(spec: SweepSpec) -> None:
     """A private local Ray has this machine's CPUs and GPUs (or the spec's `ray.num_cpus/num_gpus`):
     a trial asking for more would wait in PENDING forever, so say so now. (A joined cluster may
@@ -160,12 +175,19 @@ def preflight(spec: SweepSpec, rundir: RunDir, state: SweepState | None, joins_c
     dir and storage are writable, a private Ray can place a trial, every model resolves. Returns
     the tracking URI the sweep will use."""
     tracking_uri = tracking_uri_for(spec, rundir, state)
-    mlc.check_reachable(tracking_uri)
+    mlc.check_access(tracking_uri)
     local = [] if rundir.remote else [rundir.path]
-    if spec.storage_path and not storage.is_remote(spec.storage_path):
-        local.append(storage.local_path(spec.storage_path).resolve())
+    remote = [rundir.location] if rundir.remote else []
+    if spec.storage_path:
+        (remote if storage.is_remote(spec.storage_path) else local).append(
+            spec.storage_path
+            if storage.is_remote(spec.storage_path)
+            else storage.local_path(spec.storage_path).resolve()
+        )
     for where in dict.fromkeys(local):
         check_writable(where)
+    for where in dict.fromkeys(remote):
+        check_remote_writable(str(where))
     if not joins_cluster:
         check_local_resources(spec)
     for model in spec.models:

@@ -59,26 +59,38 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def check_reachable(tracking_uri: str | None, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, before any training, when an http(s) tracking server does not answer (MLflow's
-    own client retries for minutes) or refuses our credentials. Other stores are checked by use."""
+def check_access(tracking_uri: str | None, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, before any data work or training, when an http(s) tracking server does not
+    answer or refuses our credentials: one authenticated API call (a one-row experiment search), with
+    MLflow's own credential variables (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), no retries
+    and a short timeout. (`/health` answers without credentials, so it proves nothing about them.)
+    Other stores are checked by use."""
     if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
         return
-    import requests
+    from mlflow.exceptions import MlflowException
 
     shown = redact(tracking_uri)
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
     try:
-        answer = requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
-    except requests.RequestException as exc:
+        with env.patched_environ(quick):
+            client(tracking_uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        text = str(exc)
+        if any(code in text for code in ("401", "403", "Unauthorized", "Forbidden", "PERMISSION_DENIED",
+                                         "UNAUTHENTICATED")):  # fmt: skip
+            raise EmbedtuneError(
+                f"MLflow tracking server {shown} refused the credentials; set MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account it accepts"
+            ) from None
         raise EmbedtuneError(
-            f"MLflow tracking server {shown} is unreachable ({type(exc).__name__}); start it (e.g. `mlflow server "
-            "--host 127.0.0.1`) or fix mlflow.tracking_uri / $MLFLOW_TRACKING_URI"
+            f"MLflow tracking server {shown} is unreachable ({redact(text.splitlines()[0])[:160]}); start it "
+            "(e.g. `mlflow server --host 127.0.0.1`) or fix mlflow.tracking_uri / $MLFLOW_TRACKING_URI"
         ) from None
-    if answer.status_code in (401, 403):
+    except Exception as exc:  # requests' connection errors, timeouts
         raise EmbedtuneError(
-            f"MLflow tracking server {shown} refused the credentials (HTTP {answer.status_code}); set "
-            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
-        )
+            f"MLflow tracking server {shown} is unreachable ({type(exc).__name__}); start it (e.g. `mlflow "
+            "server --host 127.0.0.1`) or fix mlflow.tracking_uri / $MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None) -> str:

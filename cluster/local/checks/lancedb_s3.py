@@ -44,7 +44,9 @@ print(f"create/add/fts-index/search/drop ok in {time.monotonic() - t0:.1f}s (vec
 
 
 def run(name: str, env: dict[str, str], *argv: str, expect_ok: bool = True) -> bool:
-    proc = subprocess.run([sys.executable, "-c", CHILD, *argv], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, *argv], env=env, capture_output=True, text=True, timeout=300
+    )
     text = proc.stdout.strip() or proc.stderr.strip().splitlines()[-1]
     ok = (proc.returncode == 0) == expect_ok
     print(f"{'OK  ' if ok else 'FAIL'} {name}{'' if expect_ok else ' (must fail)'}: {text}")
@@ -69,8 +71,17 @@ def main() -> int:
         "aws_region": env.get("AWS_DEFAULT_REGION", "us-east-1"),
         "allow_http": "true",
     }
-    ok = run("options: storage_options={aws_endpoint, keys, aws_region, allow_http}, no AWS_* env", bare, base + "-opt", json.dumps(options))
-    ok &= run("env: lancedb.connect(uri) with AWS_ENDPOINT_URL, keys, region, AWS_ALLOW_HTTP in env", env, base + "-env")
+    ok = run(
+        "options: storage_options={aws_endpoint, keys, aws_region, allow_http}, no AWS_* env",
+        bare,
+        base + "-opt",
+        json.dumps(options),
+    )
+    ok &= run(
+        "env: lancedb.connect(uri) with AWS_ENDPOINT_URL, keys, region, AWS_ALLOW_HTTP in env",
+        env,
+        base + "-env",
+    )
     no_http = {k: v for k, v in env.items() if k != "AWS_ALLOW_HTTP"}
     ok &= run("env without AWS_ALLOW_HTTP (endpoint is http://)", no_http, base + "-nohttp", expect_ok=False)
     import pyarrow.fs as pafs

@@ -58,7 +58,9 @@ def rest_status(url: str, user: str | None, password: str | None) -> int:
     if user:
         headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
     body = json.dumps({"name": f"cluster-local-rest-{int(time.time() * 1000)}"}).encode()
-    req = urllib.request.Request(url + "/api/2.0/mlflow/experiments/create", data=body, headers=headers, method="POST")
+    req = urllib.request.Request(
+        url + "/api/2.0/mlflow/experiments/create", data=body, headers=headers, method="POST"
+    )
     try:
         with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=30) as resp:
             return resp.status
@@ -70,34 +72,52 @@ def main() -> int:
     url = os.environ["MLFLOW_TRACKING_URI"]
     user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
     ok = True
-    for name, u, p, want in (("no credentials", None, None, 401), ("wrong password", user, "nope", 401), ("admin", user, password, 200)):
+    for name, u, p, want in (
+        ("no credentials", None, None, 401),
+        ("wrong password", user, "nope", 401),
+        ("admin", user, password, 200),
+    ):
         got = rest_status(url, u, p)
         ok &= got == want
         print(f"{'OK  ' if got == want else 'FAIL'} REST create experiment, {name}: HTTP {got} (want {want})")
 
     client_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    proc = subprocess.run([sys.executable, "-c", CLIENT], env=client_env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT], env=client_env, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0:
         print("FAIL mlflow client:", "\n".join(proc.stderr.strip().splitlines()[-5:]))
         return 1
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"OK   mlflow client without AWS_* env: run {info['run_id']} logged params/metric/artifact/model={info['model']} in {info['seconds']}s; "
-          f"artifact_uri {info['artifact_uri']}")
+    print(
+        f"OK   mlflow client without AWS_* env: run {info['run_id']} logged params/metric/artifact/model={info['model']} in {info['seconds']}s; "
+        f"artifact_uri {info['artifact_uri']}"
+    )
 
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
     exp_prefix = f"mlartifacts/{info['experiment_id']}/"
-    keys = [o["Key"].removeprefix(exp_prefix) for page in s3.get_paginator("list_objects_v2").paginate(Bucket="embedtune", Prefix=exp_prefix)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"].removeprefix(exp_prefix)
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="embedtune", Prefix=exp_prefix)
+        for o in page.get("Contents", [])
+    ]
     # MLflow 3: run artifacts under <exp>/<run id>/artifacts/, logged models under <exp>/models/<model id>/artifacts/.
     want = [f"{info['run_id']}/artifacts/reports/report.txt"]
     if info["model_id"]:
         want.append(f"models/{info['model_id']}/artifacts/MLmodel")
     found = all(w in keys for w in want)
     ok &= found
-    print(f"{'OK  ' if found else 'FAIL'} in the bucket under s3://embedtune/{exp_prefix}: " + ", ".join(w for w in want if w in keys)
-          + f" ({len(keys)} objects in the experiment)")
+    print(
+        f"{'OK  ' if found else 'FAIL'} in the bucket under s3://embedtune/{exp_prefix}: "
+        + ", ".join(w for w in want if w in keys)
+        + f" ({len(keys)} objects in the experiment)"
+    )
     return 0 if ok else 1
 
 

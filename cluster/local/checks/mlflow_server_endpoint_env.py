@@ -48,9 +48,14 @@ def main() -> int:
                 "    d = tempfile.mkdtemp(); p = os.path.join(d, 'x.txt'); open(p, 'w').write('x')\n"
                 "    mlflow.log_artifact(p)\n"
                 "print(r.info.experiment_id, r.info.run_id)")  # fmt: skip
-        proc = subprocess.run([sys.executable, "-c", code], env=client_env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=client_env, capture_output=True, text=True, timeout=300
+        )
         if proc.returncode != 0:
-            print("FAIL: artifact upload through a server with AWS_ENDPOINT_URL only:", proc.stderr.strip().splitlines()[-1])
+            print(
+                "FAIL: artifact upload through a server with AWS_ENDPOINT_URL only:",
+                proc.stderr.strip().splitlines()[-1],
+            )
             print(open(f"{work}/server.log").read()[-1500:])
             return 1
         exp, run = proc.stdout.strip().splitlines()[-1].split()  # (mlflow prints "View run ..." lines too)

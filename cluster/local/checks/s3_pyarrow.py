@@ -33,7 +33,7 @@ def roundtrip(fs: pafs.FileSystem, base: str) -> str:
 def variant(name: str, code: str, env: dict[str, str]) -> bool:
     """Each variant in a fresh interpreter: pyarrow reads the AWS environment once per process."""
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    out = (proc.stdout.strip() or proc.stderr.strip().splitlines()[-1] if (proc.stdout or proc.stderr) else "")
+    out = proc.stdout.strip() or proc.stderr.strip().splitlines()[-1] if (proc.stdout or proc.stderr) else ""
     print(f"{'OK  ' if proc.returncode == 0 else 'FAIL'} {name}: {out}")
     return proc.returncode == 0
 
@@ -47,17 +47,20 @@ def main() -> int:
     head = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import pyarrow.fs as pafs; from s3_pyarrow import roundtrip\n"
     ok = variant(
         "env only: FileSystem.from_uri('s3://embedtune/...') with AWS_ENDPOINT_URL, keys, region in env",
-        head + "fs, path = pafs.FileSystem.from_uri('s3://embedtune/x'); print(roundtrip(fs, 'embedtune'), type(fs).__name__, 'region', fs.region)",
+        head
+        + "fs, path = pafs.FileSystem.from_uri('s3://embedtune/x'); print(roundtrip(fs, 'embedtune'), type(fs).__name__, 'region', fs.region)",
         env,
     )
     variant(
         "URI query: s3://embedtune/x?endpoint_override=HOST:PORT&scheme=http (keys from env, no AWS_ENDPOINT_URL)",
-        head + f"fs, path = pafs.FileSystem.from_uri('s3://embedtune/x?endpoint_override={hostport}&scheme=http'); print(roundtrip(fs, 'embedtune'))",
+        head
+        + f"fs, path = pafs.FileSystem.from_uri('s3://embedtune/x?endpoint_override={hostport}&scheme=http'); print(roundtrip(fs, 'embedtune'))",
         no_endpoint,
     )
     variant(
         "explicit: S3FileSystem(endpoint_override=, scheme='http', access_key=, secret_key=, region=)",
-        head + (
+        head
+        + (
             f"fs = pafs.S3FileSystem(endpoint_override={hostport!r}, scheme='http', access_key={env['AWS_ACCESS_KEY_ID']!r}, "
             f"secret_key={env['AWS_SECRET_ACCESS_KEY']!r}, region='us-east-1'); print(roundtrip(fs, 'embedtune'))"
         ),
@@ -65,7 +68,8 @@ def main() -> int:
     )
     variant(
         "env without AWS_DEFAULT_REGION/AWS_REGION (from_uri asks the bucket's region)",
-        head + "fs, path = pafs.FileSystem.from_uri('s3://embedtune/x'); print(roundtrip(fs, 'embedtune'), 'region', fs.region)",
+        head
+        + "fs, path = pafs.FileSystem.from_uri('s3://embedtune/x'); print(roundtrip(fs, 'embedtune'), 'region', fs.region)",
         no_region,
     )
     return 0 if ok else 1

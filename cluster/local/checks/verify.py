@@ -60,10 +60,16 @@ def run_check(name: str, script: Path, env: dict[str, str], timeout: int = 900) 
     timings[name] = round(time.monotonic() - t0, 1)
     for line in proc.stdout.strip().splitlines():
         print("    " + line)
-    record(name, proc.returncode == 0, f"{timings[name]}s" + ("" if proc.returncode == 0 else " " + proc.stderr[-500:]))
+    record(
+        name,
+        proc.returncode == 0,
+        f"{timings[name]}s" + ("" if proc.returncode == 0 else " " + proc.stderr[-500:]),
+    )
 
 
-def submit(env: dict[str, str], entrypoint: list[str], extra: list[str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def submit(
+    env: dict[str, str], entrypoint: list[str], extra: list[str] | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     cmd = ["ray", "job", "submit", "--working-dir", str(HERE / "jobs"), *(extra or []), "--", *entrypoint]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -71,23 +77,55 @@ def submit(env: dict[str, str], entrypoint: list[str], extra: list[str] | None =
 def job_result(proc: subprocess.CompletedProcess) -> dict:
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     return {}
 
 
 def check_token(env: dict[str, str]) -> None:
-    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    no_token = {
+        k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+    }
     proc = submit(no_token, ["python", "-c", "print('should not run')"], timeout=120)
-    err = next((line for line in (proc.stdout + proc.stderr).splitlines() if "ray.exceptions.AuthenticationError" in line), "")
-    record("ray job submit without the token is refused", proc.returncode != 0 and "Missing authentication token" in err, err.strip()[:200])
+    err = next(
+        (
+            line
+            for line in (proc.stdout + proc.stderr).splitlines()
+            if "ray.exceptions.AuthenticationError" in line
+        ),
+        "",
+    )
+    record(
+        "ray job submit without the token is refused",
+        proc.returncode != 0 and "Missing authentication token" in err,
+        err.strip()[:200],
+    )
     wrong = {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
     proc = submit(wrong, ["python", "-c", "print('should not run')"], timeout=120)
-    err = next((line for line in (proc.stdout + proc.stderr).splitlines() if "ray.exceptions.AuthenticationError" in line), "")
-    record("ray job submit with a wrong token is refused", proc.returncode != 0 and "Invalid authentication token" in err, err.strip()[:200])
+    err = next(
+        (
+            line
+            for line in (proc.stdout + proc.stderr).splitlines()
+            if "ray.exceptions.AuthenticationError" in line
+        ),
+        "",
+    )
+    record(
+        "ray job submit with a wrong token is refused",
+        proc.returncode != 0 and "Invalid authentication token" in err,
+        err.strip()[:200],
+    )
     t0 = time.monotonic()
-    proc = submit(env, ["python", "-c", "import ray; ray.init(); print('NODE', ray.get_runtime_context().get_node_id())"], timeout=300)
+    proc = submit(
+        env,
+        ["python", "-c", "import ray; ray.init(); print('NODE', ray.get_runtime_context().get_node_id())"],
+        timeout=300,
+    )
     timings["trivial_job"] = round(time.monotonic() - t0, 1)
-    record("ray job submit with RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH works", proc.returncode == 0 and "NODE" in proc.stdout, f"{timings['trivial_job']}s")
+    record(
+        "ray job submit with RAY_AUTH_MODE=token + RAY_AUTH_TOKEN_PATH works",
+        proc.returncode == 0 and "NODE" in proc.stdout,
+        f"{timings['trivial_job']}s",
+    )
 
 
 def loopback_only() -> bool:
@@ -103,17 +141,27 @@ def check_tune(env: dict[str, str], state_dir: str, node_credentials: bool) -> N
         if loopback_only():  # without an endpoint pyarrow would try real AWS: only where it cannot
             proc = submit(env, ["python", "tune_s3.py"], timeout=600)
             tail = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line][-1:]
-            record("without node credentials, a job without a runtime env fails", proc.returncode != 0, tail[0][:300] if tail else "")
+            record(
+                "without node credentials, a job without a runtime env fails",
+                proc.returncode != 0,
+                tail[0][:300] if tail else "",
+            )
     t0 = time.monotonic()
     proc = submit(env, ["python", "tune_s3.py"], extra)
     timings["tune_job"] = round(time.monotonic() - t0, 1)
     res = job_result(proc)
     trials = res.get("trials", [])
     ok = proc.returncode == 0 and len(trials) == 2
-    detail = (f"{timings['tune_job']}s; trials on nodes {sorted({t['node'][-5:] for t in trials})} (head {res.get('head', '?')[-5:]}), "
-              f"resumed_from {[t['resumed_from'] for t in trials]}, final step {[t['step'] for t in trials]}, "
-              f"checkpoint fs {[t['checkpoint_fs'] for t in trials]}, fit {res.get('seconds_first_fit')}s + restore {res.get('seconds_restore_fit')}s")
-    record("Tune on s3:// through ray job submit, trials on autoscaled workers, restore from S3", ok, detail if res else proc.stdout[-1500:] + proc.stderr[-500:])
+    detail = (
+        f"{timings['tune_job']}s; trials on nodes {sorted({t['node'][-5:] for t in trials})} (head {res.get('head', '?')[-5:]}), "
+        f"resumed_from {[t['resumed_from'] for t in trials]}, final step {[t['step'] for t in trials]}, "
+        f"checkpoint fs {[t['checkpoint_fs'] for t in trials]}, fit {res.get('seconds_first_fit')}s + restore {res.get('seconds_restore_fit')}s"
+    )
+    record(
+        "Tune on s3:// through ray job submit, trials on autoscaled workers, restore from S3",
+        ok,
+        detail if res else proc.stdout[-1500:] + proc.stderr[-500:],
+    )
 
 
 def check_autoscale(env: dict[str, str]) -> None:
@@ -141,9 +189,15 @@ def check_loopback(state_dir: str) -> None:
                 host = conn.laddr.ip.removeprefix("::ffff:")
                 if not (host.startswith("127.") or host == "::1"):
                     bad.append(f"{pids[conn.pid]} pid {conn.pid} on {conn.laddr.ip}:{conn.laddr.port}")
-            elif conn.raddr and not (conn.raddr.ip.removeprefix("::ffff:").startswith("127.") or conn.raddr.ip == "::1"):
+            elif conn.raddr and not (
+                conn.raddr.ip.removeprefix("::ffff:").startswith("127.") or conn.raddr.ip == "::1"
+            ):
                 bad.append(f"{pids[conn.pid]} pid {conn.pid} connected to {conn.raddr.ip}:{conn.raddr.port}")
-    record("every socket of the cluster's processes is on loopback", not bad, f"{listening} listening sockets, {len(pids)} processes" + (f"; off loopback: {bad}" if bad else ""))
+    record(
+        "every socket of the cluster's processes is on loopback",
+        not bad,
+        f"{listening} listening sockets, {len(pids)} processes" + (f"; off loopback: {bad}" if bad else ""),
+    )
 
 
 def leftovers(cluster_id: str, tmp_before: set[str]) -> None:
@@ -159,18 +213,29 @@ def leftovers(cluster_id: str, tmp_before: set[str]) -> None:
     new_tmp = sorted(set(os.listdir("/tmp")) - tmp_before)
     ours = [n for n in new_tmp if n.startswith(("etcl-", "seaweedfs-", "ray"))]
     shm = [n for n in os.listdir("/dev/shm") if n.startswith("tmp")]
-    record("after down: no cluster process, no /tmp leftovers", not marked and not ours,
-           f"processes {marked}, new /tmp entries of ours {ours} (others' new entries: {len(new_tmp) - len(ours)}); /dev/shm tmp* dirs (any owner): {shm}")
+    record(
+        "after down: no cluster process, no /tmp leftovers",
+        not marked and not ours,
+        f"processes {marked}, new /tmp entries of ours {ours} (others' new entries: {len(new_tmp) - len(ours)}); /dev/shm tmp* dirs (any owner): {shm}",
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--state-dir", default="runs/cluster-local")
     parser.add_argument("--lifecycle", action="store_true", help="run up before and down after the checks")
     parser.add_argument("--autoscale", action="store_true", help="also the autoscaler check (~5 min)")
-    parser.add_argument("--no-node-credentials", dest="node_credentials", action="store_false",
-                        help="(with --lifecycle) up --no-node-credentials; the Tune job passes S3 settings in its runtime env")
-    parser.add_argument("--skip", default="", help="comma-separated: s3,lancedb,mlflow,mlflow-endpoint,token,tune")
+    parser.add_argument(
+        "--no-node-credentials",
+        dest="node_credentials",
+        action="store_false",
+        help="(with --lifecycle) up --no-node-credentials; the Tune job passes S3 settings in its runtime env",
+    )
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: s3,lancedb,mlflow,mlflow-endpoint,token,tune"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     home = tempfile.mkdtemp(prefix="etcl-client-home-")
@@ -181,7 +246,11 @@ def main() -> int:
             t0 = time.monotonic()
             up = cli(args.state_dir, "up", *([] if args.node_credentials else ["--no-node-credentials"]))
             timings["up"] = round(time.monotonic() - t0, 1)
-            record("up", up.returncode == 0, f"{timings['up']}s" + ("" if up.returncode == 0 else up.stderr[-2000:]))
+            record(
+                "up",
+                up.returncode == 0,
+                f"{timings['up']}s" + ("" if up.returncode == 0 else up.stderr[-2000:]),
+            )
             if up.returncode != 0:
                 return 1
         state = json.loads((Path(args.state_dir) / "state.json").read_text())
@@ -196,7 +265,11 @@ def main() -> int:
         if "mlflow" not in skip:
             run_check("(d) MLflow basic auth + artifacts in S3", HERE / "mlflow_auth_s3.py", env)
         if "mlflow-endpoint" not in skip and loopback_only():
-            run_check("MLflow server with AWS_ENDPOINT_URL only (no MLFLOW_S3_ENDPOINT_URL)", HERE / "mlflow_server_endpoint_env.py", env)
+            run_check(
+                "MLflow server with AWS_ENDPOINT_URL only (no MLFLOW_S3_ENDPOINT_URL)",
+                HERE / "mlflow_server_endpoint_env.py",
+                env,
+            )
         if "token" not in skip:
             check_token(env)
         if "tune" not in skip:
@@ -212,12 +285,25 @@ def main() -> int:
             t0 = time.monotonic()
             down = cli(args.state_dir, "down")
             timings["down"] = round(time.monotonic() - t0, 1)
-            record("down", down.returncode == 0, f"{timings['down']}s" + ("" if down.returncode == 0 else down.stderr[-1500:]))
+            record(
+                "down",
+                down.returncode == 0,
+                f"{timings['down']}s" + ("" if down.returncode == 0 else down.stderr[-1500:]),
+            )
             leftovers(cluster_id, tmp_before)
         import shutil
 
         shutil.rmtree(home, ignore_errors=True)
-    print("SUMMARY " + json.dumps({"passed": sum(ok for _, ok, _ in results), "failed": [n for n, ok, _ in results if not ok], "timings": timings}))
+    print(
+        "SUMMARY "
+        + json.dumps(
+            {
+                "passed": sum(ok for _, ok, _ in results),
+                "failed": [n for n, ok, _ in results if not ok],
+                "timings": timings,
+            }
+        )
+    )
     return 0 if all(ok for _, ok, _ in results) else 1
 
 

@@ -75,7 +75,6 @@ def main() -> int:
     out["workers_during_half_gpu"] = len(workers())
     out["s_half_gpu_total"] = round(time.monotonic() - t0, 1)
 
-    t1 = time.monotonic()
     out["s_idle_worker_removed_after_tasks"] = wait(lambda: not workers(), 400, "idle worker removal")
 
     ref = whole_gpu.remote(90)
@@ -89,8 +88,12 @@ def main() -> int:
         return 1
     victim.send_signal(signal.SIGKILL)
     t2 = time.monotonic()
-    out["s_node_marked_dead"] = wait(lambda: node not in [n["NodeID"] for n in ray.nodes() if n["Alive"]], 180, "dead node noticed")
-    out["s_replacement_worker_alive"] = wait(lambda: any(n["NodeID"] != node for n in workers()), 300, "replacement worker")
+    out["s_node_marked_dead"] = wait(
+        lambda: node not in [n["NodeID"] for n in ray.nodes() if n["Alive"]], 180, "dead node noticed"
+    )
+    out["s_replacement_worker_alive"] = wait(
+        lambda: any(n["NodeID"] != node for n in workers()), 300, "replacement worker"
+    )
     try:
         new_node, _ = ray.get(ref, timeout=300)
         out["retried_task_node"] = new_node

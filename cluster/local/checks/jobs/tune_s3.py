@@ -55,7 +55,9 @@ def main() -> int:
     path = f"{storage.rstrip('/')}/{name}"
     assert tune.Tuner.can_restore(path), f"cannot restore {path}"
     t1 = time.monotonic()
-    restored = tune.Tuner.restore(path, trainable=tune.with_resources(trainable, {"CPU": 1, "GPU": 1}), resume_errored=True)
+    restored = tune.Tuner.restore(
+        path, trainable=tune.with_resources(trainable, {"CPU": 1, "GPU": 1}), resume_errored=True
+    )
     final = restored.fit()
     t_restore = time.monotonic() - t1
     trials = []
@@ -64,13 +66,18 @@ def main() -> int:
                        "resumed_from": r.metrics.get("resumed_from"), "node": r.metrics.get("node"),
                        "checkpoint": r.checkpoint.path if r.checkpoint else None,
                        "checkpoint_fs": type(r.checkpoint.filesystem).__name__ if r.checkpoint else None})  # fmt: skip
-    nodes = [{"id": n["NodeID"], "alive": n["Alive"], "resources": n["Resources"], "ip": n["NodeManagerAddress"]} for n in ray.nodes()]
+    nodes = [
+        {"id": n["NodeID"], "alive": n["Alive"], "resources": n["Resources"], "ip": n["NodeManagerAddress"]}
+        for n in ray.nodes()
+    ]
     print("RESULT " + json.dumps({
         "path": path, "head": head, "first_errors": sum(1 for r in first if r.error), "trials": trials, "nodes": nodes,
         "seconds_first_fit": round(t_first, 1), "seconds_restore_fit": round(t_restore, 1),
         "env_in_driver": {k: ("set" if os.environ.get(k) else "unset") for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI")},
     }))  # fmt: skip
-    ok = all(t["error"] is None and t["step"] == 3 and t["resumed_from"] == 2 and t["node"] != head for t in trials)
+    ok = all(
+        t["error"] is None and t["step"] == 3 and t["resumed_from"] == 2 and t["node"] != head for t in trials
+    )
     return 0 if ok and len(trials) == 2 else 1
 
 
