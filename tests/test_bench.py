@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,13 +41,20 @@ def test_eval_paths_agree_and_ratios_are_numbers(small_eval):
     assert ev["eval_same_hits"] is True  # batched exact == per-query LanceDB loop == numpy product
     assert ev["eval_n_queries"] == 60 and ev["eval_corpus_rows"] >= 300
     assert 0.3 < ev["eval_hit_at_10"] <= 1.0
-    for key in ("eval_speedup_vs_loop", "eval_time_vs_bruteforce"):
-        assert isinstance(ev[key], float) and ev[key] > 0 and math.isfinite(ev[key])
+    assert ev["eval_mrr_max_abs_diff"] < 1e-3  # only ties among duplicate answers may reorder
+    # Each ratio is what its name says, from the median times measured on this data.
+    secs = {k: statistics.median(v) for k, v in ev["eval_seconds"].items()}
+    assert ev["eval_speedup_vs_loop"] == pytest.approx(secs["loop"] / secs["embedtune"])
+    assert ev["eval_time_vs_bruteforce"] == pytest.approx(secs["embedtune"] / secs["bruteforce"])
+    assert all(math.isfinite(ev[k]) for k in ("eval_speedup_vs_loop", "eval_time_vs_bruteforce"))
 
 
 def test_ingest_ratio(small_eval, tmp_path):
     ing = bench.bench_ingest(small_eval["_data"], small_eval["_model"], small_eval["_path"], 100, 1, tmp_path)
-    assert ing["ingest_rows"] == 100 and 0 < ing["ingest_vs_encode"] < 5
+    assert ing["ingest_rows"] == 100
+    # rows/s into LanceDB over rows/s of encoding alone; ingest encodes too, so it cannot be much faster
+    assert ing["ingest_vs_encode"] == pytest.approx(ing["ingest_rows_per_s"] / ing["encode_rows_per_s"])
+    assert 0 < ing["ingest_vs_encode"] < 1.5
 
 
 def test_missing_eval_data_is_a_clear_error(tmp_path):

@@ -37,13 +37,16 @@ def test_joining_a_loopback_address_stays_on_loopback() -> None:
         assert services.canonicalize_bootstrap_address("10.0.0.5:6379") == "10.0.0.5:6379"
 
 
-def test_private_home_and_process_env(tmp_path) -> None:
+def test_private_home_and_process_env(tmp_path, monkeypatch) -> None:
     home = ray_env.private_home(tmp_path / "home")
     assert (home / "ray_bootstrap_config.yaml").read_text().strip()  # Ray skips its cloud probes
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     env = ray_env.ray_process_env(home)
     assert env["HOME"] == str(home)
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
-    assert env["RAY_AUTH_MODE"] in ("disabled", "token")
+    assert env["RAY_AUTH_MODE"] == "disabled"  # no token asked for: a private Ray runs without one
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # a token-auth cluster's setting is passed on
+    assert ray_env.ray_process_env(home)["RAY_AUTH_MODE"] == "token"
 
 
 def test_stale_dirs_of_dead_owners_are_removed_live_and_foreign_ones_kept(tmp_path) -> None:

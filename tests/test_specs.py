@@ -47,8 +47,10 @@ def test_sampled_space_uses_distributions() -> None:
         },
     )
     space = param_space(parse_spec(raw))
-    assert type(space["lr"]).__name__ == "Float"
-    assert type(space["model"]).__name__ == "Categorical"
+    # optuna draws lr log-uniformly within the spec's bounds and the model among the spec's models
+    lr = space["lr"]
+    assert (lr.lower, lr.upper) == (1e-5, 1e-4) and type(lr.get_sampler()).__name__ == "_LogUniform"
+    assert space["model"].categories == GOOD["models"] and space["epochs"].categories == [1, 2]
 
 
 @pytest.mark.parametrize(
