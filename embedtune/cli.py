@@ -124,10 +124,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
         rundir = RunDir(default_run_dir(spec, args.run_dir))
         resume = None
-        if args.fresh and rundir.path.exists():
-            import shutil
-
-            shutil.rmtree(rundir.path)
+        if args.fresh:
+            rundir.clear_for_fresh()  # only an embedtune run dir, never $HOME, `/` or the checkout
             resume = False
     result = run_sweep(spec, rundir, resume=resume, final=not args.no_final, ray_address=args.address)
     print(

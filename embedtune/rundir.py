@@ -52,6 +52,35 @@ LEASE = "lock.json"  # remote run dirs: a lease refreshed while the sweep runs
 LEASE_TTL_S = 30.0
 
 
+def protected_path(path: Path) -> None:
+    """Refuse to delete `path` when it is `/`, $HOME, the checkout embedtune runs from or the
+    working directory, or a parent of one of them (EmbedtuneError naming which)."""
+    import embedtune
+
+    target = Path(path).resolve()
+    keep = {
+        "/": Path("/"),
+        "$HOME": Path.home().resolve(),
+        "the embedtune checkout": Path(embedtune.__file__).resolve().parent.parent,
+        "the working directory": Path.cwd().resolve(),
+    }
+    for what, where in keep.items():
+        if target == where or target in where.parents:
+            raise EmbedtuneError(
+                f"--fresh: refusing to delete {target}: it is {what}"
+                + ("" if target == where else f" or holds it ({where})")
+                + "; pass the --run-dir of a sweep (e.g. runs/<name>)"
+            )
+
+
+def _remote_children(location: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    fs, root = storage._fs(location)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    return [i.base_name for i in infos]
+
+
 class RunDir:
     """Paths and atomic reads/writes of one run directory (see the module docstring)."""
 
@@ -132,6 +161,30 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         if not storage.exists(self.uri(MARKER)):
             storage.write_json(self.uri(MARKER), {"created": time.time(), "by": "embedtune"})
+
+    def clear_for_fresh(self) -> None:
+        """Empty the run dir for `--fresh`, holding its lock (never under a running sweep). Refuses a
+        folder embedtune did not make (no MARKER: `--run-dir ~/data --fresh` must not delete data),
+        and always the checkout, the working directory, $HOME, `/` and their parents."""
+        if not self.remote:
+            protected_path(self.path)
+            if not self.path.exists() or not any(self.path.iterdir()):
+                return  # nothing to lose
+        if not storage.exists(self.uri(MARKER)):
+            raise EmbedtuneError(
+                f"--fresh: {self.location} is not an embedtune run dir (no {MARKER} in it), so it is not "
+                "deleted; pass the --run-dir of a sweep, or remove the folder yourself"
+            )
+        with self.lock():
+            if self.remote:
+                for name in _remote_children(self.location):
+                    if name != LEASE:
+                        storage.delete(self.uri(name))
+                shutil.rmtree(self.path, ignore_errors=True)  # the local work folder
+                return
+            for child in self.path.iterdir():
+                if child.name != LOCK:  # the lock we hold stays until the context ends
+                    storage.delete(child)
 
     # ---------------------------------------------------------------- JSON state
 

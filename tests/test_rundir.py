@@ -97,3 +97,101 @@ def test_a_refused_sweep_leaves_no_folder(tmp_path: Path) -> None:
     with pytest.raises(ValueError), RunDir(run).lock():
         raise ValueError("bad spec")
     assert not (tmp_path / "new").exists()
+
+
+def _spec_file(tmp_path: Path) -> Path:
+    import yaml
+    from specs import tiny_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec("lock")))
+    return path
+
+
+def _held(run: Path, tmp_path: Path):
+    """A process holding `run`'s lock (a sweep running into it) and its ready-file."""
+    ready = tmp_path / "ready"
+    holder = multiprocessing.get_context("spawn").Process(target=_hold, args=(str(run), str(ready)))
+    holder.start()
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert ready.exists()
+    return holder
+
+
+def _guard_rmtree(monkeypatch, *keep: Path) -> None:
+    """Make a regression of these tests harmless: removing any of `keep` (or a folder holding one)
+    raises instead of deleting (an unguarded `--fresh` once ran shutil.rmtree on whatever it got)."""
+    import shutil
+
+    real = shutil.rmtree
+    kept = [Path(k).resolve() for k in keep]
+
+    def guarded(path, *args, **kwargs):
+        p = Path(path).resolve()
+        hit = [k for k in kept if p == k or p in k.parents]
+        if hit:
+            raise AssertionError(f"test guard: refused to delete {p} (holds {hit[0]})")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", guarded)
+
+
+def test_a_second_sweep_into_a_run_dir_in_use_gets_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`embedtune sweep` takes the run dir's lock before anything else: a second sweep into the dir
+    of a running one stops at once, touching nothing (its state, journal, MLflow runs)."""
+    from embedtune.cli import main
+
+    run = tmp_path / "run"
+    RunDir(run).create()
+    RunDir(run).write_json(STATE, {"parent_run_id": "first"})
+    _guard_rmtree(monkeypatch, run / STATE)
+    holder = _held(run, tmp_path)
+    try:
+        for extra in ([], ["--fresh"]):  # --fresh must not delete a run dir under a running sweep
+            assert main(["sweep", str(_spec_file(tmp_path)), "--run-dir", str(run), *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"in use by pid {holder.pid}" in err[0], err
+            assert json.loads((run / STATE).read_text()) == {"parent_run_id": "first"}
+    finally:
+        holder.kill()
+        holder.join(10)
+
+
+@pytest.mark.parametrize("where", ["not-a-run-dir", "home", "checkout", "root", "parent-of-home"])
+def test_fresh_deletes_only_an_embedtune_run_dir(where: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    from embedtune.cli import main
+
+    home = tmp_path / "home" / "me"
+    (home / "thesis").mkdir(parents=True)
+    (home / "thesis" / "draft.tex").write_text("years of work")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text("{}")
+    target = {
+        "not-a-run-dir": data,
+        "home": home,
+        "checkout": Path(__file__).resolve().parent.parent,
+        "root": Path("/"),
+        "parent-of-home": home.parent,
+    }[where]
+    _guard_rmtree(monkeypatch, target, home / "thesis", data)
+    (target / ".embedtune-run").write_text("{}") if where in ("home", "parent-of-home") else None
+    assert main(["sweep", str(_spec_file(tmp_path)), "--run-dir", str(target), "--fresh"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fresh" in err[0], err
+    assert (home / "thesis" / "draft.tex").read_text() == "years of work"
+    assert (data / "corpus.jsonl").exists() and (Path(__file__)).exists()
+
+
+def test_fresh_empties_a_run_dir_it_made(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "run")
+    rd.create()
+    rd.write_json(STATE, {"a": 1})
+    (rd.path / "tune" / "trial").mkdir(parents=True)
+    rd.clear_for_fresh()
+    assert rd.path.is_dir() and not [p for p in rd.path.iterdir() if p.name != ".lock"]
+    RunDir(tmp_path / "never-made").clear_for_fresh()  # nothing there: nothing to do
