@@ -174,3 +174,31 @@ def test_gpu_trials_on_a_cpu_only_local_ray_are_refused_not_left_pending(tmp_pat
     spec_file.write_text(yaml.safe_dump({**GOOD, "resources": {"cpu": 64}}))
     assert main(["sweep", str(spec_file), "--run-dir", str(tmp_path / "run")]) == 2
     assert "resources.cpu: 64 per trial" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".hidden", "a/b", "/etc/x", "a\\b", ""])
+def test_dataset_names_that_would_leave_the_run_dir_fail_at_load(name: str) -> None:
+    """A dataset's label names files (`data/<label>.json` in the run dir, the negatives cache):
+    `name: ../../x` would write outside them, so the spec is refused, naming the key."""
+    raw = dict(GOOD, datasets=[{"source": "medquad-sample", "name": name}])
+    with pytest.raises(EmbedtuneError, match=r"datasets\.0: .*not a safe file name"):
+        parse_spec(raw)
+
+
+@pytest.mark.parametrize(
+    ("source", "label"),
+    [
+        ("hf:..", "data"),
+        ("/data/my file.jsonl", "my_file"),
+        ("../..", "data"),
+        ("hf:BeIR/scifact", "scifact"),
+    ],
+)
+def test_labels_derived_from_sources_are_one_safe_path_component(source: str, label: str, tmp_path) -> None:
+    from embedtune.rundir import RunDir
+    from embedtune.specs import DataSpec
+
+    spec = DataSpec(source=source)
+    assert spec.label == label
+    rd = RunDir(tmp_path / "run")
+    assert Path(rd.data_file(spec.label)).parent == rd.path / "data"

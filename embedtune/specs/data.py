@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from embedtune.specs.base import Strict
+
+# A dataset label: one path component (no '/', '\\', '..', leading '.' or '-').
+SAFE_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,127}")
 
 Format = Literal["auto", "jsonl", "parquet", "csv", "beir", "hf"]
 
@@ -34,6 +38,13 @@ class DataSpec(Strict):
     def _check(self) -> DataSpec:
         if not self.source.strip():
             raise ValueError("source must not be empty")
+        # The label names files (run dir `data/<label>.json`, the negatives cache, plots): a name
+        # like `../../x` would write outside them, so refuse it here, at spec load.
+        if self.name is not None and not SAFE_LABEL.fullmatch(self.name):
+            raise ValueError(
+                f"name {self.name!r} is not a safe file name: use letters, digits and _ . + = - "
+                "(a letter, digit or _ first, no '/'), e.g. name: medquad"
+            )
         return self
 
     @property
@@ -43,4 +54,5 @@ class DataSpec(Strict):
         base = Path(self.source.removeprefix("hf:")).name
         for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
             base = base.removesuffix(suffix)
-        return base.replace("/", "_") or "data"
+        # one safe path component whatever the source is called (`hf:..`, `my file.csv`)
+        return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", base).lstrip(".-+=") or "data"
