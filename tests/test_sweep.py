@@ -18,7 +18,7 @@ from specs import tiny_spec
 
 from embedtune import ray_env
 from embedtune.errors import EmbedtuneError
-from embedtune.specs import parse_spec
+from embedtune.specs import SweepSpec, parse_spec
 from embedtune.sweep import run_sweep
 from embedtune.tracking import client as mlc
 
@@ -107,7 +107,9 @@ def test_sweep_against_a_tracking_server_that_goes_away(
     """A sweep logs to a loopback tracking server through a URI carrying a password. The server is
     killed mid-training: training goes on, the sweep ends with an error naming the kept records;
     run again with the server back, it replays them (the model artifact too), reruns no trial, and
-    every epoch is there. The password reaches no MLflow param or tag and no output."""
+    every epoch is there. The password reaches no MLflow param or tag, no output, and no file of
+    the run dir or the Tune storage (spec.json, sweep_state.json, Tune's pickled callback): it is
+    taken from $MLFLOW_TRACKING_PASSWORD at run time, so resuming from the stored spec needs it."""
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")  # results reach the run dir within a second
     uri, artifacts = mlflow_server.uri, mlflow_server.artifacts
     secret = "PLANTED-s3cret-4242"
@@ -117,14 +119,16 @@ def test_sweep_against_a_tracking_server_that_goes_away(
         models=["paraphrase-MiniLM-L3-v2"],
         search={"epochs": [3], "batch_size": [16]},
         mlflow={"tracking_uri": uri_with_secret, "experiment": "embedtune-remote-test", "outage_wait_s": 2},
+        storage_path=str(tmp_path / "storage"),
     )
     spec = parse_spec(raw)
     run_dir = tmp_path / "run"
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)  # restored after the test
 
     def kill_server_once_training() -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
-            if any(f.stat().st_size for f in run_dir.glob("tune/*/result.json")):
+            if any(f.stat().st_size for f in tmp_path.glob("storage/remote/tune/*/result.json")):
                 mlflow_server.kill()
                 return
             time.sleep(0.2)
@@ -144,8 +148,15 @@ def test_sweep_against_a_tracking_server_that_goes_away(
     assert kept[-1]["op"] == "close" and kept[-1]["checkpoint"]  # the model is among the kept records
 
     mlflow_server.start()
-    result = run_sweep(spec, run_dir, final=False)
-    assert result.resumed and result.tracking_uri == uri_with_secret
+    # Resume from what the run dir stores: its URI has no password, which comes from the environment.
+    stored = SweepSpec.model_validate(json.loads((run_dir / "spec.json").read_text()))
+    assert stored.mlflow.tracking_uri == uri.replace("http://", "http://embedtune:***@")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    with pytest.raises(EmbedtuneError, match="set MLFLOW_TRACKING_PASSWORD"):
+        run_sweep(stored, run_dir, final=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+    result = run_sweep(stored, run_dir, final=False)
+    assert result.resumed and result.tracking_uri == stored.mlflow.tracking_uri
     assert not (run_dir / "mlflow_pending.json").exists()
     assert result.trials[0].duration_s == trials[0]["duration_s"]  # no trial reran
     assert not (run_dir / "mlflow.db").exists()  # nothing went to a local store
@@ -163,6 +174,10 @@ def test_sweep_against_a_tracking_server_that_goes_away(
     second = capfd.readouterr()
     for text in (first.out, first.err, second.out, second.err):
         assert secret not in text
+    # at rest: not in any file of the run dir or the Tune storage (pickles included)
+    files = [f for root in (run_dir, tmp_path / "storage") for f in root.rglob("*") if f.is_file()]
+    assert any(f.name.startswith("experiment_state") for f in files) and (run_dir / "spec.json") in files
+    assert [f for f in files if secret.encode() in f.read_bytes()] == []
 
 
 def _epochs_reported(trial_dir: Path) -> list[int]:

@@ -32,8 +32,8 @@ def _store(tmp_path: Path, name: str, uri: str | None = None):
     return uri, exp, mlc.start_parent_run(uri, exp, None, "p")
 
 
-def _callback(uri, exp, parent, base=None, skip=(), rundir=None, retry_every_s=10.0):
-    runs = TrialRuns(uri, exp, parent, base or {}, "ir_recall_at_10", log_models=False)
+def _callback(uri, exp, parent, base=None, skip=(), rundir=None, retry_every_s=10.0, log_models=False):
+    runs = TrialRuns(uri, exp, parent, base or {}, "ir_recall_at_10", log_models=log_models)
     return MlflowTrialCallback(runs, Journal(rundir), skip, retry_every_s)
 
 
@@ -137,6 +137,95 @@ def test_callback_keeps_records_through_a_server_outage_and_replays_them(
         (3, 0.8),
     ]
     # (An outage that outlasts the trials: test_sweep.py::test_sweep_against_a_tracking_server_that_goes_away.)
+
+
+def _kill_at(monkeypatch, server: MlflowServer, name: str, when=lambda *a, **k: True) -> None:
+    """The real server dies just before the first call of our `mlc.<name>` that matches `when`, so
+    the MLflow call in it fails for real (connection refused), at exactly that point of a trial."""
+    real, fired = getattr(mlc, name), []
+
+    def dying(*args, **kwargs):
+        if not fired and when(*args, **kwargs):
+            fired.append(name)
+            server.kill()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlc, name, dying)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["before_create", "after_create", "mid_epoch", "model_logging"])
+def test_replay_after_an_outage_at_each_point_of_a_trial(
+    point: str, tmp_path: Path, mlflow_server, monkeypatch
+) -> None:
+    """The tracking server dies at one point of a trial's records; the driver goes too, and the next
+    one replays the journal: the trial's one run ends complete (params, step 0 = the base model,
+    every epoch once, its model once). Replaying the same records again changes nothing."""
+    from embedtune.models import resolve_model
+    from embedtune.tracking.callback import replay_journal
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the outage is found at once
+    uri, exp, parent = _store(tmp_path, f"replay-{point}", mlflow_server.uri)
+    rundir = RunDir(tmp_path / "run")
+    base = {ModelData("m", "d"): {"ir_recall_at_10": 0.5, "ir_mrr_at_10": 0.4}}
+    log_models = point == "model_logging"
+    t = _trial("t1", 3, 3)
+    if log_models:
+        ckpt = tmp_path / "checkpoint_000002"
+        ckpt.mkdir()
+        (ckpt / "model").symlink_to(resolve_model("paraphrase-MiniLM-L3-v2"))
+        t.checkpoint = SimpleNamespace(path=str(ckpt), filesystem=None)
+    if point == "before_create":
+        mlflow_server.kill()
+    elif point == "after_create":  # the run exists, its params and step 0 do not
+        _kill_at(monkeypatch, mlflow_server, "log_params")
+    elif point == "mid_epoch":
+        _kill_at(monkeypatch, mlflow_server, "log_metrics", lambda *a, step, **k: step == 2)
+    else:
+        _kill_at(monkeypatch, mlflow_server, "log_sentence_transformer")
+    cb = _callback(uri, exp, parent, base, rundir=rundir, retry_every_s=3600, log_models=log_models)
+    cb.on_trial_start(0, [], t)
+    for epoch, value in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        cb.on_trial_result(0, [], t, {"epoch": epoch, "ir_recall_at_10": value})
+    cb.on_trial_complete(0, [], t)
+    kept = Journal(rundir).load()
+    assert kept and kept[-1]["op"] == "close"  # the outage kept the records; the driver goes now
+    monkeypatch.undo()  # (the MLflow calls are the real ones again)
+
+    mlflow_server.start()
+    client = MlflowClient(uri)
+
+    def check() -> None:
+        children = _children(client, f"replay-{point}")
+        assert len(children) == 1, [c.info.run_id for c in children]
+        run = client.get_run(children[0].info.run_id)
+        assert run.info.status == "FINISHED"
+        assert {k: run.data.params.get(k) for k in ("model", "dataset", "epochs")} == {
+            "model": "m",
+            "dataset": "d",
+            "epochs": "3",
+        }
+        recall = client.get_metric_history(run.info.run_id, "ir_recall_at_10")
+        assert sorted((m.step, m.value) for m in recall) == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8)]
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "ir_mrr_at_10")] == [
+            (0, 0.4)
+        ]
+        assert run.data.metrics["epochs_done"] == 3
+        models = client.search_logged_models([exp], filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert len(models) == (1 if log_models else 0), models
+        if log_models:
+            assert run.data.tags["embedtune.model_uri"] == f"models:/{models[0].model_id}"
+
+    assert replay_journal(_callback(uri, exp, parent, base, rundir=rundir, log_models=log_models)) == len(
+        kept
+    )
+    assert not rundir.has(JOURNAL)
+    check()
+    Journal(rundir).save(kept)  # the same records once more (a replay cut short, a copied journal)
+    assert replay_journal(_callback(uri, exp, parent, base, rundir=rundir, log_models=log_models)) == len(
+        kept
+    )
+    check()
 
 
 def test_callback_replaces_the_stale_run_of_a_rerun_config(tmp_path: Path) -> None:

@@ -442,6 +442,7 @@ def run_sweep(
     models, datasets, search values): then only configs without a done trial run. True insists on
     resuming; False refuses to reuse a run dir."""
     rundir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    spec = pf.without_secrets(spec)  # no password in spec.json, the state or Tune's pickles
     with rundir.lock():
         return _run(spec, rundir, resume, final, ray_address)
 

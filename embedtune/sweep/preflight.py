@@ -161,13 +161,22 @@ def check_local_resources(spec: SweepSpec) -> None:
 
 
 def tracking_uri_for(spec: SweepSpec, rundir: RunDir, state: SweepState | None) -> str:
-    """A resumed sweep keeps its store; else the spec's, MLflow's own env var, or SQLite in the run dir."""
-    return (
-        (state.tracking_uri if state else None)
-        or spec.mlflow.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or rundir.sqlite_tracking_uri()
-    )
+    """A resumed sweep keeps its store; else the spec's, MLflow's own env var, or SQLite in the run dir.
+    Returned as it may be stored: without its password (moved to $MLFLOW_TRACKING_PASSWORD)."""
+    given = [spec.mlflow.tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")]
+    clean = [mlc.keep_secret_in_env(u) if u else None for u in given]  # a password given now counts
+    uri = (state.tracking_uri if state else None) or clean[0] or clean[1] or rundir.sqlite_tracking_uri()
+    return mlc.keep_secret_in_env(uri)
+
+
+def without_secrets(spec: SweepSpec) -> SweepSpec:
+    """`spec` as it may be written to the run dir and hashed: a password in mlflow.tracking_uri
+    moves to the environment (see `tracking.client.keep_secret_in_env`)."""
+    uri = spec.mlflow.tracking_uri
+    clean = mlc.keep_secret_in_env(uri) if uri else uri
+    if clean == uri:
+        return spec
+    return spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": clean})})
 
 
 def preflight(spec: SweepSpec, rundir: RunDir, state: SweepState | None, joins_cluster: bool) -> str:

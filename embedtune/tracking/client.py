@@ -38,11 +38,46 @@ def redact(text: str) -> str:
     return _URI_SECRET_PARAM.sub(lambda m: f"{m['head']}***", text)
 
 
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+_HIDDEN = "***"
+
+
+def keep_secret_in_env(tracking_uri: str) -> str:
+    """The form of `tracking_uri` that may be stored (spec.json, sweep_state.json, Tune's pickled
+    callback): a password in it (`http://user:pw@host`) moves to $MLFLOW_TRACKING_PASSWORD of this
+    process and the URI keeps `user:***@`; `client()` puts it back at run time (`with_secret`)."""
+    match = _URI_PASSWORD.search(tracking_uri)
+    if not match:
+        return tracking_uri
+    from urllib.parse import unquote
+
+    password = tracking_uri[match.end("head") + 1 : match.end() - 1]
+    if password != _HIDDEN:
+        os.environ[PASSWORD_ENV] = unquote(password)
+    return _URI_PASSWORD.sub(lambda m: f"{m['head']}:{_HIDDEN}@", tracking_uri, count=1)
+
+
+def with_secret(tracking_uri: str) -> str:
+    """A stored URI (`user:***@`) with its password from $MLFLOW_TRACKING_PASSWORD, for the call
+    that needs it; anything else unchanged."""
+    if f":{_HIDDEN}@" not in tracking_uri or not _URI_PASSWORD.search(tracking_uri):
+        return tracking_uri
+    from urllib.parse import quote
+
+    password = os.environ.get(PASSWORD_ENV)
+    if not password:
+        raise EmbedtuneError(
+            f"the tracking URI {tracking_uri} keeps its password out of the run dir: set "
+            f"{PASSWORD_ENV} to it (or give the URI with the password again)"
+        )
+    return tracking_uri.replace(f":{_HIDDEN}@", f":{quote(password, safe='')}@", 1)
+
+
 def _no_links_with_secrets(tracking_uri: str) -> None:
     """MLflow prints "View run ... at: <tracking URI>" when a run ends on a tracking server, the
     URI's password included; with a password in the URI those links are off (the CLI prints the
     redacted location instead)."""
-    if redact(tracking_uri) != tracking_uri:
+    if redact(tracking_uri) != tracking_uri or f":{_HIDDEN}@" in tracking_uri:  # given, or put back
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
@@ -56,7 +91,7 @@ def client(tracking_uri: str):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     _no_links_with_secrets(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri)
+    return MlflowClient(tracking_uri=with_secret(tracking_uri))
 
 
 def check_access(tracking_uri: str | None, timeout_s: float = 10.0) -> None:
@@ -69,6 +104,7 @@ def check_access(tracking_uri: str | None, timeout_s: float = 10.0) -> None:
         return
     from mlflow.exceptions import MlflowException
 
+    with_secret(tracking_uri)  # a stored URI without its password in the environment: say so
     shown = redact(tracking_uri)
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
     try:
@@ -160,9 +196,9 @@ def fluent_uri(tracking_uri: str, registry: bool = False) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in keys}
     _no_links_with_secrets(tracking_uri)
     with env.patched_environ(saved):
-        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(with_secret(tracking_uri))
         if registry:
-            mlflow.set_registry_uri(tracking_uri)
+            mlflow.set_registry_uri(with_secret(tracking_uri))
         try:
             yield
         finally:

@@ -2,9 +2,11 @@
 
 Every write about a trial is an op: `start` (find or create its run, params, the base model's
 scores as step 0), `result` (one epoch's metrics), `close` (final metrics, tags, the model, the
-status). Applying an op twice does nothing new: a run is found by its trial tag, an epoch already
-logged is not logged again, and a close remembers which of its parts are done. So ops a tracking
-server did not take can be kept and replayed later in any number of attempts.
+status). Applying an op twice does nothing new: a run is found by its trial tag and completed when
+found (params and step 0 the outage cut off after its creation), an epoch already logged (as the
+server says after any failed write) is not logged again, a close remembers which of its parts are
+done, and a model already logged for the run is not logged again. So ops a tracking server did not
+take can be kept and replayed later in any number of attempts, by this driver or the next one.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class TrialRuns:
         self.hasher = hasher
         self.run_ids: dict[str, str] = {}
         self.logged_epochs: dict[str, set[int]] = {}
+        self.unsure: set[str] = set()  # trials whose last write failed: ask the server what it has
 
     def config_hash(self, config: dict[str, Any]) -> str | None:
         return self.hasher(config) if self.hasher else config.get("config_hash")
@@ -85,8 +88,6 @@ class TrialRuns:
         run_id = self.find_existing(trial_id)
         if run_id:
             c.update_run(run_id, status="RUNNING")
-            history = c.get_metric_history(run_id, self.epoch_metric)
-            self.logged_epochs[trial_id] = {m.step for m in history}
         else:
             name = f"{model_label(str(config.get('model')))}-{config.get('dataset', 'data')}-e{config.get('epochs')}-{trial_id}"
             tags = {mlc.PARENT_TAG: self.parent_run_id, mlc.TRIAL_TAG: trial_id, mlc.KIND_TAG: "trial"}
@@ -95,25 +96,42 @@ class TrialRuns:
                 self._drop_stale(digest)
                 tags[mlc.CONFIG_TAG] = digest
             run_id = c.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-            params = {k: v for k, v in config.items() if not isinstance(v, dict | list)}
-            mlc.log_params(self.tracking_uri, run_id, params)
-            base = self.base_metrics.get(ModelData(str(config.get("model")), str(config.get("dataset"))), {})
+        # A found run may have been created just before an outage cut off its params and step 0:
+        # whatever it lacks is written now (params not there yet, step 0 when not logged).
+        params = {k: v for k, v in config.items() if not isinstance(v, dict | list)}
+        mlc.log_params(self.tracking_uri, run_id, params)
+        self.logged_epochs[trial_id] = self._steps(run_id)
+        base = self.base_metrics.get(ModelData(str(config.get("model")), str(config.get("dataset"))), {})
+        if base and 0 not in self._steps(run_id, next(iter(base))):
             mlc.log_metrics(self.tracking_uri, run_id, base, step=0)
         self.run_ids[trial_id] = run_id
         return run_id
 
+    def _steps(self, run_id: str, key: str | None = None) -> set[int]:
+        """The steps the server has of metric `key` (default: the per-epoch metric)."""
+        history = mlc.client(self.tracking_uri).get_metric_history(run_id, key or self.epoch_metric)
+        return {m.step for m in history}
+
     def apply(self, op: dict[str, Any]) -> None:
-        run_id = self.run_id(op["trial_id"], op["config"])
-        if op["op"] == "result":
-            done = self.logged_epochs.setdefault(op["trial_id"], set())
-            if op["epoch"] in done:
-                # A trial restored from a checkpoint older than its last report repeats an epoch
-                # (and a replay may repeat a logged op): one point per epoch keeps curves one line.
-                return
-            mlc.log_metrics(self.tracking_uri, run_id, op["metrics"], step=op["epoch"])
-            done.add(op["epoch"])
-        elif op["op"] == "close":
-            self._close(run_id, op)
+        trial_id = op["trial_id"]
+        try:
+            run_id = self.run_id(trial_id, op["config"])
+            if trial_id in self.unsure:  # a write that failed may have reached the server anyway
+                self.logged_epochs[trial_id] = self._steps(run_id)
+                self.unsure.discard(trial_id)
+            if op["op"] == "result":
+                done = self.logged_epochs.setdefault(trial_id, set())
+                if op["epoch"] in done:
+                    # A trial restored from a checkpoint older than its last report repeats an epoch
+                    # (and a replay may repeat a logged op): one point per epoch keeps curves one line.
+                    return
+                mlc.log_metrics(self.tracking_uri, run_id, op["metrics"], step=op["epoch"])
+                done.add(op["epoch"])
+            elif op["op"] == "close":
+                self._close(run_id, op)
+        except Exception:
+            self.unsure.add(trial_id)
+            raise
 
     def _close(self, run_id: str, op: dict[str, Any]) -> None:
         done = op.setdefault("done", [])
@@ -128,8 +146,21 @@ class TrialRuns:
             done.append("model")
         mlc.finish_run(self.tracking_uri, run_id, op["status"])
 
+    def _logged_model_uri(self, run_id: str) -> str | None:
+        """The model already logged from this run (a replay after an outage that hit after
+        the upload), if any."""
+        models = mlc.client(self.tracking_uri).search_logged_models(
+            [self.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+        )
+        ready = [m for m in models if str(getattr(m.status, "name", m.status)) == "READY"]
+        return f"models:/{ready[0].model_id}" if ready else None
+
     def _log_model(self, run_id: str, op: dict[str, Any]) -> None:
         try:
+            uri = self._logged_model_uri(run_id)
+            if uri:
+                mlc.set_tags(self.tracking_uri, run_id, {"embedtune.model_uri": uri})
+                return
             with storage.local_copy(op["checkpoint"]) as ckpt:
                 model_dir = ckpt / "model"
                 if model_dir.exists():
