@@ -26,11 +26,13 @@ $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 sweep-local: setup
 	$(PY) -m embedtune.cli --offline sweep sweeps/local.yaml --run-dir $(RUN_DIR)
 
+# The suite runs in a network namespace with only loopback (scripts/netns.sh; one line says so where
+# unshare is not allowed), and ends with how many tests skipped and why (tests/conftest.py).
 test: setup
-	EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v --durations=15
+	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs --durations=15
 
 test-fast: setup
-	EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -m "not slow"
+	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -rs -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check embedtune tests scripts cluster

@@ -176,13 +176,12 @@ def build_table(
     vector_index: bool | None = None,
     progress: bool = True,
     max_seq_length: int | None = None,
-    _stop_after_rows: int | None = None,
 ) -> IndexedTable:
     """Embed `data.corpus` with the model at `model_path` into a LanceDB table at `db_uri`, or reuse
     a complete one for the same (model, data). `vector_index`: None = only when the corpus has at
     least VECTOR_INDEX_MIN_ROWS rows; True / False force it. `model` may pass an already loaded
     SentenceTransformer for `model_path`. `max_seq_length` truncates documents to at most that many
-    tokens (default: the model's own limit). `_stop_after_rows` simulates an interrupted ingest (tests)."""
+    tokens (default: the model's own limit)."""
     start = time.perf_counter()
     db_uri = str(db_uri)
     path = check_model(model_path)
@@ -237,8 +236,6 @@ def build_table(
         )
         try:
             for lo in range(0, len(ids), chunk_rows):
-                if _stop_after_rows is not None and lo >= _stop_after_rows:
-                    raise KeyboardInterrupt("simulated interruption")
                 chunk_ids, chunk_texts = ids[lo : lo + chunk_rows], texts[lo : lo + chunk_rows]
                 vecs = model.encode(
                     chunk_texts,

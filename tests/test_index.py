@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import lancedb
 import pytest
@@ -94,23 +95,59 @@ def test_truncation_is_part_of_the_table_identity(small, tmp_path):
     assert build_table(path, data, tmp_path / "db", progress=False, max_seq_length=16).reused
 
 
+INGEST = """
+import sys
+from embedtune.data import prepare
+from embedtune.index import build_table
+from embedtune.models import resolve_model
+from embedtune.specs import DataSpec
+
+data = prepare(DataSpec(source="medquad-sample", eval_size=20, max_pairs=int(sys.argv[2])))
+build_table(resolve_model("all-MiniLM-L6-v2"), data, sys.argv[1], progress=False, chunk_rows=16)
+"""
+
+
 @pytest.mark.slow
-def test_interrupted_ingest_is_rebuilt(small, tmp_path):
-    data, path, model = small
-    data = dataclasses.replace(data, corpus=dict(list(data.corpus.items())[:24]))
-    db = tmp_path / "db"
-    with pytest.raises(KeyboardInterrupt):
-        build_table(path, data, db, model=model, progress=False, chunk_rows=8, _stop_after_rows=16)
+def test_ingest_killed_midway_is_rebuilt(tmp_path):
+    """A real ingesting process is SIGKILLed between two batches (no Python cleanup runs): its
+    table is left with some rows and no completion tag, and the next build rebuilds it whole."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pairs, db = 1500, tmp_path / "db"
+    data = prepare(DataSpec(source="medquad-sample", eval_size=20, max_pairs=pairs))
+    path = resolve_model("all-MiniLM-L6-v2")
     name = table_name(model_identity(path), data)
+    child = subprocess.Popen(
+        [sys.executable, "-c", INGEST, str(db), str(pairs)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    rows, deadline = 0, time.time() + 300
+    try:
+        while rows < 32 and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+            try:
+                rows = lancedb.connect(str(db)).open_table(name).count_rows()
+            except Exception:  # not created yet
+                rows = 0
+        assert child.poll() is None, "the ingest ended before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
     half = lancedb.connect(str(db)).open_table(name)
-    assert half.count_rows() == 16 and not is_complete(half)
-    rebuilt = build_table(path, data, db, model=model, progress=False, chunk_rows=8)
+    assert 0 < half.count_rows() < len(data.corpus) and not is_complete(half)
+    rebuilt = build_table(path, data, db, progress=False)
     assert not rebuilt.reused and rebuilt.rows == len(data.corpus)
     assert is_complete(rebuilt.open())
     # A complete-tagged table that lost rows afterwards is not trusted either.
-    rebuilt.open().delete("id = 'd0'")
+    rebuilt.open().delete(f"id = '{next(iter(data.corpus))}'")
     assert not is_complete(rebuilt.open())
-    again = build_table(path, data, db, model=model, progress=False, chunk_rows=8)
+    again = build_table(path, data, db, progress=False)
     assert not again.reused and again.rows == len(data.corpus)
 
 

@@ -346,6 +346,29 @@ def test_poisoned_trial_fails_alone_and_failed_final_stage_is_redone(tmp_path: P
     assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 2  # one run per config
 
 
+@pytest.mark.slow
+def test_a_diverged_trial_is_not_retried(tmp_path: Path, monkeypatch) -> None:
+    """A loss that goes NaN goes NaN again from the same checkpoint: with max_failures: 2 the trial
+    still runs once (Tune retries infrastructure failures only: tests/test_cluster_local.py's killed
+    worker node), ends FAILED with the reason in trials.json and MLflow, and its steps are its epochs."""
+    from embedtune.train import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "all-MiniLM-L6-v2")  # the local Ray's trial processes inherit it
+    raw = tiny_spec("diverged", models=["all-MiniLM-L6-v2"], search={"epochs": [2], "batch_size": [16]})
+    spec = parse_spec({**raw, "max_failures": 2})
+    run_sweep(spec, tmp_path / "run", final=False)
+    (trial,) = json.loads((tmp_path / "run" / "trials.json").read_text())
+    assert trial["status"] == "FAILED" and "diverged" in trial["error"], trial
+    assert trial["best_checkpoint"] is None and [h["epoch"] for h in trial["history"]] == [0]
+    (state,) = (tmp_path / "run" / "tune").glob("experiment_state*.json")
+    (saved,) = json.loads(state.read_text())["trial_data"]
+    assert json.loads(saved[1])["num_failures"] == 0  # never retried
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    _, (child,) = _children(client, spec.experiment)
+    assert child.info.status == "FAILED" and "diverged" in child.data.tags["embedtune.error"]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "ir_recall_at_10")] == [0]
+
+
 # ---------------------------------------------------------------- idempotent sweeps
 
 

@@ -30,3 +30,7 @@ LOGGED_PREFIXES = ("ir_", "triplet_", "train_loss", "train_samples_per_s", "syst
 
 HYPERPARAMS = ("epochs", "lr", "batch_size", "warmup_ratio", "seed")  # the search axes
 HP_TYPES = {"epochs": int, "lr": float, "batch_size": int, "warmup_ratio": float, "seed": int}
+
+# A trial's last result when it failed in a way a retry would repeat (divergence, bad input): the
+# error message. The trial ends at once (Tune's max_failures is for infrastructure failures only).
+FINAL_ERROR = "embedtune_final_error"

@@ -313,6 +313,7 @@ class TrialsStep:
             train=spec.train,
             resources=spec.resources,
             hasher=inputs.hasher,
+            mode=spec.scheduler.mode,
         )
 
     def path(self, name: str) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from embedtune.models import model_label
 from embedtune.records import DONE_STATUSES, EpochPoint, ModelData, TrialRecord, best_point
 from embedtune.specs import SweepSpec
-from embedtune.specs.metrics import HYPERPARAMS, RECORDED_PREFIXES
+from embedtune.specs.metrics import FINAL_ERROR, HYPERPARAMS, RECORDED_PREFIXES
 from embedtune.tracking.callback import checkpoint_uri
 from embedtune.tracking.client import exception_line, redact
 
@@ -39,15 +39,17 @@ def collect_trials(
         best = best_point(history, metric, mode)
         done = max((p.epoch for p in history), default=0)
         planned = int(cfg.get("epochs", done) or 0)
-        status = "FAILED" if result.error else ("FINISHED" if done >= planned else "KILLED")
+        final = (result.metrics or {}).get(FINAL_ERROR)  # failed for good, not retried (trainable)
+        failed = bool(result.error or final)
+        status = "FAILED" if failed else ("FINISHED" if done >= planned else "KILLED")
         best_ckpt = None
-        if not result.error and result.best_checkpoints:
+        if not failed and result.best_checkpoints:
             ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
             best_ckpt = f"{checkpoint_uri(ckpt).rstrip('/')}/model" if ckpt is not None else None
         metrics = result.metrics or {}
         error = None
-        if result.error:
-            error = redact(exception_line(str(result.error)) or "")[:300] or None
+        if failed:
+            error = redact(exception_line(str(final or result.error)) or "")[:300] or None
         records.append(
             TrialRecord(
                 trial_id=trial.trial_id,

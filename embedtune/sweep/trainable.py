@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from embedtune.data import PreparedData
+from embedtune.errors import EmbedtuneError
 from embedtune.negatives import Triplets
 from embedtune.records import ModelData
 from embedtune.specs import Resources, TrainConfig, TrainSettings
-from embedtune.specs.metrics import GAIN_SUFFIX
+from embedtune.specs.metrics import FINAL_ERROR, GAIN_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class TrialPayload:
     resources: Resources
     hasher: Any  # sweep.identity.ConfigHasher
     skip: dict[str, float] = field(default_factory=dict)  # done configs -> their Tune score
+    mode: str = "max"  # the scheduler's mode (the worst score of a trial that failed for good)
 
 
 def cpu_threads_for(trial_cpus: float) -> int:
@@ -118,6 +120,14 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
             progress=False,
             scratch_root=work,
         )
+    except EmbedtuneError as exc:
+        # embedtune's own errors are final (a diverged loss, bad input): Tune would retry the trial
+        # from its last checkpoint (max_failures) and fail the same way. Tune cannot be told an
+        # error is final, so the trial ends now, its last result carrying the error (recorded as
+        # FAILED in trials.json and MLflow); infrastructure failures still raise and are retried.
+        log.error("trial failed for good (not retried): %s", exc)
+        worst = float("-inf") if payload.mode == "max" else float("inf")
+        tune.report({payload.tune_metric: worst, FINAL_ERROR: str(exc)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if torch.cuda.is_available():

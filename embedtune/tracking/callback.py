@@ -20,7 +20,7 @@ from typing import Any
 from ray.tune import Callback
 
 from embedtune.errors import EmbedtuneError
-from embedtune.specs.metrics import LOGGED_PREFIXES
+from embedtune.specs.metrics import FINAL_ERROR, LOGGED_PREFIXES
 from embedtune.tracking.client import exception_line, is_number, redact
 from embedtune.tracking.journal import Journal
 from embedtune.tracking.trial_runs import TrialRuns
@@ -54,7 +54,7 @@ class MlflowTrialCallback(Callback):
             self._submit({"op": "start", "trial_id": trial.trial_id, "config": _plain(trial.config)})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if self._skipped(trial):
+        if self._skipped(trial) or FINAL_ERROR in result:  # a failed trial's last result: no epoch
             return
         metrics = {k: float(v) for k, v in result.items() if k.startswith(LOGGED_PREFIXES) and is_number(v)}
         self._submit(
@@ -70,16 +70,19 @@ class MlflowTrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self._skipped(trial):
             return
-        done = int((trial.last_result or {}).get("epoch", 0))
+        done = int(_last_epoch(trial))
         planned = int(trial.config.get("epochs", done))
         status = "FINISHED" if done >= planned else "KILLED"  # stopped early by the scheduler
-        self._submit(self._close_op(trial, status, done))
+        final = (trial.last_result or {}).get(FINAL_ERROR)
+        self._submit(self._close_op(trial, "FAILED" if final else status, done, reason=final))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         done = int((trial.last_result or {}).get("epoch", 0))
         self._submit(self._close_op(trial, "FAILED", done, getattr(trial, "error_file", None)))
 
-    def _close_op(self, trial, status: str, done: int, error_file: str | None = None) -> dict[str, Any]:
+    def _close_op(
+        self, trial, status: str, done: int, error_file: str | None = None, reason: str | None = None
+    ) -> dict[str, Any]:
         duration = (trial.last_result or {}).get("time_total_s")
         metrics: dict[str, float] = {"epochs_done": done}
         if duration is not None:
@@ -87,9 +90,9 @@ class MlflowTrialCallback(Callback):
         tags = {"embedtune.status": status}
         if error_file:
             tags["embedtune.error_file"] = str(error_file)
-            reason = _error_line(error_file)
-            if reason:
-                tags["embedtune.error"] = redact(reason)[:500]
+            reason = reason or _error_line(error_file)
+        if reason:
+            tags["embedtune.error"] = redact(reason)[:500]
         checkpoint = None
         if status != "FAILED" and self.runs.log_models and trial.checkpoint is not None:
             checkpoint = checkpoint_uri(trial.checkpoint)
@@ -188,6 +191,14 @@ def replay_journal(callback: MlflowTrialCallback, wait_s: float = 0.0) -> int:
             "again: it replays them (finished trials are not rerun)"
         )
     return total
+
+
+def _last_epoch(trial) -> int:
+    """The last epoch a trial reported (a failed trial's last result has none: its epochs count)."""
+    last = trial.last_result or {}
+    if FINAL_ERROR in last:
+        return int((trial.metric_analysis or {}).get("epoch", {}).get("max", 0) or 0)
+    return int(last.get("epoch", 0))
 
 
 def _plain(config: dict[str, Any]) -> dict[str, Any]:
