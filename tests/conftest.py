@@ -67,7 +67,7 @@ configure_logging()
 ALLOWED_SKIPS = (
     "root reads files",  # test_cli_train: a permission test that means nothing as root
     "no GPU",  # GPU checks on a CPU-only machine
-    "unshare --net is not allowed here",  # the network-namespace run (Makefile test-netns)
+    "unshare --",  # a namespace (network, mount) a container may not allow, even to root
 )
 _SKIPS: dict[str, list[str]] = {}
 

@@ -78,6 +78,8 @@ def _case(name: str, d: Path) -> tuple[str | dict, str]:
             "final": {"eval": {"ks": [1, 100]}},
         }
         return spec, "final.eval.ks: k=100 is larger than the corpus of d (40 documents)"
+    if name == "dataset name leaving the run dir":
+        return _with_data(source="medquad-sample", name="../../x"), "datasets.0: Value error, name '../../x'"
     raise KeyError(name)
 
 
@@ -96,6 +98,7 @@ KINDS = [
     "non-UTF-8 file",
     "resources beyond the cluster",
     "k larger than the corpus",
+    "dataset name leaving the run dir",
 ]
 
 
@@ -125,3 +128,48 @@ def test_bad_sweep_input_is_refused_in_one_line(kind: str, tmp_path: Path, capsy
     assert not run_dir.exists()  # nothing written
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before_inputs
     assert _ray_dirs() <= before_ray  # no Ray was started
+
+
+def test_checkpoints_that_cannot_fit_on_the_disk_are_refused(tmp_path: Path) -> None:
+    """The run dir sits on a real 40 MiB filesystem (a tmpfs in a private mount namespace): the
+    sweep's checkpoints (checkpoints.keep x model size x trials) cannot fit, so it stops before any
+    data work or Ray, in one line naming the need, the free space and the fixes."""
+    import subprocess
+    import sys
+
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({**GOOD, "checkpoints": {"keep": 2}}))
+    run = [sys.executable, "-m", "embedtune.cli", "sweep", str(spec_file), "--run-dir", str(small / "run")]
+    mount = f"mount -t tmpfs -o size=40m tmpfs {small}"
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", mount], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --mount is not allowed here ({probe.stderr.strip()[:100]})")
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f'{mount} && exec "$@"', "sh", *run],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith(f"embedtune: error: not enough disk for the checkpoints at {small}/run"), lines
+    assert "checkpoints.keep 2 x 1 trial(s) + 1 running" in lines[0] and "GiB free" in lines[0], lines
+    assert "data " not in done.stdout  # refused before any data work
+    assert not (small / "run").exists()  # (on the real disk: the tmpfs is gone with its namespace)
+
+
+def test_the_checkpoint_estimate_counts_kept_and_running_checkpoints() -> None:
+    from embedtune.models import resolve_model
+    from embedtune.specs import parse_spec
+    from embedtune.sweep import preflight as pf
+
+    spec = parse_spec(
+        {**GOOD, "search": {"epochs": [1, 2], "lr": [1e-5, 2e-5, 3e-5]}, "checkpoints": {"keep": 2}}
+    )
+    model = sum(f.stat().st_size for f in resolve_model("paraphrase-MiniLM-L3-v2").rglob("*") if f.is_file())
+    need, how = pf.checkpoint_bytes(spec, cpus=4)
+    assert pf.planned_trials(spec) == 6 and need == model * (2 * 6 + 4), how
+    pf.check_disk(spec, Path("/tmp"))  # ~0.5 GiB: fits on this machine's disk

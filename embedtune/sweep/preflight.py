@@ -4,6 +4,7 @@ and what a run dir's stored state says about this sweep (new, resumed, extended 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,6 +161,53 @@ def check_local_resources(spec: SweepSpec) -> None:
         )
 
 
+def planned_trials(spec: SweepSpec) -> int:
+    """How many trials the spec asks for (grid: models x datasets x search lists x repeats)."""
+    if spec.search.mode != "grid":
+        return spec.search.num_samples
+    n = len(spec.models) * len(spec.datasets) * spec.search.num_samples
+    for key in ("epochs", "lr", "batch_size", "warmup_ratio", "seed"):
+        n *= len(getattr(spec.search, key))
+    return n
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def checkpoint_bytes(spec: SweepSpec, cpus: float | None = None) -> tuple[int, str]:
+    """Disk the sweep's checkpoints need at most (and how it was counted): Tune keeps
+    `checkpoints.keep` per trial, each the size of its model, and a running trial writes its next one
+    before dropping the oldest."""
+    model = max(_folder_bytes(resolve_model(m)) for m in spec.models)
+    trials = planned_trials(spec)
+    running = min(trials, spec.max_concurrent_trials or trials)
+    if cpus:
+        running = min(running, max(1, int(cpus // spec.resources.cpu)))
+    need = model * (spec.checkpoints.keep * trials + running)
+    how = (
+        f"checkpoints.keep {spec.checkpoints.keep} x {trials} trial(s) + {running} running, "
+        f"x {model / 2**20:.0f} MiB per model"
+    )
+    return need, how
+
+
+def check_disk(spec: SweepSpec, where: Path, cpus: float | None = None) -> None:
+    """Refuse, in one line, a sweep whose checkpoints cannot fit in the free space at `where`
+    (the Tune storage, local) instead of failing hours in with a full disk."""
+    probe = Path(where).resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need, how = checkpoint_bytes(spec, cpus)
+    if need > free:
+        raise EmbedtuneError(
+            f"not enough disk for the checkpoints at {where}: about {need / 2**30:.1f} GiB needed ({how}), "
+            f"{free / 2**30:.1f} GiB free; free space, lower checkpoints.keep or fewer trials, or set "
+            "storage_path to a bigger disk"
+        )
+
+
 def tracking_uri_for(spec: SweepSpec, rundir: RunDir, state: SweepState | None) -> str:
     """A resumed sweep keeps its store; else the spec's, MLflow's own env var, or SQLite in the run dir.
     Returned as it may be stored: without its password (moved to $MLFLOW_TRACKING_PASSWORD)."""
@@ -201,4 +249,11 @@ def preflight(spec: SweepSpec, rundir: RunDir, state: SweepState | None, joins_c
         check_local_resources(spec)
     for model in spec.models:
         resolve_model(model)
+    tune_root = rundir.tune_storage(spec.storage_path, spec.name)
+    if not storage.is_remote(tune_root):
+        check_disk(spec, storage.local_path(tune_root), None if joins_cluster else _local_cpus(spec))
     return tracking_uri
+
+
+def _local_cpus(spec: SweepSpec) -> float:
+    return spec.ray.num_cpus or os.cpu_count() or 1
