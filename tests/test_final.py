@@ -484,3 +484,38 @@ def test_epoch_entries_add_the_best_checkpoint_of_every_other_epoch_count():
         ("d", 3, "mini"),
     ]
     assert epoch_entries(trials, {}) == {}  # only datasets being evaluated
+
+
+def test_local_checkpoint_copies_follow_the_kept_checkpoints(tmp_path, monkeypatch):
+    """Remote checkpoints are copied locally for the final stage: one copy per checkpoint, so a
+    resumed trial's new best checkpoint is never served from the copy of an older one, and the copy
+    of a checkpoint Tune deleted (beyond checkpoints.keep) goes too. (pyarrow's in-memory
+    filesystem stands in for S3 behind embedtune.storage.)"""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from pyarrow import fs as pafs
+
+    from embedtune import storage
+    from embedtune.final.stage import local_models
+    from embedtune.records import ModelEntry
+
+    mem = pafs._MockFileSystem()
+    monkeypatch.setattr(storage, "_fs", lambda location: (mem, location.split("://", 1)[1]))
+
+    def checkpoint(n: int) -> str:
+        mem.create_dir(f"b/trial_1/checkpoint_00000{n}/model")
+        with mem.open_output_stream(f"b/trial_1/checkpoint_00000{n}/model/weights.bin") as out:
+            out.write(f"epoch {n}".encode())
+        return f"mock://b/trial_1/checkpoint_00000{n}/model"
+
+    copies = tmp_path / "checkpoints"
+    entry = ModelEntry("m-ft", checkpoint(1), "m", "tuned", "trial_1", 3)
+    (got,) = local_models([entry], copies)
+    assert (Path(got.path) / "weights.bin").read_text() == "epoch 1"
+    # The trial resumed: its best checkpoint is now the third; Tune kept 1 and deleted the first.
+    newer = checkpoint(3)
+    mem.delete_dir("b/trial_1/checkpoint_000001")
+    (got,) = local_models([replace(entry, path=newer)], copies)
+    assert (Path(got.path) / "weights.bin").read_text() == "epoch 3"
+    assert [p.name for p in (copies / "trial_1").iterdir()] == ["checkpoint_000003"]

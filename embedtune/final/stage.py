@@ -11,6 +11,7 @@ child run of the parent and registered under `register_name` with the alias `ali
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,18 @@ def local_models(entries: list[ModelEntry], checkpoints: Path) -> list[ModelEntr
             continue
         path = e.path
         if storage.is_remote(path):
-            local = checkpoints / str(e.trial_id) / "model"
+            # One local copy per checkpoint (a resumed trial's best checkpoint may change: a copy
+            # of another one must never stand in for it), and none of a checkpoint Tune deleted
+            # (beyond checkpoints.keep): the copies obey checkpoints.keep too.
+            ckpt = path.rstrip("/").rsplit("/", 1)[0]  # .../<trial>/checkpoint_00000N
+            trial_dir, name = ckpt.rsplit("/", 1)
+            local = checkpoints / str(e.trial_id) / name / "model"
             if not local.exists() and not storage.download_dir(path, local):
                 log.warning("checkpoint of trial %s is gone (%s); skipping it", e.trial_id, path)
                 continue
+            for copy in local.parent.parent.iterdir():
+                if copy.name != name and not storage.exists(storage.join(trial_dir, copy.name)):
+                    shutil.rmtree(copy, ignore_errors=True)
             path = str(local)
         elif not Path(path).exists():
             log.warning("checkpoint of trial %s is gone (%s); skipping it", e.trial_id, path)
