@@ -11,7 +11,7 @@ from pathlib import Path
 
 from embedtune import env
 from embedtune.errors import EmbedtuneError
-from embedtune.specs.metrics import LEADERBOARD_METRICS
+from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, LEADERBOARD_METRICS
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -133,6 +133,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(
         f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.location}"
     )
+    final = result.final
+    if final is not None:
+        print(f"[embedtune] report: {final.files.get('leaderboard_md')} (and leaderboard.html, plots/)")
+        for ds, v in sorted((final.verdicts or {}).items()):
+            print(f"[embedtune] {ds}: {v['verdict']}")
     remote = result.tracking_uri.startswith(("http://", "https://"))
     browse = f"open {redact(result.tracking_uri)}" if remote else f"`make mlflow-ui RUN_DIR={result.run_dir}`"
     print(
@@ -212,9 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune sentence-embedding models for a retrieval job and prove which one is best: "
         "`sweep` runs a sweep spec (Ray Tune trials, MLflow runs, a leaderboard), `train` one run, "
         "`evaluate` scores models in LanceDB, `report` rebuilds a run's leaderboard.",
+        epilog="example: embedtune --offline sweep sweeps/local.yaml --run-dir runs/local "
+        "(what `make sweep-local` runs); then open runs/local/report/leaderboard.html",
     )
     parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show debug lines, the libraries' logs and load bars, and Tune's trial tables",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune one model on one dataset")
@@ -258,7 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cross-encoder", default="train", help="'train' (default), a cross-encoder dir or hub id, or none"
     )
-    p.add_argument("--metric", default="hit_at_10", choices=LEADERBOARD_METRICS, help="leaderboard metric")
+    p.add_argument(
+        "--metric",
+        default=DEFAULT_LEADERBOARD_METRIC,
+        choices=LEADERBOARD_METRICS,
+        help=f"headline metric (default: {DEFAULT_LEADERBOARD_METRIC})",
+    )
     p.add_argument("--lancedb", help="LanceDB URI (default: <out>/lancedb)")
     p.add_argument("--probe-size", type=int, help="questions sampled for the 'should you fine-tune?' probe")
     p.add_argument("--tracking-uri", help="also log the report to MLflow at this URI")
@@ -299,6 +316,7 @@ class _Stdout(logging.StreamHandler):
 def configure_logging(verbose: bool = False) -> None:
     """The library logs; the CLI decides what shows: embedtune's INFO lines, other libraries'
     warnings (everything at DEBUG/INFO with --verbose)."""
+    env.set_verbose(verbose)
     handler = _Stdout()
     handler.setFormatter(_Lines())
     root = logging.getLogger()
