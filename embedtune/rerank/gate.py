@@ -74,7 +74,7 @@ def gate_cross_encoder(
     import numpy as np
 
     from embedtune.evaluate import per_query_metrics
-    from embedtune.models import load_model
+    from embedtune.models import load_model, resolve_model
     from embedtune.rerank.cross_encoder import CrossEncoderReranker
     from embedtune.stats import paired_pvalue
 
@@ -88,7 +88,7 @@ def gate_cross_encoder(
     doc_id = {t: f"d{i}" for i, t in enumerate(docs)}
     questions = sorted(answers)
     relevant = {q: [doc_id[a] for a in sorted(answers[q])] for q in questions}
-    model = load_model(bi_encoder)
+    model = load_model(resolve_model(bi_encoder))
     d = model.encode(docs, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     qv = model.encode(questions, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     top = np.argsort(-(qv @ d.T), axis=1)[:, :DEPTH]
