@@ -5,6 +5,7 @@ venv (no Docker needed), and every model every shipped spec names then resolves 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -23,8 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 def _dockerfile_steps() -> list[tuple[str, list[str]]]:
     """(instruction, words) of the Dockerfile's COPY and RUN lines, in order."""
     steps = []
-    for line in (REPO / "cluster" / "Dockerfile").read_text().splitlines():
-        words = shlex.split(line, comments=True)
+    # Dockerfile logical lines: a trailing backslash continues an instruction on the next line.
+    text = re.sub(r"\\\n", " ", (REPO / "cluster" / "Dockerfile").read_text())
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        words = shlex.split(line)
         if words and words[0] in ("COPY", "RUN"):
             steps.append((words[0], [w for w in words[1:] if not w.startswith("--chown")]))
     return steps
