@@ -46,7 +46,11 @@ def test_the_install_path_is_the_same_everywhere() -> None:
     assert any("scripts/install.sh python cluster" in c for c in launcher["setup_commands"])
 
 
-def test_dockerfile_install_in_a_fresh_venv_resolves_every_shipped_model_offline(tmp_path: Path) -> None:
+def test_dockerfile_install_in_a_fresh_venv_resolves_every_shipped_model_offline(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # sweeps/cluster-local.yaml has no default tracking server (make cluster-local prints one)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:45678")
     build, venv = tmp_path / "image", tmp_path / "venv"
     build.mkdir()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
