@@ -121,10 +121,10 @@ def fits(peak_bytes: int, device_total_bytes: int, fraction: float, margin: floa
 
 
 def refusal(key: ProbeKey, peak_bytes: int, device_total_bytes: int, fraction: float, device_name: str = "GPU",
-            margin: float = MARGIN) -> str | None:  # fmt: skip
+            margin: float = MARGIN, out_of_memory: bool = False) -> str | None:  # fmt: skip
     """None when the probed peak fits the trial's GPU share; else one line naming the spec keys
-    that lower it."""
-    if fits(peak_bytes, device_total_bytes, fraction, margin):
+    that lower it. `out_of_memory`: the step did not fit the whole device (its peak is a lower bound)."""
+    if not out_of_memory and fits(peak_bytes, device_total_bytes, fraction, margin):
         return None
     budget = gpu_budget_bytes(device_total_bytes, fraction, margin)
     cached = (
@@ -135,7 +135,13 @@ def refusal(key: ProbeKey, peak_bytes: int, device_total_bytes: int, fraction: f
     gc = "" if key.gradient_checkpointing else ", train.gradient_checkpointing: true"
     more = ", a larger resources.gpu" if fraction < 1 else ""
     return (
-        f"memory probe: {key.describe()} peaked at {peak_bytes / GIB:.1f} GiB on the {device_name}, more than "
+        f"memory probe: {key.describe()} "
+        + (
+            f"ran out of memory at {peak_bytes / GIB:.1f} GiB"
+            if out_of_memory
+            else f"peaked at {peak_bytes / GIB:.1f} GiB"
+        )
+        + f" on the {device_name}, more than "
         f"resources.gpu {fraction:g} x {device_total_bytes / GIB:.1f} GiB less {margin:.0%} = {budget / GIB:.1f} "
         f"GiB; change one of: {cached}{gc}, a smaller search.batch_size, a smaller train.max_seq_length{more}"
     )

@@ -388,8 +388,8 @@ def probe_memory(
     """One optimizer step of `config` at its worst case, measured: `batch_size` rows whose texts all
     fill `max_seq_length` tokens (with a negative column when `hard_negatives`), through the same
     training arguments and loss as `train`. Returns the span's peaks (`peak_gpu_bytes`: reserved on
-    CUDA, None elsewhere; `peak_rss_bytes`), the device's total memory and name, and whether
-    gradient checkpointing was on."""
+    CUDA, None elsewhere; `peak_rss_bytes`), the device's total memory and name, whether gradient
+    checkpointing was on, and `out_of_memory` when the step did not fit the device at all."""
     import dataclasses
 
     import torch
@@ -418,7 +418,12 @@ def probe_memory(
             model=model, args=args, train_dataset=rows, loss=build_loss(config, model)
         )
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        out_of_memory = False
+        try:
+            trainer.train()
+        except torch.OutOfMemoryError:  # the answer, not a failure: it needs more than the device
+            out_of_memory = True
+            trainer = None
         out = {
             "device": device,
             "device_name": torch.cuda.get_device_name() if peak.cuda else "cpu",
@@ -427,6 +432,7 @@ def probe_memory(
             "peak_rss_bytes": peak.peak_rss_bytes(),
             "gradient_checkpointing": checkpointing_on(model),
             "seconds": time.time() - started,
+            "out_of_memory": out_of_memory,
         }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -40,6 +40,9 @@ def test_the_decision_refuses_a_peak_beyond_the_gpu_share_in_one_line_naming_the
     line = memory.refusal(tuned, A10G, A10G, 0.5)
     assert "train.mini_batch_size below 32" in line and "gradient_checkpointing: true" not in line
     assert "loss cached_mnrl (mini_batch_size 32)" in line
+    # A step that ran out of memory on the whole device is refused even at a small measured peak.
+    line = memory.refusal(KEY, 2 * GIB, A10G, 0.5, "NVIDIA A10G", out_of_memory=True)
+    assert line is not None and "ran out of memory at 2.0 GiB on the NVIDIA A10G" in line
 
 
 def test_probe_keys_are_the_distinct_memory_shapes_of_a_sweep() -> None:

@@ -274,7 +274,14 @@ def _probe_on_cluster(spec: SweepSpec, keys: list[memory.ProbeKey], address: str
             ray.cancel(ref, force=True)
             log.info("memory probe skipped: no GPU worker took it within %.0f s", time.time() - started)
             return None
-        return ray.get(ref)
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # one line, as every preflight error
+            cause = getattr(exc, "cause", None) or exc
+            first = (str(cause).strip().splitlines() or [""])[0][:300]
+            raise EmbedtuneError(
+                f"memory probe failed on a GPU worker: {type(cause).__name__}: {first}"
+            ) from None
 
 
 def check_gpu_memory(spec: SweepSpec, address: str | None = None) -> list[tuple[memory.ProbeKey, dict]]:
@@ -300,7 +307,12 @@ def check_gpu_memory(spec: SweepSpec, address: str | None = None) -> list[tuple[
         return []
     for key, got in zip(keys, results, strict=True):
         line = memory.refusal(
-            key, got["peak_gpu_bytes"], got["device_total_bytes"], spec.resources.gpu, got["device_name"]
+            key,
+            got["peak_gpu_bytes"],
+            got["device_total_bytes"],
+            spec.resources.gpu,
+            got["device_name"],
+            out_of_memory=bool(got.get("out_of_memory")),
         )
         if line:
             raise EmbedtuneError(line)
