@@ -105,9 +105,19 @@ def _say_data(data) -> None:
     )
 
 
+def _service_flags(args: argparse.Namespace) -> dict[str, str | None]:
+    """The spec values `--tracking-uri / --storage-path / --lancedb-uri` replace (they beat the spec)."""
+    return {
+        "tracking_uri": args.tracking_uri,
+        "storage_path": args.storage_path,
+        "lancedb_uri": args.lancedb_uri,
+    }
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.rundir import SPEC, STATE, RunDir
     from embedtune.specs import SweepSpec, load_spec
+    from embedtune.specs.load import with_overrides
     from embedtune.sweep import default_run_dir, run_sweep
     from embedtune.tracking.client import redact
 
@@ -116,12 +126,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raw = rundir.read_json(SPEC)
         if not rundir.has(STATE) or not raw:
             raise EmbedtuneError(f"--resume {args.resume}: not a sweep run directory (no {STATE} / {SPEC})")
-        spec = SweepSpec.model_validate(raw)
+        spec = with_overrides(SweepSpec.model_validate(raw), **_service_flags(args))
         resume: bool | None = True
     else:
         if not args.spec:
             raise EmbedtuneError("give a sweep spec (e.g. sweeps/local.yaml) or --resume RUN_DIR")
-        spec = load_spec(args.spec)
+        spec = with_overrides(load_spec(args.spec), **_service_flags(args))
         rundir = RunDir(default_run_dir(spec, args.run_dir))
         resume = None
         if args.fresh and rundir.path.exists():
@@ -252,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete RUN_DIR first instead of resuming it")
     p.add_argument("--no-final", action="store_true", help="skip the final stage (LanceDB + leaderboard)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+    # Where the shared services are; each beats the spec's value (which may be ${VAR:-default}).
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (beats mlflow.tracking_uri and $MLFLOW_TRACKING_URI)"
+    )
+    p.add_argument(
+        "--storage-path", help="Tune storage and, on object storage, the run's state (beats storage_path)"
+    )
+    p.add_argument("--lancedb-uri", help="LanceDB of the final stage (beats final.lancedb_uri)")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("evaluate", help="score models for retrieval in LanceDB and write a leaderboard")
