@@ -11,7 +11,7 @@ from pathlib import Path
 
 from embedtune import env
 from embedtune.errors import EmbedtuneError
-from embedtune.specs.metrics import LEADERBOARD_METRICS
+from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, LEADERBOARD_METRICS
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -105,9 +105,19 @@ def _say_data(data) -> None:
     )
 
 
+def _service_flags(args: argparse.Namespace) -> dict[str, str | None]:
+    """The spec values `--tracking-uri / --storage-path / --lancedb-uri` replace (they beat the spec)."""
+    return {
+        "tracking_uri": args.tracking_uri,
+        "storage_path": args.storage_path,
+        "lancedb_uri": args.lancedb_uri,
+    }
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.rundir import SPEC, STATE, RunDir
     from embedtune.specs import SweepSpec, load_spec
+    from embedtune.specs.load import with_overrides
     from embedtune.sweep import default_run_dir, run_sweep
     from embedtune.tracking.client import redact
 
@@ -116,12 +126,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raw = rundir.read_json(SPEC)
         if not rundir.has(STATE) or not raw:
             raise EmbedtuneError(f"--resume {args.resume}: not a sweep run directory (no {STATE} / {SPEC})")
-        spec = SweepSpec.model_validate(raw)
+        spec = with_overrides(SweepSpec.model_validate(raw), **_service_flags(args))
         resume: bool | None = True
     else:
         if not args.spec:
             raise EmbedtuneError("give a sweep spec (e.g. sweeps/local.yaml) or --resume RUN_DIR")
-        spec = load_spec(args.spec)
+        spec = with_overrides(load_spec(args.spec), **_service_flags(args))
         rundir = RunDir(default_run_dir(spec, args.run_dir))
         resume = None
         if args.fresh:
@@ -131,6 +141,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(
         f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.location}"
     )
+    final = result.final
+    if final is not None:
+        print(f"[embedtune] report: {final.files.get('leaderboard_md')} (and leaderboard.html, plots/)")
+        for ds, v in sorted((final.verdicts or {}).items()):
+            print(f"[embedtune] {ds}: {v['verdict']}")
     remote = result.tracking_uri.startswith(("http://", "https://"))
     browse = f"open {redact(result.tracking_uri)}" if remote else f"`make mlflow-ui RUN_DIR={result.run_dir}`"
     print(
@@ -210,9 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune sentence-embedding models for a retrieval job and prove which one is best: "
         "`sweep` runs a sweep spec (Ray Tune trials, MLflow runs, a leaderboard), `train` one run, "
         "`evaluate` scores models in LanceDB, `report` rebuilds a run's leaderboard.",
+        epilog="example: embedtune --offline sweep sweeps/local.yaml --run-dir runs/local "
+        "(what `make sweep-local` runs); then open runs/local/report/leaderboard.html",
     )
     parser.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show debug lines, the libraries' logs and load bars, and Tune's trial tables",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune one model on one dataset")
@@ -238,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete RUN_DIR first instead of resuming it")
     p.add_argument("--no-final", action="store_true", help="skip the final stage (LanceDB + leaderboard)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+    # Where the shared services are; each beats the spec's value (which may be ${VAR:-default}).
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (beats mlflow.tracking_uri and $MLFLOW_TRACKING_URI)"
+    )
+    p.add_argument(
+        "--storage-path", help="Tune storage and, on object storage, the run's state (beats storage_path)"
+    )
+    p.add_argument("--lancedb-uri", help="LanceDB of the final stage (beats final.lancedb_uri)")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("evaluate", help="score models for retrieval in LanceDB and write a leaderboard")
@@ -256,7 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cross-encoder", default="train", help="'train' (default), a cross-encoder dir or hub id, or none"
     )
-    p.add_argument("--metric", default="hit_at_10", choices=LEADERBOARD_METRICS, help="leaderboard metric")
+    p.add_argument(
+        "--metric",
+        default=DEFAULT_LEADERBOARD_METRIC,
+        choices=LEADERBOARD_METRICS,
+        help=f"headline metric (default: {DEFAULT_LEADERBOARD_METRIC})",
+    )
     p.add_argument("--lancedb", help="LanceDB URI (default: <out>/lancedb)")
     p.add_argument("--probe-size", type=int, help="questions sampled for the 'should you fine-tune?' probe")
     p.add_argument("--tracking-uri", help="also log the report to MLflow at this URI")
@@ -297,6 +332,7 @@ class _Stdout(logging.StreamHandler):
 def configure_logging(verbose: bool = False) -> None:
     """The library logs; the CLI decides what shows: embedtune's INFO lines, other libraries'
     warnings (everything at DEBUG/INFO with --verbose)."""
+    env.set_verbose(verbose)
     handler = _Stdout()
     handler.setFormatter(_Lines())
     root = logging.getLogger()

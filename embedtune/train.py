@@ -22,6 +22,7 @@ from pathlib import Path
 from embedtune import env
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
+from embedtune.memory import PeakMemory
 from embedtune.negatives import Triplets
 from embedtune.records import EpochPoint, best_point
 from embedtune.specs import TrainConfig
@@ -41,6 +42,8 @@ class TrainResult:
     history: list[EpochMetrics] = field(default_factory=list)
     duration_s: float = 0.0
     device: str = "cpu"
+    loss: str = ""  # the loss class that trained
+    gradient_checkpointing: bool = False  # whether the trained model recomputed its activations
 
     def best(self, metric: str = DEFAULT_SWEEP_METRIC) -> EpochMetrics | None:
         """The best trained epoch by `metric` (the base model's when nothing was trained)."""
@@ -51,6 +54,8 @@ class TrainResult:
             "model_dir": str(self.model_dir),
             "duration_s": self.duration_s,
             "device": self.device,
+            "loss": self.loss,
+            "gradient_checkpointing": self.gradient_checkpointing,
             "history": [asdict(h) for h in self.history],
         }
 
@@ -152,9 +157,11 @@ class _EpochReporter:
         self.start_epoch, self.history, self.on_epoch = start_epoch, history, on_epoch
         self.scratch, self.checkpoint_every_epoch, self.timer = scratch, checkpoint_every_epoch, timer
         self.epoch_started = time.time()
+        self.peak = PeakMemory("cpu")  # `train` sets the device's
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.epoch_started = time.time()
+        self.peak.reset()  # each epoch's peaks (training and its evaluation) are its own
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         epoch = self.start_epoch + max(1, round(state.epoch or 0))
@@ -171,6 +178,7 @@ class _EpochReporter:
         step_s = self.timer.take()
         if step_s > 0:  # training rows per second of optimizer steps (evaluation excluded)
             cleaned["train_samples_per_s"] = len(self.rows) / step_s
+        cleaned.update(self.peak.read())
         self.history.append(EpochMetrics(epoch, cleaned, time.time() - self.epoch_started))
         _log_epoch(epoch, cleaned)
         ckpt = None
@@ -215,8 +223,27 @@ def _training_args(config: TrainConfig, scratch: Path, rows, start_epoch: int, d
         disable_tqdm=not progress,
         use_cpu=device == "cpu",
         fp16=config.fp16 and device == "cuda",
+        activation_checkpointing=config.gradient_checkpointing,
         dataloader_num_workers=0,
     )
+
+
+def build_loss(config: TrainConfig, model):
+    """The spec's `train.loss`: MNRL, or its cached (GradCache) form, whose activation memory is set
+    by `mini_batch_size` rather than the batch size (same in-batch negatives, slower)."""
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    if config.loss == "cached_mnrl":
+        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
+    return MultipleNegativesRankingLoss(model)
+
+
+def checkpointing_on(model) -> bool:
+    """Whether any module of `model` recomputes its activations in the backward pass."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _save(model, out_dir: Path, result: TrainResult) -> None:
@@ -261,7 +288,6 @@ def train(
         )
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers.trainer_callback import PrinterCallback
 
     from embedtune.models import resolve_model, truncate
@@ -287,24 +313,27 @@ def train(
         if on_epoch:
             on_epoch(0, base, None)
     scratch = Path(tempfile.mkdtemp(prefix="embedtune-train-", dir=scratch_root))
+    loss = build_loss(config, model)
     try:
         if config.epochs > start_epoch:
             timer = step_timer()
             reporter = _reporter(
                 config, model, rows, start_epoch, history, on_epoch, scratch, checkpoint_every_epoch, timer
             )
+            reporter.peak = PeakMemory(device)
             trainer = SentenceTransformerTrainer(
                 model=model,
                 args=_training_args(config, scratch, rows, start_epoch, device, progress),
                 train_dataset=rows,
-                loss=MultipleNegativesRankingLoss(model),
+                loss=loss,
                 evaluator=evaluator,
                 callbacks=[timer, reporter],
             )
             if not progress:  # no per-step log dicts either (a sweep shows its own progress)
                 trainer.remove_callback(PrinterCallback)
             trainer.train()
-        result = TrainResult(Path(out_dir) if out_dir else None, history, time.time() - started, device)
+        result = TrainResult(Path(out_dir) if out_dir else None, history, time.time() - started, device,
+                             type(loss).__name__, checkpointing_on(model))  # fmt: skip
         if out_dir is not None:
             _save(model, Path(out_dir), result)
         return result
@@ -348,3 +377,66 @@ def _log_epoch(epoch: int, metrics: dict[str, float]) -> None:
     shown = "  ".join(f"{k.removeprefix('ir_')}={metrics[k]:.4f}" for k in keys if k in metrics)
     label = "base" if epoch == 0 else f"epoch {epoch}"
     log.info("%8s: %s", label, shown)
+
+
+# ---------------------------------------------------------------- memory probe
+
+
+def probe_memory(
+    config: TrainConfig, device: str | None = None
+) -> dict[str, float | int | str | bool | None]:
+    """One optimizer step of `config` at its worst case, measured: `batch_size` rows whose texts all
+    fill `max_seq_length` tokens (with a negative column when `hard_negatives`), through the same
+    training arguments and loss as `train`. Returns the span's peaks (`peak_gpu_bytes`: reserved on
+    CUDA, None elsewhere; `peak_rss_bytes`), the device's total memory and name, whether gradient
+    checkpointing was on, and `out_of_memory` when the step did not fit the device at all."""
+    import dataclasses
+
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from transformers.trainer_callback import PrinterCallback
+
+    from embedtune.models import resolve_model, truncate
+
+    device = device or env.device()
+    peak = PeakMemory(device)
+    if peak.cuda:
+        torch.cuda.empty_cache()
+    peak.reset()  # the model's weights count: a trial holds them too
+    started = time.time()
+    model = SentenceTransformer(str(resolve_model(config.model)), device=device)
+    truncate(model, config.max_seq_length)
+    filler = " word" * (config.max_seq_length or model.max_seq_length or 512)  # longer than the cap
+    columns = ["anchor", "positive", "negative"] if config.hard_negatives else ["anchor", "positive"]
+    rows = Dataset.from_dict({c: [f"{c} {i}{filler}" for i in range(config.batch_size)] for c in columns})
+    scratch = Path(tempfile.mkdtemp(prefix="embedtune-probe-"))
+    try:
+        args = _training_args(config.model_copy(update={"epochs": 1}), scratch, rows, 0, device, False)
+        args = dataclasses.replace(args, max_steps=1, eval_strategy="no", logging_strategy="no")
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=rows, loss=build_loss(config, model)
+        )
+        trainer.remove_callback(PrinterCallback)
+        out_of_memory = False
+        try:
+            trainer.train()
+        except torch.OutOfMemoryError:  # the answer, not a failure: it needs more than the device
+            out_of_memory = True
+            trainer = None
+        out = {
+            "device": device,
+            "device_name": torch.cuda.get_device_name() if peak.cuda else "cpu",
+            "device_total_bytes": torch.cuda.get_device_properties(0).total_memory if peak.cuda else None,
+            "peak_gpu_bytes": peak.peak_gpu_bytes(),
+            "peak_rss_bytes": peak.peak_rss_bytes(),
+            "gradient_checkpointing": checkpointing_on(model),
+            "seconds": time.time() - started,
+            "out_of_memory": out_of_memory,
+        }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    del model
+    if peak.cuda:
+        torch.cuda.empty_cache()
+    return out

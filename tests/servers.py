@@ -29,6 +29,8 @@ class MlflowServer:
         command: str = "server",
         artifacts: Path | None = None,
         log: Path | None = None,
+        auth: tuple[str, str] | None = None,
+        auth_dir: Path | None = None,
     ) -> None:
         self.backend_store_uri = backend_store_uri
         self.command = command
@@ -37,6 +39,10 @@ class MlflowServer:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        # MLflow's basic-auth app (every request but /health needs a login): `auth` is the admin's
+        # (user, password); its config and user database go in `auth_dir`.
+        self.auth = auth
+        self.auth_dir = auth_dir
 
     def start(self, timeout: float = 90) -> None:
         args = [
@@ -53,13 +59,30 @@ class MlflowServer:
         ]
         if self.artifacts is not None:
             args += ["--artifacts-destination", str(self.artifacts)]
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        if self.auth is not None:
+            assert self.auth_dir is not None, "auth needs auth_dir"
+            ini = self.auth_dir / "basic_auth.ini"
+            ini.write_text(
+                "[mlflow]\ndefault_permission = READ\n"
+                f"database_uri = sqlite:///{self.auth_dir / 'auth.db'}\n"
+                f"admin_username = {self.auth[0]}\nadmin_password = {self.auth[1]}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            )
+            ini.chmod(0o600)
+            args += ["--app-name", "basic-auth"]
+            env.update(
+                MLFLOW_AUTH_CONFIG_PATH=str(ini),
+                MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex(),
+                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",  # no GenAI job runner processes
+            )
         out = self.log.open("a") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             args,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            env=env,
         )
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an env proxy
         deadline = time.time() + timeout

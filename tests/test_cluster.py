@@ -364,3 +364,21 @@ def test_sweep_spreads_trials_over_both_nodes(loopback_cluster, tmp_path):
     assert [sorted(t) for t in trials] == [sorted(t) for t in local_trials]
     assert _shape(trials) == _shape(local_trials)
     assert [len(t["history"]) for t in sorted(trials, key=lambda t: t["epochs"])] == [2, 3]
+
+
+def test_memory_probe_runs_as_a_gpu_task_on_the_cluster(loopback_cluster, caplog):
+    """On a joined cluster the GPU memory probe is a Ray task asking for the trial's GPU share: here
+    it lands on the worker (the only node with a GPU, a logical one), finds no CUDA device there and
+    the sweep goes on with a log line; the driver is disconnected afterwards."""
+    import logging
+
+    import ray
+
+    from embedtune.specs import parse_spec
+    from embedtune.sweep import preflight as pf
+
+    spec = parse_spec(_raw_spec("probe", {"cpu": 1, "gpu": 0.5}, [1], [1]))
+    with caplog.at_level(logging.INFO, logger="embedtune.sweep.preflight"):
+        assert pf.check_gpu_memory(spec, loopback_cluster.address) == []
+    assert "memory probe skipped: the GPU worker has no CUDA device" in caplog.text
+    assert not ray.is_initialized()

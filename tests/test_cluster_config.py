@@ -3,6 +3,7 @@ their commands are accepted by the real CLIs they call (ray start, mlflow server
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from urllib.parse import urlparse
@@ -368,7 +369,8 @@ def test_no_secret_is_written_into_a_manifest() -> None:
         text = path.read_text()
         for doc in yaml.safe_load_all(text):
             for env in _walk_env(doc):
-                if any(word in env["name"] for word in SECRETISH):
+                # whole parts of the name: AWS_SECRET_ACCESS_KEY, not TOKENIZERS_PARALLELISM
+                if any(re.search(rf"(^|_){word}(_|$)", env["name"]) for word in SECRETISH):
                     assert "value" not in env and "valueFrom" in env, (path.name, env)
 
 
@@ -411,3 +413,73 @@ def test_documented_code_archive_is_a_working_dir_ray_accepts(tmp_path: Path) ->
         tmp_path / "wd" / "sweeps" / "gooaq.yaml"
     ).exists()
     load_spec(tmp_path / "wd" / "sweeps" / "gooaq.yaml")
+
+
+# ------------------------------------------------------------------ command-line overrides
+
+FLAGS = {
+    "tracking_uri": "http://127.0.0.1:5999",
+    "storage_path": "s3://elsewhere/sweeps",
+    "lancedb_uri": "s3://elsewhere/lancedb",
+}
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("path", CLUSTER_SPECS, ids=[p.name for p in CLUSTER_SPECS])
+def test_sweep_flags_beat_the_spec_under_each_target(path: Path, target: str, monkeypatch) -> None:
+    """Precedence (README): `--tracking-uri / --storage-path / --lancedb-uri` > the spec's value
+    (its ${VAR:-default} expanded from the target's environment)."""
+    from embedtune.cli import _service_flags, build_parser
+    from embedtune.specs.load import with_overrides
+
+    for key in ("MLFLOW_TRACKING_URI", "EMBEDTUNE_STORAGE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"MLFLOW_TRACKING_URI": "http://127.0.0.1:45678", **TARGETS[target]}.items():
+        monkeypatch.setenv(key, value)
+    spec = load_spec(path)
+    args = build_parser().parse_args(
+        ["sweep", str(path), *(x for k, v in FLAGS.items() for x in (f"--{k.replace('_', '-')}", v))]
+    )
+    over = with_overrides(spec, **_service_flags(args))
+    assert (over.mlflow.tracking_uri, over.storage_path, over.final.lancedb_uri) == tuple(FLAGS.values())
+    assert over.model_dump(exclude={"mlflow", "storage_path", "final"}) == spec.model_dump(
+        exclude={"mlflow", "storage_path", "final"}
+    )
+    # One flag alone changes only its own key; none keeps the spec as it is.
+    only = with_overrides(spec, **{**_service_flags(build_parser().parse_args(["sweep", str(path)])),
+                                   "storage_path": "/tmp/x"})  # fmt: skip
+    assert (only.storage_path, only.mlflow.tracking_uri) == ("/tmp/x", spec.mlflow.tracking_uri)
+    assert with_overrides(spec, tracking_uri=None) is spec
+
+
+def test_tracking_uri_flag_is_what_the_sweep_checks(tmp_path: Path, capsys) -> None:
+    """The real CLI: the spec names one tracking server, the flag another (nothing listens there):
+    the credential pre-check refuses the flag's, in one line, before any data work."""
+    from servers import free_port
+
+    from embedtune.cli import main
+
+    spec_file = tmp_path / "s.yaml"
+    port = free_port()
+    spec = {
+        "name": "flags",
+        "datasets": [{"name": "medquad", "source": "medquad-sample", "max_pairs": 60, "eval_size": 10}],
+        "models": ["paraphrase-MiniLM-L3-v2"],
+        "mlflow": {"tracking_uri": "${MLFLOW_TRACKING_URI:-http://127.0.0.1:1}"},
+        "ray": {"num_gpus": 0},
+    }
+    spec_file.write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "run"
+    flags = ["--tracking-uri", f"http://127.0.0.1:{port}", "--storage-path", str(tmp_path / "tune")]
+    assert main(["sweep", str(spec_file), "--run-dir", str(run_dir), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"127.0.0.1:{port} is unreachable" in err[0], err
+    assert not run_dir.exists()
+    # The storage flag is checked too: a path that cannot be written is named.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    flags = ["--storage-path", str(blocker / "tune")]
+    assert main(["sweep", str(spec_file), "--run-dir", str(run_dir), *flags, "--tracking-uri", "sqlite:///"
+                 + str(tmp_path / "m.db")]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(blocker / "tune") in err[0], err

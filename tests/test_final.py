@@ -15,10 +15,11 @@ from embedtune.specs import DataSpec, EvalSpec, FinalSpec
 
 
 def _trial(tid, model, dataset, history, status="FINISHED", ckpt=True, epochs=None):
-    hist = [{"epoch": 0, "metrics": {"ir_recall_at_10": 0.5}}]
-    hist += [{"epoch": i + 1, "metrics": {"ir_recall_at_10": s}} for i, s in enumerate(history)]
+    m = "ir_mrr_at_10"  # the headline metric's trial name (pick_models' default)
+    hist = [{"epoch": 0, "metrics": {m: 0.5}}]
+    hist += [{"epoch": i + 1, "metrics": {m: s}} for i, s in enumerate(history)]
     trained = hist[1:]
-    best = max(trained, key=lambda h: (h["metrics"]["ir_recall_at_10"], -h["epoch"])) if trained else None
+    best = max(trained, key=lambda h: (h["metrics"][m], -h["epoch"])) if trained else None
     return TrialRecord.from_dict(
         {
             "trial_id": tid,
@@ -148,7 +149,7 @@ def test_report_is_logged_to_the_parent_run(tmp_path):
     from embedtune.report import build_report
 
     uri, client, parent = _store(tmp_path)
-    rep = build_report(RunDir(tmp_path / "run"), trials_list(), results_frame(), {})
+    rep = build_report(RunDir(tmp_path / "run"), trials_list(), results_frame(), {}, metric="hit_at_10")
     log_report(uri, parent, rep)
     got = _artifact_paths(client, parent)
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "results.csv", "meta.json"):

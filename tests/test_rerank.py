@@ -161,3 +161,30 @@ def test_batched_reranking_equals_lancedb_cross_encoder_reranker(trained, tmp_pa
     assert batched.rerank_many(texts, candidates, limit=5) == per_query
     # The reranker changes the order for some queries (else this would test nothing).
     assert any(p != c[:5] for p, c in zip(per_query, candidates, strict=True))
+
+
+@pytest.mark.slow
+def test_gate_skips_a_cross_encoder_that_does_not_improve_the_bi_encoder(trained, tmp_path):
+    """A cross-encoder with an untrained head reorders the bi-encoder's top 10 at chance: on the
+    held-back training questions it scores below the bi-encoder's own ordering, so the gate leaves
+    it out and its line gives both numbers. The held-back questions are never in its training pairs."""
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from embedtune.rerank.gate import HELD_BACK_MIN, gate_cross_encoder, held_back_questions
+
+    data = trained["data"]
+    held = held_back_questions(data)
+    assert len(held) >= HELD_BACK_MIN and held <= {q for q, _ in data.train}
+    pairs = training_pairs(trained["triplets"], None, exclude=held)
+    assert pairs and not held & {q for q, _, _ in pairs}
+
+    torch.manual_seed(0)
+    raw_dir = tmp_path / "untrained"
+    CrossEncoder(str(resolve_model("all-MiniLM-L6-v2")), num_labels=1, max_length=64).save_pretrained(
+        str(raw_dir)
+    )
+    gate = gate_cross_encoder(data, held, str(raw_dir), "all-MiniLM-L6-v2", "mrr_at_10")
+    assert gate is not None and gate.n_questions == len(held)
+    assert 0.3 < gate.retrieved <= 1.0 and gate.reranked < gate.retrieved and not gate.used
+    assert f"{gate.retrieved:.3f}" in gate.line() and "skipped" in gate.line()

@@ -20,7 +20,8 @@ GOOD = {
 }
 
 
-def test_shipped_specs_load(repo_root: Path) -> None:
+def test_shipped_specs_load(repo_root: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:45678")  # cluster-local.yaml needs one
     for path in sorted((repo_root / "sweeps").glob("*.yaml")):
         spec = load_spec(path)
         assert spec.models and spec.datasets, path
@@ -129,9 +130,34 @@ def test_cli_rejects_bad_spec_before_ray(tmp_path: Path, capsys) -> None:
 
 def test_scheduler_ranks_gain_over_base_unless_told_absolute() -> None:
     spec = parse_spec(GOOD)
-    assert spec.scheduler.compare == "gain" and spec.scheduler.tune_metric == "ir_recall_at_10_gain"
+    assert spec.scheduler.compare == "gain" and spec.scheduler.tune_metric == "ir_mrr_at_10_gain"
     raw = dict(GOOD, scheduler={"metric": "ir_mrr_at_10", "compare": "absolute"})
     assert parse_spec(raw).scheduler.tune_metric == "ir_mrr_at_10"
+
+
+def test_one_headline_metric_reaches_every_stage(repo_root: Path) -> None:
+    """The spec's `metric` drives the scheduler, the best epoch (final.metric), the leaderboard,
+    winner and verdicts (final.leaderboard_metric); a stage metric naming another quantity is an
+    error naming both keys; an older spec with only scheduler.metric still means one metric."""
+    local = load_spec(repo_root / "sweeps" / "local.yaml")
+    assert local.metric == "mrr_at_10"
+    assert (local.scheduler.metric, local.final.metric, local.final.leaderboard_metric) == (
+        "ir_mrr_at_10",
+        "ir_mrr_at_10",
+        "mrr_at_10",
+    )
+    hit1 = parse_spec(dict(GOOD, metric="hit_at_1"))
+    assert (hit1.scheduler.metric, hit1.final.metric, hit1.final.leaderboard_metric) == (
+        "ir_accuracy_at_1",
+        "ir_accuracy_at_1",
+        "hit_at_1",
+    )
+    older = parse_spec(dict(GOOD, scheduler={"metric": "ir_recall_at_10"}))
+    assert older.metric == "hit_at_10" and older.final.leaderboard_metric == "hit_at_10"
+    with pytest.raises(EmbedtuneError, match="final.leaderboard_metric"):
+        parse_spec(dict(GOOD, metric="hit_at_1", final={"leaderboard_metric": "hit_at_10"}))
+    with pytest.raises(EmbedtuneError, match="metric"):
+        parse_spec(dict(GOOD, metric="recall"))
     with pytest.raises(EmbedtuneError, match="scheduler.compare"):
         parse_spec(dict(GOOD, scheduler={"compare": "relative"}))
 

@@ -81,6 +81,10 @@ def test_two_by_two_sweep_sqlite(grid_sweep) -> None:
         assert sorted(gains) == list(range(1, t["epochs"] + 1))
         for h in t["history"][1:]:
             assert gains[h["epoch"]] == pytest.approx(h["metrics"]["ir_recall_at_10"] - base_score, abs=1e-6)
+        # Every trained epoch's peak host memory (reset per epoch), for sizing trials (README).
+        peaks = client.get_metric_history(run.info.run_id, "system/peak_rss_mb")
+        assert sorted(m.step for m in peaks) == list(range(1, t["epochs"] + 1))
+        assert all(m.value > 50 for m in peaks)
         assert run.data.metrics["trial_duration_s"] > 0
         assert run.data.tags["embedtune.model_uri"].startswith("models:/")
         model = logged[run.info.run_id]  # the trial's model, logged from its last checkpoint

@@ -133,3 +133,19 @@ def test_extension_problem_allows_only_growth() -> None:
         "ext", models=["paraphrase-MiniLM-L3-v2"], datasets=[{**TINY_DATA, "max_pairs": 150}]
     )
     assert "dataset 'medquad' changed" in extension_problem(old, parse_spec(other_data))
+
+
+def test_memory_settings_enter_the_identity_only_when_set() -> None:
+    """`train.loss`, `mini_batch_size` and `gradient_checkpointing` came after run dirs existed: at
+    their defaults a trial keeps the hash it had without them (its run dir is not rerun); set, they
+    make a config of its own."""
+    from embedtune.specs import TrainSettings
+
+    config = {"model": "m", "dataset": "d", "epochs": 1, "lr": 2e-5, "batch_size": 16, "warmup_ratio": 0.1,
+              "seed": 42}  # fmt: skip
+    before = {k: v for k, v in TrainSettings().model_dump().items()
+              if k not in ("loss", "mini_batch_size", "gradient_checkpointing")}  # fmt: skip
+    now = TrainSettings().model_dump()
+    assert config_hash(config, "fp", now, "neg") == config_hash(config, "fp", before, "neg")
+    for changed in ({"loss": "cached_mnrl"}, {"gradient_checkpointing": True}, {"mini_batch_size": 8}):
+        assert config_hash(config, "fp", {**now, **changed}, "neg") != config_hash(config, "fp", now, "neg")

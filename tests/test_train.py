@@ -72,6 +72,7 @@ def test_one_epoch_fine_tune_on_medquad(small_data, small_triplets, tmp_path):
 
     saved = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in saved["history"]] == [0, 1]
+    assert saved["loss"] == "MultipleNegativesRankingLoss" and saved["gradient_checkpointing"] is False
     assert saved["history"][1]["metrics"]["ir_recall_at_10"] == tuned["ir_recall_at_10"]
     assert not list(tmp_path.glob(".*partial*"))
 

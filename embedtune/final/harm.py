@@ -16,14 +16,21 @@ from embedtune.data import prepare_ood
 from embedtune.errors import EmbedtuneError
 from embedtune.evaluate import evaluate_models
 from embedtune.records import HarmCheck, HarmRow, ModelEntry, TrialRecord
-from embedtune.specs import EvalSpec, FinalSpec
+from embedtune.specs import DataSpec, EvalSpec, FinalSpec
 
 log = logging.getLogger(__name__)
 
+_TEST = {
+    True: "exact McNemar on per-query hits (embedtune.stats)",
+    False: "paired bootstrap of per-query scores (embedtune.stats)",
+}
 
-def harm_check(base_hits, winner_hits, alpha: float = 0.05, seed: int = 0, n_boot: int = 2000) -> dict:
-    """Paired comparison of a winner with its base model over the same queries (one 0/1 hit per
-    query each, same order): `delta` = winner − base, its paired-bootstrap (1 − alpha) interval
+
+def harm_check(
+    base_hits, winner_hits, alpha: float = 0.05, seed: int = 0, n_boot: int = 2000, metric: str = "hit_at_10"
+) -> dict:
+    """Paired comparison of a winner with its base model over the same queries (one per-query value
+    of `metric` each, same order): `delta` = winner − base, its paired-bootstrap (1 − alpha) interval
     (`ci_low`, `ci_high`), `p_value` (exact McNemar for 0/1 hits, paired bootstrap otherwise, from
     embedtune.stats), `band` = half-width of the base score's own bootstrap interval, and `flag`:
     "harm" when the winner scores lower and the drop is significant (p < alpha) or larger than the
@@ -43,7 +50,7 @@ def harm_check(base_hits, winner_hits, alpha: float = 0.05, seed: int = 0, n_boo
     lo, hi = bootstrap_ci(w - b, n_boot=n_boot, alpha=alpha, seed=seed)
     base_lo, base_hi = bootstrap_ci(b, n_boot=n_boot, alpha=alpha, seed=seed)
     band = (base_hi - base_lo) / 2
-    p = paired_pvalue(w, b, "hit_at_10", n_boot=n_boot, seed=seed)  # 1.0 when no query differs
+    p = paired_pvalue(w, b, metric, n_boot=n_boot, seed=seed)  # 1.0 when no query differs
     harmed = delta < 0 and (p < alpha or hi < 0 or -delta > band)
     return {
         "base_score": float(b.mean()),
@@ -82,13 +89,27 @@ def harm_pairs(results, trials: list[TrialRecord], entries: dict[str, list[Model
     return out
 
 
+def own_data(ood: DataSpec, dataset: str, sources: dict[str, list[str]]) -> bool:
+    """Whether the out-of-domain set `ood` is the training data of `dataset` itself (then it is in
+    domain for that dataset's winner, and not a harm check for it)."""
+    return ood.label == dataset or ood.source in sources.get(dataset, [])
+
+
 def do_no_harm(
-    results, trials: list[TrialRecord], entries: dict[str, list[ModelEntry]], spec: FinalSpec, db_uri: str
+    results,
+    trials: list[TrialRecord],
+    entries: dict[str, list[ModelEntry]],
+    spec: FinalSpec,
+    db_uri: str,
+    sources: dict[str, list[str]] | None = None,
 ) -> HarmCheck:
     """Score each dataset's winner and its base model on every out-of-domain set of `spec.ood`
-    (vector search, no reranker) and compare them query by query (`harm_check`). `entries` hold
-    resolved model paths."""
-    pairs = harm_pairs(results, trials, entries, spec.leaderboard_metric)
+    (vector search, no reranker) and compare them query by query on the headline metric
+    (`harm_check`). `entries` hold resolved model paths; `sources` (dataset label -> its sources)
+    lets a sweep list all its datasets as OOD sets: each winner is checked on the others only."""
+    sources = sources or {}
+    metric = spec.leaderboard_metric
+    pairs = harm_pairs(results, trials, entries, metric)
     ood_spec = EvalSpec(
         query_types=["vector"],
         rerankers=["none"],
@@ -96,11 +117,14 @@ def do_no_harm(
         batch_size=spec.eval.batch_size,
         max_seq_length=spec.eval.max_seq_length,
     )
-    out = HarmCheck(alpha=spec.harm_alpha)
+    out = HarmCheck(metric=metric, alpha=spec.harm_alpha, test=_TEST[metric.startswith("hit_at_")])
     start = time.perf_counter()
     for ood in spec.ood if pairs else []:
+        checked = [(ds, base, tuned) for ds, base, tuned in pairs if not own_data(ood, ds, sources)]
+        if not checked:
+            continue
         data = prepare_ood(ood, spec.ood_max_corpus)
-        models = list({e.label: e for _, base, tuned in pairs for e in (base, tuned)}.values())
+        models = list({e.label: e for _, base, tuned in checked for e in (base, tuned)}.values())
         log.info(
             "do no harm on %s (%d queries, %d docs): %s",
             data.label,
@@ -110,11 +134,11 @@ def do_no_harm(
         )
         frame = evaluate_models(models, data, ood_spec, db_uri, progress=False)
         records = frame.to_dict("records")
-        hits = {row["model"]: [float(x) for x in row["per_query"]["hit_at_10"]] for row in records}
+        hits = {row["model"]: [float(x) for x in row["per_query"][metric]] for row in records}
         out.hits[data.label] = hits
         out.results += [{k: v for k, v in r.items() if k != "per_query"} for r in records]
-        for ds, base, tuned in pairs:
-            check = harm_check(hits[base.label], hits[tuned.label], alpha=spec.harm_alpha)
+        for ds, base, tuned in checked:
+            check = harm_check(hits[base.label], hits[tuned.label], alpha=spec.harm_alpha, metric=metric)
             row = HarmRow(
                 dataset=ds,
                 ood=data.label,
@@ -126,10 +150,11 @@ def do_no_harm(
             out.rows.append(row)
             if row.flag:
                 log.warning(
-                    "HARM: %s (trained on %s) loses %+.4f hit@10 on %s vs %s (p=%.3g)",
+                    "HARM: %s (trained on %s) loses %+.4f %s on %s vs %s (p=%.3g)",
                     tuned.label,
                     ds,
                     row.delta,
+                    metric,
                     data.label,
                     base.label,
                     row.p_value,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from embedtune.models import model_label
 from embedtune.records import ModelEntry, TrialRecord
+from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC
 
 
 def tuned_label(trial: TrialRecord) -> str:
@@ -38,7 +39,7 @@ def pick_models(
     trials: list[TrialRecord],
     base_models: list[str],
     top_k: int = 2,
-    metric: str = "ir_recall_at_10",
+    metric: str = DEFAULT_SWEEP_METRIC,
     mode: str = "max",
     datasets: list[str] | None = None,
 ) -> dict[str, list[ModelEntry]]:
@@ -71,7 +72,7 @@ def pick_models(
 def epoch_entries(
     trials: list[TrialRecord],
     picked: dict[str, list[ModelEntry]],
-    metric: str = "ir_recall_at_10",
+    metric: str = DEFAULT_SWEEP_METRIC,
     mode: str = "max",
 ) -> dict[str, list[ModelEntry]]:
     """Per dataset: for each base model, the best trial of every epoch count (its best epoch: the

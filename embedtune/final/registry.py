@@ -45,7 +45,7 @@ def log_report(tracking_uri: str, run_id: str, report) -> None:
     if report.winner:
         metrics[f"final.winner.{report.metric}"] = float(report.winner[report.metric])
     for r in report.harm.rows:
-        metrics[f"final.{r.dataset}.ood.{r.ood}.delta_hit_at_10"] = float(r.delta)
+        metrics[f"final.{r.dataset}.ood.{r.ood}.delta_{report.harm.metric}"] = float(r.delta)
     now = int(time.time() * 1000)
     if metrics:
         c.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])

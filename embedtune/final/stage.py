@@ -24,6 +24,8 @@ from embedtune.final.pick import epoch_entries, pick_models
 from embedtune.final.registry import log_report, register_winner, standalone_run
 from embedtune.models import resolve_model
 from embedtune.records import HarmCheck, ModelEntry, TrialRecord
+from embedtune.report import dataset_sources
+from embedtune.rerank.gate import GateResult, gate_cross_encoder, held_back_questions
 from embedtune.rundir import DATA, RunDir
 from embedtune.specs import FinalSpec, MiningSpec
 from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC
@@ -42,28 +44,43 @@ class FinalResult:
     registered: dict[str, Any] | None = None  # {"name", "version", "alias", "model_uri", "run_id"}
     picked: dict[str, list[ModelEntry]] = field(default_factory=dict)
     cross_encoders: dict[str, str] = field(default_factory=dict)
+    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset, see report.verdict
 
 
 def cross_encoders(
-    spec: FinalSpec, datasets: dict[str, PreparedData], triplets: dict[str, Any]
-) -> dict[str, str]:
-    """Cross-encoder path (or hub id) per dataset label; empty when the spec asks for none."""
+    spec: FinalSpec,
+    datasets: dict[str, PreparedData],
+    triplets: dict[str, Any],
+    bi_encoders: dict[str, str] | None = None,
+) -> tuple[dict[str, str], list[GateResult]]:
+    """Cross-encoder path (or hub id) per dataset label, and the gate results; empty when the spec
+    asks for none. A pretrained cross-encoder named in the spec is used as given. One trained here
+    is trained without a held-back share of the training questions and used only where it improves
+    the ordering of the dataset's bi-encoder (`bi_encoders[label]`, default the cross-encoder's own
+    base) on them (`rerank.gate`)."""
     if spec.cross_encoder is None or "cross-encoder" not in spec.eval.rerankers:
-        return {}
+        return {}, []
     if spec.cross_encoder != "train":
-        return dict.fromkeys(datasets, spec.cross_encoder)
+        return dict.fromkeys(datasets, spec.cross_encoder), []
     from embedtune.negatives import mine
     from embedtune.rerank import train_reranker
 
-    out = {}
+    out, gates = {}, []
     for label, data in datasets.items():
         trip = triplets.get(label) or mine(data, MiningSpec(model=spec.cross_encoder_base))
+        held = held_back_questions(data)
         path = train_reranker(
-            data, trip, base=spec.cross_encoder_base, max_pairs=spec.cross_encoder_max_pairs
+            data, trip, base=spec.cross_encoder_base, max_pairs=spec.cross_encoder_max_pairs, exclude=held
         )
         log.info("cross-encoder reranker for %s: %s", label, path)
+        bi = (bi_encoders or {}).get(label, spec.cross_encoder_base)
+        gate = gate_cross_encoder(data, held, str(path), bi, spec.leaderboard_metric, spec.eval.batch_size)
+        if gate is not None:
+            gates.append(gate)
+            if not gate.used:
+                continue
         out[label] = str(path)
-    return out
+    return out, gates
 
 
 def local_models(entries: list[ModelEntry], checkpoints: Path) -> list[ModelEntry]:
@@ -123,12 +140,13 @@ def evaluate_and_report(
     db_uri = spec.lancedb_uri or rundir.default_lancedb
     for ood in spec.ood:
         resolve_source(ood)  # a missing OOD file fails now, not after the evaluation
-    eval_spec = spec.eval
-    cross = cross_encoders(spec, datasets, triplets)
-    if not cross and "cross-encoder" in eval_spec.rerankers:
-        eval_spec = eval_spec.model_copy(
-            update={"rerankers": [r for r in eval_spec.rerankers if r != "cross-encoder"]}
-        )
+    bases = {
+        label: next((e.path for e in models if e.kind == "base"), None) for label, models in entries.items()
+    }
+    cross, gates = cross_encoders(spec, datasets, triplets, {k: v for k, v in bases.items() if v})
+    no_ce = spec.eval.model_copy(
+        update={"rerankers": [r for r in spec.eval.rerankers if r != "cross-encoder"]}
+    )
     frames = []
     resolved: dict[str, list[ModelEntry]] = {}
     for label, models in entries.items():
@@ -138,20 +156,21 @@ def evaluate_and_report(
             )
         models = resolved[label] = local_models(models, rundir.checkpoints)
         log.info("evaluating %d model(s) on %s: %s", len(models), label, ", ".join(m.label for m in models))
+        eval_spec = spec.eval if label in cross else no_ce
         frames.append(
             evaluate_models(models, datasets[label], eval_spec, db_uri, cross_encoder_path=cross.get(label))
         )
         extra = local_models((epoch_models or {}).get(label, []), rundir.checkpoints)
         if extra:
             log.info("epoch comparison on %s (vector search): %s", label, ", ".join(m.label for m in extra))
-            vector_only = eval_spec.model_copy(update={"query_types": ["vector"], "rerankers": ["none"]})
+            vector_only = spec.eval.model_copy(update={"query_types": ["vector"], "rerankers": ["none"]})
             frames.append(evaluate_models(extra, datasets[label], vector_only, db_uri, progress=False))
             resolved[label] = [*models, *extra]
     results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    harm = HarmCheck(alpha=spec.harm_alpha)
+    harm = HarmCheck(metric=spec.leaderboard_metric, alpha=spec.harm_alpha)
     if spec.ood and not results.empty:
         try:
-            harm = do_no_harm(results, trials, resolved, spec, db_uri)
+            harm = do_no_harm(results, trials, resolved, spec, db_uri, dataset_sources(rundir))
         except Exception as exc:  # the leaderboard must not be lost to the extra check
             log.warning("do-no-harm check failed (%s: %s); report without it", type(exc).__name__, exc)
     report = build_report(
@@ -163,6 +182,7 @@ def evaluate_and_report(
         sweep_metric=sweep_metric,
         probe_size=spec.probe_size,
         harm=harm,
+        gates=gates,
     )
     final = FinalResult(
         report.report_dir,
@@ -171,6 +191,7 @@ def evaluate_and_report(
         report.winner,
         picked=entries,
         cross_encoders=cross,
+        verdicts=report.verdicts,
     )
     if tracking_uri:
         parent = mlflow_parent_run_id or standalone_run(tracking_uri, rundir.path, rundir.path.name)

@@ -84,9 +84,14 @@ def build_report(
     probe_size: int = 200,
     harm: HarmCheck | None = None,
     sources: dict[str, list[str]] | None = None,
+    gates: list | None = None,
 ) -> ReportResult:
     """Write the leaderboard (md, csv, html), plots and the stored inputs as `rundir`'s report."""
     old_dir = rundir.report_dir
+    if gates is None:  # a rebuild: the gates the run stored
+        gate_rows = store.load_json(old_dir / store.META_FILE, {}).get("reranker_gates", [])
+    else:
+        gate_rows = [g if isinstance(g, dict) else {**g.to_dict(), "line": g.line()} for g in gates]
     probe_cache = store.load_json(old_dir / store.PROBE_FILE, {})
     flags = overfitting_flags(trials, sweep_metric)
     board = leaderboard(results, trials, metric, flags, sweep_metric)
@@ -131,6 +136,7 @@ def build_report(
         "verdicts": verdicts,
         "flags": flags,
         "epoch_advice": epochs,
+        "reranker_gates": gate_rows,
     }
 
     def build(folder: Path) -> None:
@@ -143,7 +149,9 @@ def build_report(
         plots.append(plot_best(board, metric, plots_dir / plot_names[-1]))
         store.save_results(folder, results)
         board.to_csv(folder / names["leaderboard_csv"], index=False)
-        blocks = page_blocks(board, metric, winner, verdicts, flags, plots, epochs, harm)
+        blocks = page_blocks(
+            board, metric, winner, verdicts, flags, plots, epochs, harm, dataset_winners, gate_rows
+        )
         (folder / names["leaderboard_md"]).write_text(render(blocks, "md"))
         (folder / names["leaderboard_html"]).write_text(render(blocks, "html"))
         store.write_json(folder / names["meta"], meta)
@@ -174,12 +182,13 @@ def rebuild_report(rundir: RunDir | str | Path, metric: str | None = None) -> Re
         if raw:
             datasets[label] = PreparedData.from_dict(raw)
     meta = store.load_json(rundir.report_dir / store.META_FILE, {})
+    spec_metric = (rundir.read_json(SPEC) or {}).get("metric")  # when meta.json is lost
     return build_report(
         rundir,
         trials,
         results,
         datasets,
-        metric=metric or meta.get("metric", DEFAULT_LEADERBOARD_METRIC),
+        metric=metric or meta.get("metric") or spec_metric or DEFAULT_LEADERBOARD_METRIC,
         sweep_metric=meta.get("sweep_metric", DEFAULT_SWEEP_METRIC),
         probe_size=int(meta.get("probe_size", 200)),
         harm=store.load_harm(rundir.report_dir),

@@ -9,7 +9,7 @@ from embedtune.records import TrialRecord, best_point
 from embedtune.report.fmt import epochs_text, fmt_p
 from embedtune.report.leaderboard import N_BOOT, SIGNIFICANCE, query_values
 from embedtune.report.store import PER_QUERY
-from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC
+from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_METRIC
 
 EPOCH_NOTE = (
     "Each tuned checkpoint is its trial's best epoch. An epoch count is named best only when it beats "
@@ -19,7 +19,7 @@ EPOCH_NOTE = (
 
 
 def epoch_advice(
-    results, metric: str = "hit_at_10", n_boot: int = N_BOOT, seed: int = 0
+    results, metric: str = DEFAULT_LEADERBOARD_METRIC, n_boot: int = N_BOOT, seed: int = 0
 ) -> dict[str, list[dict[str, Any]]]:
     """Per dataset and base model: which epoch count to train. The tuned checkpoints (each at its
     trial's best epoch) are compared on vector search without reranker (else the query type and

@@ -11,7 +11,7 @@ from embedtune.errors import EmbedtuneError
 from embedtune.records import TrialRecord, best_point, number
 from embedtune.report.fmt import fmt_p
 from embedtune.report.store import PER_QUERY
-from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC, LEADERBOARD_METRICS
+from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_METRIC, LEADERBOARD_METRICS
 
 SIGNIFICANCE = 0.05  # p below this: a real difference; at or above it: noise
 N_BOOT = 2000  # bootstrap resamples of the intervals and the paired tests (seeded)
@@ -20,7 +20,7 @@ N_BOOT = 2000  # bootstrap resamples of the intervals and the paired tests (seed
 def leaderboard(
     results,
     trials: list[TrialRecord] | None = None,
-    metric: str = "hit_at_10",
+    metric: str = DEFAULT_LEADERBOARD_METRIC,
     flags=None,
     sweep_metric: str = DEFAULT_SWEEP_METRIC,
 ):
@@ -90,7 +90,9 @@ def leaderboard(
     return df
 
 
-def pick_winner(board, metric: str = "hit_at_10", kind: str | None = "tuned") -> dict[str, Any] | None:
+def pick_winner(
+    board, metric: str = DEFAULT_LEADERBOARD_METRIC, kind: str | None = "tuned"
+) -> dict[str, Any] | None:
     """Best row by `metric` (ties: larger delta, then MRR@10, then model label). `kind="tuned"`
     (default) considers the tuned rows that beat their base model (positive delta) first, then any
     tuned row, then any row: scores of different datasets are not comparable, and a checkpoint worse

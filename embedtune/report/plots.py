@@ -65,17 +65,23 @@ def plot_epochs(board, trials, dataset: str, metric: str, sweep_metric: str, out
         mine = rows[rows["base_model"] == m]
         tuned = mine[mine["kind"] == "tuned"].dropna(subset=["epochs"]).sort_values("epochs")
         if not tuned.empty:
-            right.plot(
+            right.errorbar(
                 tuned["epochs"].astype(float),
                 tuned[metric],
+                yerr=_yerr(tuned, metric),
                 marker="o",
                 linestyle=":",
+                capsize=3,
                 color=color[m],
-                label=m,
+                label=f"{m} (95% interval)",
             )
-        base = mine[mine["kind"] == "base"][metric]
+        base = mine[mine["kind"] == "base"].sort_values(metric, ascending=False)
         if not base.empty:
-            right.axhline(float(base.max()), color=color[m], linestyle="--", linewidth=1, label=f"{m} (base)")
+            b = base.iloc[0]
+            right.axhline(float(b[metric]), color=color[m], linestyle="--", linewidth=1, label=f"{m} (base)")
+            lo, hi = b.get(f"{metric}_lo"), b.get(f"{metric}_hi")
+            if lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)):
+                right.axhspan(float(lo), float(hi), color=color[m], alpha=0.08)
     right.set_title(f"{dataset}: {metric} in LanceDB ({combo})")
     right.set_xlabel("epochs trained (best checkpoint)")
     right.set_ylabel(metric)
@@ -90,9 +96,28 @@ def plot_epochs(board, trials, dataset: str, metric: str, sweep_metric: str, out
     return out
 
 
+def _yerr(rows, metric: str):
+    """Asymmetric error bars from the rows' 95% interval columns; None without them."""
+    lo, hi = f"{metric}_lo", f"{metric}_hi"
+    if lo not in rows or hi not in rows or rows[lo].isna().all():
+        return None
+    return [
+        (rows[metric] - rows[lo]).clip(lower=0).fillna(0),
+        (rows[hi] - rows[metric]).clip(lower=0).fillna(0),
+    ]
+
+
+def one_fts_row(rows):
+    """Full-text rows do not depend on the embedding model: keep one per (dataset, reranker)."""
+    fts = rows["query_type"] == "fts"
+    return rows[~fts | ~rows.duplicated(["dataset", "query_type", "reranker"])]
+
+
 def plot_best(board, metric: str, out: Path, top: int = 10) -> Path:
-    """Horizontal bars of the `top` best (model, query type, reranker) rows per dataset."""
+    """The `top` best (model, query type, reranker) rows per dataset as points with their 95%
+    intervals, on an axis zoomed to the scores (bars from 0 would hide differences of a few points)."""
     plt = _plt()
+    board = one_fts_row(board)
     datasets = sorted(board["dataset"].unique())
     heights = [min(top, int((board["dataset"] == d).sum())) for d in datasets]
     fig, axes = plt.subplots(
@@ -105,15 +130,35 @@ def plot_best(board, metric: str, out: Path, top: int = 10) -> Path:
     for ax, ds in zip(axes[:, 0], datasets, strict=True):
         rows = board[board["dataset"] == ds].head(top).iloc[::-1]
         labels = [
-            f"{m} · {q}/{r}"
+            f"{'full-text (any model)' if q == 'fts' else m} · {q}/{r}"
             for m, q, r in zip(rows["model"], rows["query_type"], rows["reranker"], strict=True)
         ]
-        colors = ["#4c72b0" if k == "tuned" else "#9a9a9a" for k in rows["kind"]]
-        ax.barh(labels, rows[metric], color=colors)
-        for y, v in enumerate(rows[metric]):
-            ax.text(v, y, f" {v:.3f}", va="center", fontsize=7)
-        ax.set_xlim(0, min(1.0, float(rows[metric].max()) * 1.12 + 0.02))
-        ax.set_title(f"{ds}: best combinations by {metric} (blue: fine-tuned, grey: base)", fontsize=9)
+        ys = list(range(len(rows)))
+        err = _yerr(rows, metric)
+        for kind, color in (("tuned", "#4c72b0"), ("base", "#9a9a9a")):
+            pick = [i for i, k in enumerate(rows["kind"]) if k == kind]
+            if pick:
+                ax.errorbar(
+                    rows[metric].iloc[pick],
+                    [ys[i] for i in pick],
+                    xerr=None if err is None else [err[0].iloc[pick], err[1].iloc[pick]],
+                    fmt="o",
+                    capsize=3,
+                    color=color,
+                    label="fine-tuned" if kind == "tuned" else "base / full-text",
+                )
+        ax.set_yticks(ys, labels)
+        for y, v in zip(ys, rows[metric], strict=True):
+            ax.annotate(
+                f"{v:.3f}", (v, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center"
+            )
+        low = rows[f"{metric}_lo"] if err is not None else rows[metric]
+        high = rows[f"{metric}_hi"] if err is not None else rows[metric]
+        span = max(0.02, float(high.max()) - float(low.min()))
+        ax.set_xlim(max(0.0, float(low.min()) - 0.08 * span), min(1.0, float(high.max()) + 0.08 * span))
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(f"{ds}: best combinations by {metric}, 95% intervals", fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 DUP_THRESHOLD = 0.95  # base-model cosine at or above which an eval question near-duplicates a train question
 DUP_POOL = 5000  # train questions encoded for the near-duplicate check at most (exact matches: all of them)
 SEEN_DUP_RATE = 0.05  # near-duplicate share of eval questions that counts as "already seen"
-SEEN_TRAIN_HIT = 0.90  # zero-shot hit@10 on the training questions that says "already known"
+# A high zero-shot score on the training questions alone says "easy", not "seen": an unseen easy set
+# scores high on both. Memorisation shows as training questions answered *better* than comparable
+# held-out ones: the train-minus-eval gap of zero-shot hit@10 with its 95% interval above this.
+SEEN_GAP = 0.0
 
 
 def normalize_question(text: str) -> str:
@@ -139,9 +142,25 @@ def card_matches(card_names: list[str], dataset_names: list[str]) -> list[str]:
     return out
 
 
+def gap_interval(train_hits, eval_hits, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Train-minus-eval difference of mean zero-shot hits and its 95% bootstrap interval (the two
+    samples are independent questions, so each is resampled on its own)."""
+    import numpy as np
+
+    t, e = np.asarray(train_hits, dtype=float), np.asarray(eval_hits, dtype=float)
+    if not len(t) or not len(e):
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    diffs = rng.choice(t, (n_boot, len(t))).mean(axis=1) - rng.choice(e, (n_boot, len(e))).mean(axis=1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(t.mean() - e.mean()), float(lo), float(hi)
+
+
 def seen_verdict(probe: dict[str, Any] | None) -> str | None:
-    """One line: how much of the fine-tuning data the base model has likely seen already, from the
-    probe's card match, zero-shot hit@10 on train vs eval questions and near-duplicate rates."""
+    """One line: has the base model likely seen the fine-tuning data already? Evidence of
+    memorisation only: its model card lists the data, eval questions near-duplicate training
+    questions, or the training questions are answered better zero-shot than the eval questions
+    beyond noise (the gap's 95% interval above SEEN_GAP). A high score on both is "easy", not seen."""
     if not probe:
         return None
     signs, numbers = [], []
@@ -150,9 +169,16 @@ def seen_verdict(probe: dict[str, Any] | None) -> str | None:
         signs.append(f"its model card lists {', '.join(matched)} among its training data")
     train_hit, eval_hit = number(probe.get("train_hit_at_10")), number(probe.get("eval_hit_at_10"))
     if train_hit is not None and eval_hit is not None:
-        numbers.append(f"zero-shot hit@10 on train questions {train_hit:.2f} vs eval {eval_hit:.2f}")
-        if train_hit >= SEEN_TRAIN_HIT:
-            signs.append(f"it already retrieves {train_hit:.0%} of the training questions' answers")
+        gap_lo, gap_hi = number(probe.get("gap_lo")), number(probe.get("gap_hi"))
+        interval = f", gap 95% interval [{gap_lo:+.2f}, {gap_hi:+.2f}]" if gap_lo is not None else ""
+        numbers.append(
+            f"zero-shot hit@10 on train questions {train_hit:.2f} vs eval {eval_hit:.2f}{interval}"
+        )
+        if gap_lo is not None and gap_lo > SEEN_GAP:
+            signs.append(
+                f"it answers the training questions better than comparable held-out ones "
+                f"({train_hit:.2f} vs {eval_hit:.2f}, beyond noise)"
+            )
     near, exact = number(probe.get("near_dup_rate")), number(probe.get("exact_dup_rate"))
     if near is not None:
         thr = probe.get("dup_threshold", DUP_THRESHOLD)
@@ -243,25 +269,28 @@ def fine_tune_probe(
     index = {t: i for i, t in enumerate(docs)}
     d = enc(docs)
 
-    def hit10(questions: list[str], qvecs, relevant: list[set[str]]) -> float:
+    def hits10(questions: list[str], qvecs, relevant: list[set[str]]) -> list[float]:
         if not questions:
-            return float("nan")
+            return []
         top = np.argsort(-(qvecs @ d.T), axis=1)[:, :10]
-        return float(
-            np.mean(
-                [
-                    bool({index[a] for a in rel} & set(row.tolist()))
-                    for row, rel in zip(top, relevant, strict=True)
-                ]
-            )
-        )
+        return [
+            float(bool({index[a] for a in rel} & set(row.tolist())))
+            for row, rel in zip(top, relevant, strict=True)
+        ]
+
+    train_hits = hits10(train_s, p[:sub], [answers_of[q] for q in train_s])
+    eval_hits = hits10([q for q, _ in eval_s], e, [r for _, r in eval_s])
+    gap, gap_lo, gap_hi = gap_interval(train_hits, eval_hits, seed=seed)
 
     return {
         "model_path": str(model_path),
         "eval_to_train_sim": eval_sim,
         "train_to_train_sim": train_sim,
-        "train_hit_at_10": hit10(train_s, p[:sub], [answers_of[q] for q in train_s]),
-        "eval_hit_at_10": hit10([q for q, _ in eval_s], e, [r for _, r in eval_s]),
+        "train_hit_at_10": float(np.mean(train_hits)) if train_hits else float("nan"),
+        "eval_hit_at_10": float(np.mean(eval_hits)) if eval_hits else float("nan"),
+        "gap": gap,
+        "gap_lo": gap_lo,
+        "gap_hi": gap_hi,
         "n_train": sub,
         "n_eval": len(eval_ids),
         "n_docs": len(docs),
@@ -287,7 +316,7 @@ def probe_all(
     )
     for ds, model, path in bases.itertuples(index=False):
         data = datasets.get(ds)
-        key = f"{ds}|{model}|{data.fingerprint if data else ''}|{probe_size}"
+        key = f"{ds}|{model}|{data.fingerprint if data else ''}|{probe_size}|gap"
         have = Path(str(path)).exists()
         if key not in cache and data is not None and probe_size > 0 and have:
             try:

@@ -107,8 +107,16 @@ def cell(r: dict[str, Any], col: str, kind: str, metric: str) -> str:
 
 
 def leaderboard_table(rows, metric: str) -> Block:
+    """The full grid of one dataset; full-text rows once (they do not depend on the model)."""
+    from embedtune.report.plots import one_fts_row
+
     headers = [h if c != "DELTA" else f"Δ {metric}" for c, h, _ in TABLE]
-    return table(headers, [[cell(r, c, f, metric) for c, _, f in TABLE] for r in rows.to_dict("records")])
+    out = []
+    for r in one_fts_row(rows).to_dict("records"):
+        if r.get("query_type") == "fts":
+            r = {**r, "model": "full-text (any model)", "kind": "", "epochs": None}
+        out.append([cell(r, c, f, metric) for c, _, f in TABLE])
+    return table(headers, out)
 
 
 def probe_cells(row: dict[str, Any]) -> list[str]:
@@ -199,8 +207,73 @@ def significance(rows, metric: str) -> dict[str, Any] | None:
     return out
 
 
+def _score(row: dict[str, Any], metric: str) -> str:
+    v, lo, hi = number(row.get(metric)), number(row.get(f"{metric}_lo")), number(row.get(f"{metric}_hi"))
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def forgetting_line(rows: list[HarmRow], metric: str) -> str:
+    """Do no harm in one line: the winner against its base model on each out-of-domain set."""
+    if not rows:
+        return "**Forgetting:** not checked (no out-of-domain set in `final.ood`)."
+    parts = [f"{r.ood} {r.delta:+.3f} ({fmt_p(r.p_value)})" for r in rows]
+    harmed = [r.ood for r in rows if r.flag == "harm"]
+    verdict = f"**harm** on {', '.join(harmed)}" if harmed else "no significant loss"
+    return f"**Forgetting** ({metric}, winner − base, out of domain): {'; '.join(parts)} — {verdict}."
+
+
+def summary_items(ds: str, winner, metric: str, advice, verdict, harm: HarmCheck) -> list[str]:
+    """The answer for one dataset in at most five lines: best setup with its interval, gain over
+    base with p and whether fine-tuning was worth it, recommended epochs, already seen, forgetting."""
+    items = []
+    if winner:
+        items.append(
+            f"**Best setup:** `{winner['model']}` ({winner['query_type']}/{winner['reranker']}), "
+            f"{metric} {_score(winner, metric)}"
+        )
+    if verdict:
+        words = verdict["verdict"].split(":")[0]
+        d, p = number((winner or {}).get(f"delta_{metric}")), number((winner or {}).get(f"p_{metric}"))
+        gain = f"{d:+.3f} over `{winner['base_model']}` ({fmt_p(p)}); " if d is not None and winner else ""
+        items.append(f"**Gain:** {gain}fine-tuning worth it? **{words}**")
+    if advice:
+        mine = next((a for a in advice if winner and a["base_model"] == winner.get("base_model")), advice[0])
+        how = "best beyond noise" if mine["named_best"] else "fewest within noise of the best"
+        items.append(f"**Epochs:** {mine['recommended_epochs']} ({how}, `{mine['base_model']}`)")
+    if verdict and verdict.get("seen"):
+        items.append(verdict["seen"].split(" (")[0].rstrip(".") + ".")
+    items.append(forgetting_line(harm.for_dataset(ds), harm.metric))
+    return items[:5]
+
+
+def summary_blocks(
+    board, metric: str, dataset_winners, verdicts, epochs, harm: HarmCheck, gates
+) -> list[Block]:
+    blocks = [heading("Summary")]
+    for ds in sorted(str(d) for d in board["dataset"].unique()):
+        blocks += [
+            para(f"**{ds}**"),
+            bullets(
+                summary_items(
+                    ds,
+                    (dataset_winners or {}).get(ds),
+                    metric,
+                    (epochs or {}).get(ds),
+                    verdicts.get(ds),
+                    harm,
+                )
+            ),
+        ]
+    lines = [g["line"] for g in gates or []]
+    if lines:
+        blocks.append(para(" ".join(lines)))
+    return blocks
+
+
 def dataset_blocks(ds: str, rows, metric: str, advice, verdict, harm: HarmCheck, flags) -> list[Block]:
-    blocks = [heading(ds), leaderboard_table(rows, metric)]
+    blocks = [heading(f"{ds}: full grid"), leaderboard_table(rows, metric)]
     sig = significance(rows, metric)
     if sig and len(sig) == 1:
         blocks.append(para(f"**{sig['note']}**"))
@@ -246,9 +319,19 @@ def dataset_blocks(ds: str, rows, metric: str, advice, verdict, harm: HarmCheck,
 
 
 def page_blocks(
-    board, metric: str, winner, verdicts, flags, plots: list[Path], epochs, harm: HarmCheck
+    board,
+    metric: str,
+    winner,
+    verdicts,
+    flags,
+    plots: list[Path],
+    epochs,
+    harm: HarmCheck,
+    dataset_winners=None,
+    gates=None,
 ) -> list[Block]:
     blocks = [heading("embedtune leaderboard", 1)]
+    blocks += summary_blocks(board, metric, dataset_winners, verdicts, epochs, harm, gates)
     if winner:
         blocks.append(para(winner_line(winner, metric)))
     for ds, rows in board.groupby("dataset", sort=True):

@@ -36,13 +36,18 @@ DEFAULT_BASE = "all-MiniLM-L6-v2"
 
 
 def training_pairs(
-    triplets: Triplets, max_pairs: int | None, seed: int = 42, random_negatives: bool = False
+    triplets: Triplets,
+    max_pairs: int | None,
+    seed: int = 42,
+    random_negatives: bool = False,
+    exclude: set[str] | frozenset[str] = frozenset(),
 ) -> list[tuple[str, str, float]]:
     """(question, answer, label) from train triplets: each positive (1.0) and its mined hard negative
     (0.0); with `random_negatives` also one random other train answer (0.0) per question, an easy
-    negative that teaches the fresh head the coarse signal quickly. Sampled by seed to `max_pairs`."""
+    negative that teaches the fresh head the coarse signal quickly. Sampled by seed to `max_pairs`.
+    Questions in `exclude` (held back to check the result, `rerank.gate`) are left out."""
     ds = triplets.train
-    rows = list(zip(ds["anchor"], ds["positive"], ds["negative"], strict=True))
+    rows = [r for r in zip(ds["anchor"], ds["positive"], ds["negative"], strict=True) if r[0] not in exclude]
     rng = random.Random(seed)
     rng.shuffle(rows)
     answers = list(dict.fromkeys(ds["positive"]))
@@ -85,6 +90,7 @@ def train_reranker(
     seed: int = 42,
     random_negatives: bool = True,
     head_lr: float | None = 2e-3,
+    exclude: set[str] | frozenset[str] = frozenset(),
 ) -> Path:
     """Fine-tune a cross-encoder (num_labels=1) from `base` on BCE over train positives and mined
     hard negatives; return the directory of the saved CrossEncoder (cached: a second call with the
@@ -107,6 +113,7 @@ def train_reranker(
         "seed": seed,
         "random_negatives": random_negatives,
         "head_lr": head_lr,
+        **({"held_back": stable_hash(sorted(exclude))} if exclude else {}),
     }
     key = reranker_key(data, triplets, base, settings)
     target = Path(out_dir or env.home() / "rerankers") / f"{data.label}-{key}"
@@ -120,7 +127,7 @@ def train_reranker(
         )
         from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-        pairs = training_pairs(triplets, max_pairs, seed, random_negatives)
+        pairs = training_pairs(triplets, max_pairs, seed, random_negatives, exclude)
         base_dir = resolve_model(base)
         log.info("training a cross-encoder reranker from %s on %d pairs", base, len(pairs))
         model = CrossEncoder(str(base_dir), num_labels=1, max_length=max_length, device=env.device())

@@ -5,6 +5,10 @@ String values may name environment variables, so one spec serves several cluster
 `${VAR}` (required: unset is an error naming the key) and `${VAR:-default}` (the default when VAR
 is unset or empty). The environment of the process that loads the spec decides: on a cluster, the
 driver's (a RayJob's env, a `ray job submit --runtime-env`, or the head node's).
+
+Where a sweep's shared services are, highest first: `embedtune sweep --tracking-uri / --storage-path /
+--lancedb-uri` (`with_overrides`), the spec's value (its variables expanded), then for the tracking
+URI `$MLFLOW_TRACKING_URI`, then the defaults (SQLite, Tune storage and LanceDB in the run dir).
 """
 
 from __future__ import annotations
@@ -64,6 +68,36 @@ def parse_spec(raw: dict[str, Any], source: str = "sweep spec") -> SweepSpec:
     if not isinstance(raw, dict):
         raise EmbedtuneError(f"{source}: expected a mapping of keys at the top level")
     raw = expand_env(raw, source)
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise EmbedtuneError(_format_error(source, exc)) from exc
+
+
+# Spec keys a command-line flag may set: flag name -> key path.
+OVERRIDABLE = {
+    "tracking_uri": ("mlflow", "tracking_uri"),
+    "storage_path": ("storage_path",),
+    "lancedb_uri": ("final", "lancedb_uri"),
+}
+
+
+def with_overrides(spec: SweepSpec, source: str = "command line", **values: str | None) -> SweepSpec:
+    """`spec` with the given OVERRIDABLE keys replaced (None: keep the spec's value), validated again."""
+    unknown = set(values) - set(OVERRIDABLE)
+    if unknown:
+        raise ValueError(f"not overridable: {sorted(unknown)}")
+    if all(v is None for v in values.values()):
+        return spec
+    raw = spec.model_dump(mode="json")
+    for name, value in values.items():
+        if value is None:
+            continue
+        *parents, key = OVERRIDABLE[name]
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:

@@ -9,7 +9,15 @@ from pydantic import Field, field_validator, model_validator
 from embedtune.specs.base import Strict
 from embedtune.specs.data import DataSpec
 from embedtune.specs.evaluation import FinalSpec
-from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC, GAIN_SUFFIX, HYPERPARAMS
+from embedtune.specs.metrics import (
+    DEFAULT_LEADERBOARD_METRIC,
+    DEFAULT_SWEEP_METRIC,
+    GAIN_SUFFIX,
+    HYPERPARAMS,
+    LEADERBOARD_METRICS,
+    SWEEP_NAME,
+    leaderboard_name,
+)
 from embedtune.specs.train import MiningSpec, TrainSettings
 
 
@@ -136,6 +144,12 @@ class RaySpec(Strict):
 
 class SweepSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    metric: str = Field(
+        DEFAULT_LEADERBOARD_METRIC,
+        description="the headline metric: it drives the scheduler, the best epoch, the winner, the "
+        "verdicts, the plots and the registry (scheduler.metric, final.metric and "
+        "final.leaderboard_metric follow it unless set)",
+    )
     datasets: list[DataSpec] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
     search: SearchSpace = SearchSpace()
@@ -161,6 +175,39 @@ class SweepSpec(Strict):
         if any(not m.strip() for m in v):
             raise ValueError("model references must not be empty")
         return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in LEADERBOARD_METRICS:
+            raise ValueError(f"must be one of {', '.join(LEADERBOARD_METRICS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_metric(self) -> SweepSpec:
+        """Fill the per-stage metric names from the headline `metric`; a stage metric set on its
+        own that means another quantity is an error (the report would judge on one, the scheduler
+        on another)."""
+        if "metric" not in self.model_fields_set and "metric" in self.scheduler.model_fields_set:
+            self.metric = leaderboard_name(self.scheduler.metric) or self.metric  # an older spec
+        stages = [
+            ("scheduler.metric", self.scheduler, "metric", SWEEP_NAME[self.metric]),
+            ("final.metric", self.final, "metric", SWEEP_NAME[self.metric]),
+            ("final.leaderboard_metric", self.final, "leaderboard_metric", self.metric),
+        ]
+        for key, owner, field, value in stages:
+            if field not in owner.model_fields_set:
+                setattr(owner, field, value)
+                owner.model_fields_set.discard(field)  # still derived when the spec is stored and reloaded
+                continue
+            given = getattr(owner, field)
+            meant = given if field == "leaderboard_metric" else leaderboard_name(given)
+            if meant is not None and meant != self.metric:
+                raise ValueError(
+                    f"{key} is {given!r} but the headline metric is {self.metric!r}: set only `metric` "
+                    "(every stage follows it) or make them name the same quantity"
+                )
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self) -> SweepSpec:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from embedtune.specs.base import Strict
@@ -14,6 +16,13 @@ class TrainSettings(Strict):
     hard_negatives: bool = True
     weight_decay: float = Field(0.01, ge=0)
     fp16: bool = False
+    loss: Literal["mnrl", "cached_mnrl"] = Field(
+        "mnrl",
+        description="mnrl: MultipleNegativesRankingLoss; cached_mnrl: its GradCache form (the same "
+        "in-batch negatives, memory set by mini_batch_size instead of the batch size)",
+    )
+    mini_batch_size: int = Field(32, ge=1, description="cached_mnrl: rows per forward/backward chunk")
+    gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
 
 
 class TrainConfig(Strict):
@@ -30,6 +39,9 @@ class TrainConfig(Strict):
     hard_negatives: bool = Field(True, description="train on mined triplets; False = plain pairs")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all)")
     fp16: bool = Field(False, description="mixed precision on GPU")
+    loss: Literal["mnrl", "cached_mnrl"] = "mnrl"
+    mini_batch_size: int = Field(32, ge=1, description="cached_mnrl: rows per forward/backward chunk")
+    gradient_checkpointing: bool = False
 
 
 class MiningSpec(Strict):

@@ -456,6 +456,7 @@ def _run(spec: SweepSpec, rundir: RunDir, resume: bool | None, final: bool, ray_
     extending = pf.check_run_dir(spec, rundir, stored, resume)
     joins = bool(ray_address or spec.ray.address or os.environ.get("RAY_ADDRESS"))
     tracking_uri = pf.preflight(spec, rundir, stored, joins)
+    pf.check_gpu_memory(spec, ray_address or spec.ray.address)  # before data work; skipped without a GPU
     # 2. prepare
     inputs = prepare_inputs(spec, rundir, stored, final, timings)
     # 3. tracking

@@ -17,6 +17,9 @@ from embedtune.models import model_label
 from embedtune.specs import Distribution, SweepSpec
 from embedtune.specs.metrics import HP_TYPES, HYPERPARAMS
 
+_UNSET = object()
+LATER_DEFAULTS = {"loss": "mnrl", "mini_batch_size": 32, "gradient_checkpointing": False}
+
 
 def config_hash(
     config: dict[str, Any],
@@ -27,7 +30,8 @@ def config_hash(
     """A trial's identity: model, data (label and fingerprint), hyperparameters (typed, so 1 and
     1.0 agree), the train settings that shape the result and, with hard negatives, their key. Key
     order and the Tune-only keys (`config_hash` itself) do not matter."""
-    train = dict(sorted(train_settings.items()))
+    # Settings added later count only when set, so trials of older run dirs keep their identity.
+    train = {k: v for k, v in sorted(train_settings.items()) if LATER_DEFAULTS.get(k, _UNSET) != v}
     material = {
         "model": str(config["model"]),
         "dataset": str(config["dataset"]),

@@ -3,19 +3,23 @@ and what a run dir's stored state says about this sweep (new, resumed, extended 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embedtune import storage
+from embedtune import memory, storage
 from embedtune.cache import stable_hash
 from embedtune.errors import EmbedtuneError
 from embedtune.models import resolve_model
 from embedtune.rundir import SPEC, STATE, RunDir
 from embedtune.specs import SweepSpec
 from embedtune.tracking import client as mlc
+
+log = logging.getLogger(__name__)
 
 # Spec keys an extension of a run dir may change (models/datasets may only grow); the rest must match.
 EXTENSIBLE = {"final", "ray", "models", "datasets", "search", "max_concurrent_trials"}
@@ -257,3 +261,130 @@ def preflight(spec: SweepSpec, rundir: RunDir, state: SweepState | None, joins_c
 
 def _local_cpus(spec: SweepSpec) -> float:
     return spec.ray.num_cpus or os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- GPU memory probe
+
+PROBE_WAIT_ENV = "EMBEDTUNE_PROBE_WAIT_S"  # on a cluster with no GPU node yet: seconds to wait for one
+
+
+def probe_keys(spec: SweepSpec) -> list[memory.ProbeKey]:
+    """The distinct (model, batch size, sequence length, loss, checkpointing) steps of a sweep."""
+    sizes = spec.search.batch_size
+    batches = sorted({int(b) for b in sizes}) if isinstance(sizes, list) else [int(sizes.largest)]
+    t = spec.train
+    return [
+        memory.ProbeKey(
+            m,
+            b,
+            t.max_seq_length,
+            t.loss,
+            t.mini_batch_size,
+            t.gradient_checkpointing,
+            t.hard_negatives,
+            t.fp16,
+        )  # fmt: skip
+        for m in spec.models
+        for b in batches
+    ]
+
+
+def run_probes(keys: list[memory.ProbeKey]) -> list[dict]:
+    """One measured training step per key on this process's GPU ([] without CUDA)."""
+    import torch
+
+    from embedtune.specs import TrainConfig
+    from embedtune.train import probe_memory
+
+    if not torch.cuda.is_available():
+        return []
+    configs = [
+        TrainConfig(
+            model=k.model,
+            batch_size=k.batch_size,
+            max_seq_length=k.max_seq_length,
+            loss=k.loss,
+            mini_batch_size=k.mini_batch_size,
+            gradient_checkpointing=k.gradient_checkpointing,
+            hard_negatives=k.hard_negatives,
+            fp16=k.fp16,
+        )  # fmt: skip
+        for k in keys
+    ]
+    return [probe_memory(c, "cuda") for c in configs]
+
+
+def _probe_on_cluster(spec: SweepSpec, keys: list[memory.ProbeKey], address: str) -> list[dict] | None:
+    """Run the probes as a Ray task asking for a trial's GPU share, so it lands on a GPU worker."""
+    import ray
+
+    from embedtune import ray_env
+
+    wait_s = float(os.environ.get(PROBE_WAIT_ENV, "0") or 0)
+    with ray_env.session(address=address):
+        if ray.cluster_resources().get("GPU", 0) <= 0 and wait_s <= 0:
+            log.info(
+                "memory probe skipped: no GPU node in the Ray cluster yet (set %s to wait for the autoscaler)",
+                PROBE_WAIT_ENV,
+            )
+            return None
+        task = ray.remote(num_gpus=min(spec.resources.gpu, 1.0), num_cpus=min(spec.resources.cpu, 1.0))(
+            run_probes
+        )
+        ref = task.remote(keys)
+        started = time.time()
+        done, _ = ray.wait([ref], timeout=max(wait_s, 0) + 600)
+        if not done:
+            ray.cancel(ref, force=True)
+            log.info("memory probe skipped: no GPU worker took it within %.0f s", time.time() - started)
+            return None
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # one line, as every preflight error
+            cause = getattr(exc, "cause", None) or exc
+            first = (str(cause).strip().splitlines() or [""])[0][:300]
+            raise EmbedtuneError(
+                f"memory probe failed on a GPU worker: {type(cause).__name__}: {first}"
+            ) from None
+
+
+def check_gpu_memory(spec: SweepSpec, address: str | None = None) -> list[tuple[memory.ProbeKey, dict]]:
+    """Before any trial: one measured training step per distinct memory shape on a GPU (this
+    machine's, or a cluster worker's), refusing in one line a config whose peak exceeds its
+    `resources.gpu` share of the device (less a margin). Skipped, with a log line, without a GPU."""
+    if spec.resources.gpu <= 0:
+        return []
+    keys = probe_keys(spec)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        results = _probe_on_cluster(spec, keys, address)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            log.info("memory probe skipped: no CUDA GPU on this machine")
+            return []
+        results = run_probes(keys)
+    if not results:
+        if results is not None:
+            log.info("memory probe skipped: the GPU worker has no CUDA device")
+        return []
+    for key, got in zip(keys, results, strict=True):
+        line = memory.refusal(
+            key,
+            got["peak_gpu_bytes"],
+            got["device_total_bytes"],
+            spec.resources.gpu,
+            got["device_name"],
+            out_of_memory=bool(got.get("out_of_memory")),
+        )
+        if line:
+            raise EmbedtuneError(line)
+        log.info(
+            "memory probe: %s: peak %.1f of %.1f GiB allowed on %s",
+            key.describe(),
+            got["peak_gpu_bytes"] / memory.GIB,
+            memory.gpu_budget_bytes(got["device_total_bytes"], spec.resources.gpu) / memory.GIB,
+            got["device_name"],
+        )
+    return list(zip(keys, results, strict=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from embedtune import env
 from embedtune.specs import SweepSpec
 from embedtune.sweep.identity import explicit_space, param_space, trial_dirname
 
@@ -28,6 +29,10 @@ def scheduler_for(spec: SweepSpec):
     )
 
 
+def _shown(spec: SweepSpec) -> tuple[str, str]:
+    return spec.scheduler.tune_metric, spec.scheduler.mode
+
+
 def build_tuner(
     spec: SweepSpec,
     trainable,
@@ -41,6 +46,8 @@ def build_tuner(
     (`configs` None), `num_samples` draws from the spec's space."""
     from ray import tune
     from ray.tune.search import create_searcher
+
+    from embedtune.sweep.progress import SweepProgress
 
     if configs is not None:
         space, search_alg = explicit_space(configs, spec.max_concurrent_trials)
@@ -71,7 +78,8 @@ def build_tuner(
                 checkpoint_score_order=spec.scheduler.mode,
             ),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=[callback],
-            verbose=1,
+            # one progress line instead of Tune's status tables, unless --verbose
+            callbacks=[callback] if env.verbose() else [callback, SweepProgress(samples, *_shown(spec))],
+            verbose=1 if env.verbose() else 0,
         ),
     )
