@@ -67,6 +67,7 @@ configure_logging()
 ALLOWED_SKIPS = (
     "root reads files",  # test_cli_train: a permission test that means nothing as root
     "no GPU",  # GPU checks on a CPU-only machine
+    "GPU present",  # the CPU-fallback checks on a GPU machine
     "unshare --",  # a namespace (network, mount) a container may not allow, even to root
 )
 _SKIPS: dict[str, list[str]] = {}

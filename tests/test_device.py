@@ -12,7 +12,7 @@ from embedtune import env
 from embedtune.errors import EmbedtuneError
 
 pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="checks the choice on a machine without CUDA"
+    torch.cuda.is_available(), reason="GPU present: checks the choice on a machine without CUDA"
 )
 
 CUDA_REFUSED = r"(?i)failed to load .*(cuda|nvidia)"

@@ -91,7 +91,7 @@ def test_sweep_probe_is_skipped_with_a_line_without_a_gpu(caplog, monkeypatch) -
     assert pf.check_gpu_memory(cpu_only) == [] and "memory probe" not in caplog.text  # nothing to probe
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: needs a CUDA GPU")
 def test_sweep_probe_on_this_gpu_accepts_a_small_config_and_refuses_a_tiny_share() -> None:
     raw = {"name": "g", "datasets": [{"source": "medquad-sample"}], "models": ["paraphrase-MiniLM-L3-v2"],
            "search": {"batch_size": [8]}, "train": {"max_seq_length": 64}, "resources": {"gpu": 0.5}}  # fmt: skip
