@@ -43,9 +43,7 @@ def test_backend_embeddings_agree_with_torch(backend, texts, torch_vectors):
     assert q.shape == tq.shape and d.shape == td.shape and q.dtype == np.float32
     assert np.allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-3)  # normalised like ST's output
     cos = np.concatenate([(q * tq).sum(1), (d * td).sum(1)])
-    overlap = np.mean(
-        [len(set(a) & set(b)) / 10 for a, b in zip(_top10(q, d), _top10(tq, td), strict=True)]
-    )
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(_top10(q, d), _top10(tq, td), strict=True)])
     if backend.endswith("int8"):
         # int8 weights move embeddings measurably but must keep retrieval nearly the same
         assert cos.min() >= 0.95 and cos.mean() >= 0.98, (cos.min(), cos.mean())
@@ -81,10 +79,13 @@ def test_export_is_cached_per_checkpoint(tmp_path, monkeypatch, texts):
     ov = load_encoder(path, "openvino", "cpu")
     assert ov.export_seconds > 0 and (folder / ONNX_FILE).stat().st_mtime_ns == stamp
     # one folder per checkpoint identity, one subfolder per backend
-    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.startswith(".")) == ["onnx", "openvino"]
-    assert sorted(p.name for p in (tmp_path / "home" / "exports").iterdir() if not p.name.startswith(".")) == [
-        folder.parent.name
+    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.startswith(".")) == [
+        "onnx",
+        "openvino",
     ]
+    assert sorted(
+        p.name for p in (tmp_path / "home" / "exports").iterdir() if not p.name.startswith(".")
+    ) == [folder.parent.name]
 
 
 def test_auto_is_openvino_on_cpu_and_torch_on_gpu():
@@ -96,9 +97,9 @@ def test_auto_is_openvino_on_cpu_and_torch_on_gpu():
 
 
 def test_a_bad_backend_fails_at_spec_load_naming_the_field():
-    from embedtune.specs import parse_spec
-
     from specs import tiny_spec
+
+    from embedtune.specs import parse_spec
 
     assert parse_spec(tiny_spec("enc")).final.encode_backend == "auto"
     ok = parse_spec(tiny_spec("enc", final={"enabled": False, "encode_backend": "onnx-int8"}))
