@@ -120,7 +120,7 @@ def _model_inputs(st) -> list[str]:
     """The tokenizer outputs the transformer takes (input_ids, attention_mask, token_type_ids, ...)."""
     import inspect
 
-    features = st.tokenize(["a b"])
+    features = st.preprocess(["a b"])
     params = set(inspect.signature(st[0].model.forward).parameters)
     return [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in features and k in params]
 
@@ -134,7 +134,7 @@ def _export_onnx(st, dest: Path) -> None:
     names = _model_inputs(st)
     old_attn = getattr(model.config, "_attn_implementation", None)
     model.set_attn_implementation("eager")
-    features = st.tokenize(["an example sentence to trace", "a second one"])
+    features = st.preprocess(["an example sentence to trace", "a second one"])
     args = tuple(features[n].to("cpu") for n in names)
 
     class _Wrapped(torch.nn.Module):
