@@ -8,9 +8,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 from embedtune import env
 from embedtune.errors import EmbedtuneError
+from embedtune.specs.evaluation import EncodeBackend
 from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, LEADERBOARD_METRICS
 
 
@@ -189,6 +191,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         lancedb_uri=args.lancedb,
         probe_size=args.probe_size,
         register_name=args.register_name,
+        encode_backend=args.encode_backend,
     )
     data = prepare(_data_spec(args))
     _say_data(data)
@@ -294,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lancedb", help="LanceDB URI (default: <out>/lancedb)")
     p.add_argument("--probe-size", type=int, help="questions sampled for the 'should you fine-tune?' probe")
+    p.add_argument(
+        "--encode-backend",
+        choices=get_args(EncodeBackend),
+        help="encoder of corpora and queries (default: auto = openvino on a CPU, torch on a GPU)",
+    )
     p.add_argument("--tracking-uri", help="also log the report to MLflow at this URI")
     p.add_argument("--register-name", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_evaluate)

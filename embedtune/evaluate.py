@@ -14,10 +14,12 @@ from typing import Any
 from embedtune import rerank
 from embedtune.errors import EmbedtuneError
 from embedtune.models import check_model
-from embedtune.records import ModelEntry
+from embedtune.records import ENCODE_COST_COLUMNS, EncodeCost, ModelEntry
 from embedtune.specs import EvalSpec
 
 log = logging.getLogger(__name__)
+
+THROUGHPUT_SAMPLE = 256  # corpus documents timed for docs_per_s when a model's table is reused
 
 COLUMNS = [
     "dataset",
@@ -36,8 +38,12 @@ COLUMNS = [
     "ndcg_at_10",
     "n_queries",
     "seconds",
+    *ENCODE_COST_COLUMNS,
     "per_query",
 ]
+# encode_backend, docs_per_s, dim, size_mb, export_s: what encoding with the model costs on this
+# machine (records.EncodeCost): docs_per_s is the corpus ingest rate when the table was built now,
+# else the rate on a sample of THROUGHPUT_SAMPLE corpus documents.
 # `per_query`: dict metric -> list of floats, one per query in the order of `data.queries` (hit@k
 # 0/1, reciprocal rank within the top 10 or 0, nDCG@10); the metric columns are their means.
 
@@ -172,9 +178,10 @@ class _Scorer:
         rerankers: dict,
         db_uri: str,
         progress: bool,
+        encode_backend: str = "torch",
     ) -> None:
         self.data, self.spec, self.combos, self.rerankers = data, spec, combos, rerankers
-        self.db_uri, self.progress = db_uri, progress
+        self.db_uri, self.progress, self.encode_backend = db_uri, progress, encode_backend
         self.qids = list(data.queries)
         self.texts = [data.queries[q] for q in self.qids]
         self.relevant = [set(data.relevant[q]) for q in self.qids]
@@ -187,44 +194,45 @@ class _Scorer:
         per_query = per_query_metrics(ranked, self.relevant, self.spec.ks)
         return {**{m: sum(v) / len(v) for m, v in per_query.items()}, "per_query": per_query}
 
-    def _legs(self, entry: ModelEntry):
+    def _legs(self, entry: ModelEntry) -> tuple[Any, float, EncodeCost]:
+        from embedtune.encode import load_encoder
         from embedtune.index import build_table
-        from embedtune.models import load_model, truncate
         from embedtune.retrieval import fts_leg, vector_leg
 
-        model = load_model(entry.path)
-        truncate(model, self.spec.max_seq_length)  # queries too, also when the table is reused
+        encoder = load_encoder(entry.path, self.encode_backend)
+        encoder.truncate(self.spec.max_seq_length)  # queries too, also when the table is reused
         indexed = build_table(
             entry.path,
             self.data,
             self.db_uri,
             model_label=entry.label,
-            model=model,
+            model=encoder,
             batch_size=self.spec.batch_size,
             progress=self.progress,
             max_seq_length=self.spec.max_seq_length,
         )
         tbl = indexed.open()
         log.debug("%s: table %s (%s)", entry.label, indexed.name, "reused" if indexed.reused else "built")
+        if indexed.reused or indexed.encode_seconds <= 0:
+            rate = encoder.docs_per_s(
+                list(self.data.corpus.values()), self.spec.batch_size, THROUGHPUT_SAMPLE
+            )
+        else:
+            rate = indexed.rows / indexed.encode_seconds
+        cost = encoder.cost(rate)
         vec_legs, vec_s = None, 0.0
         if any(q in ("vector", "hybrid") for q, _ in self.combos):
             t = time.perf_counter()
-            qv = model.encode(
-                self.texts,
-                batch_size=self.spec.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            qv = encoder.encode(self.texts, batch_size=self.spec.batch_size)
             vec_legs, vec_s = vector_leg(tbl, qv, self.limit), time.perf_counter() - t
         if any(q in ("fts", "hybrid") for q, _ in self.combos) and self.fts_legs is None:
             t = time.perf_counter()
             self.fts_legs = fts_leg(tbl, self.texts, self.limit, self.spec.fts_threads)
             self.fts_s = time.perf_counter() - t
-        return vec_legs, vec_s
+        return vec_legs, vec_s, cost
 
     def score(self, entry: ModelEntry) -> list[dict[str, Any]]:
-        vec_legs, vec_s = self._legs(entry)
+        vec_legs, vec_s, cost = self._legs(entry)
         rows = []
         for qtype, rname in self.combos:
             if qtype == "fts" and (qtype, rname) in self.fts_rows:
@@ -252,6 +260,7 @@ class _Scorer:
                     **{k: v for k, v in metrics.items() if k != "per_query"},
                     "n_queries": len(self.qids),
                     "seconds": round(seconds, 4),
+                    **cost.to_dict(),
                     "per_query": metrics["per_query"],
                 }
             )
@@ -265,9 +274,11 @@ def evaluate_models(
     db_uri: str = "lancedb",
     cross_encoder_path: str | None = None,
     progress: bool = True,
+    encode_backend: str = "torch",
 ):
     """Index each model's embeddings of `data.corpus` in LanceDB at `db_uri` (reused when already
-    there) and score every (query_type, reranker) of `spec` over `data.queries`.
+    there) and score every (query_type, reranker) of `spec` over `data.queries`. Corpora and queries
+    are encoded on `encode_backend` (`embedtune.encode`; the final stage passes `final.encode_backend`).
 
     Returns a pandas DataFrame, one row per (dataset, model, query_type, reranker), columns COLUMNS
     (with one hit_at_<k> column per k of spec.ks); `per_query` holds each row's per-query values
@@ -292,7 +303,7 @@ def evaluate_models(
     if not combos:
         raise EmbedtuneError(f"no valid (query_type, reranker) pair in {spec.query_types} x {spec.rerankers}")
     rerankers = rerank.build({r for _, r in combos}, spec, data.corpus, cross_encoder_path, progress)
-    scorer = _Scorer(data, spec, combos, rerankers, db_uri, progress)
+    scorer = _Scorer(data, spec, combos, rerankers, db_uri, progress, encode_backend)
     rows = [row for entry in models for row in scorer.score(entry)]
     cross = rerankers.get("cross-encoder")
     if cross is not None:

@@ -44,7 +44,7 @@ from embedtune import storage
 from embedtune.cache import lock_for
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
-from embedtune.models import check_model, load_model, model_identity
+from embedtune.models import check_model, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class IndexedTable:
     reused: bool  # True when an existing complete table was used instead of re-embedding
     vector_index: str | None  # index type, or None for exhaustive search
     seconds: float
+    encode_seconds: float = 0.0  # of `seconds`, the time spent encoding the corpus (0 when reused)
 
     def open(self):
         return connect(self.db_uri).open_table(self.name)
@@ -77,12 +78,17 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
 
 
-def table_name(model_id: str, data: PreparedData, max_seq_length: int | None = None) -> str:
-    """`<data label>__m<model hash>__d<data fingerprint>[__s<max tokens>]`: identity only, so the same
-    weights under another label (a base model listed twice, a copied checkpoint) reuse one table;
-    a truncation other than the model's own gives other embeddings, so another table."""
+def table_name(
+    model_id: str, data: PreparedData, max_seq_length: int | None = None, backend: str = "torch"
+) -> str:
+    """`<data label>__m<model hash>__d<data fingerprint>[__s<max tokens>][__b<backend>]`: identity
+    only, so the same weights under another label (a base model listed twice, a copied checkpoint)
+    reuse one table; a truncation other than the model's own, or an encoder backend other than
+    torch (bf16 / int8 arithmetic), gives other embeddings, so another table."""
     name = f"{_safe(data.label)}__m{model_id[:16]}__d{data.fingerprint[:16]}"
-    return f"{name}__s{max_seq_length}" if max_seq_length else name
+    if max_seq_length:
+        name = f"{name}__s{max_seq_length}"
+    return name if backend == "torch" else f"{name}__b{_safe(backend)}"
 
 
 def connect(db_uri: str | Path, **kwargs):
@@ -176,11 +182,13 @@ def build_table(
     vector_index: bool | None = None,
     progress: bool = True,
     max_seq_length: int | None = None,
+    backend: str = "torch",
 ) -> IndexedTable:
     """Embed `data.corpus` with the model at `model_path` into a LanceDB table at `db_uri`, or reuse
     a complete one for the same (model, data). `vector_index`: None = only when the corpus has at
     least VECTOR_INDEX_MIN_ROWS rows; True / False force it. `model` may pass an already loaded
-    SentenceTransformer for `model_path`. `max_seq_length` truncates documents to at most that many
+    `encode.Encoder` (or SentenceTransformer) for `model_path`; else one is loaded on `backend`
+    (see `embedtune.encode`). `max_seq_length` truncates documents to at most that many
     tokens (default: the model's own limit)."""
     start = time.perf_counter()
     db_uri = str(db_uri)
@@ -189,11 +197,13 @@ def build_table(
         raise EmbedtuneError(f"dataset {data.label} has an empty corpus: nothing to index")
     from tqdm.auto import tqdm
 
+    from embedtune.encode import as_encoder, load_encoder, resolve_backend
     from embedtune.models import model_label as label_of
-    from embedtune.models import truncate
 
+    encoder = as_encoder(model, path) if model is not None else None
+    backend = encoder.backend if encoder is not None else resolve_backend(backend)
     mid = model_identity(path)
-    name = table_name(mid, data, max_seq_length)
+    name = table_name(mid, data, max_seq_length, backend)
     with _lock(db_uri, name):
         db = connect(db_uri)
         existing = db.open_table(name) if name in _table_names(db) else None
@@ -211,10 +221,9 @@ def build_table(
         if existing is not None:
             log.warning("table %s in %s is incomplete (interrupted ingest?): rebuilding it", name, db_uri)
             db.drop_table(name)
-        model = model if model is not None else load_model(path)
-        truncate(model, max_seq_length)
-        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        dim = get_dim() or len(model.encode(["x"])[0])
+        encoder = encoder if encoder is not None else load_encoder(path, backend)
+        encoder.truncate(max_seq_length)
+        dim = encoder.dim
         ids, texts = list(data.corpus), list(data.corpus.values())
         want_index = len(ids) >= VECTOR_INDEX_MIN_ROWS if vector_index is None else vector_index
         index_type = "IVF_HNSW_SQ" if want_index else None
@@ -227,23 +236,21 @@ def build_table(
             "data_label": data.label,
             "distance": DISTANCE,
             "vector_index": index_type or "",
-            "max_seq_length": model.max_seq_length or "",
+            "max_seq_length": encoder.max_seq_length or "",
+            "encode_backend": backend,
         }
         tbl = db.create_table(name, schema=_schema(dim, meta), mode="overwrite")
         label = model_label or label_of(str(model_path))
         bar = tqdm(
             total=len(ids), desc=f"embedding {data.label} with {label}", unit="doc", disable=not progress
         )
+        encode_s = 0.0
         try:
             for lo in range(0, len(ids), chunk_rows):
                 chunk_ids, chunk_texts = ids[lo : lo + chunk_rows], texts[lo : lo + chunk_rows]
-                vecs = model.encode(
-                    chunk_texts,
-                    batch_size=batch_size,
-                    normalize_embeddings=True,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
+                t = time.perf_counter()
+                vecs = encoder.encode(chunk_texts, batch_size=batch_size)
+                encode_s += time.perf_counter() - t
                 tbl.add(_batch(chunk_ids, chunk_texts, vecs, dim))
                 bar.update(len(chunk_ids))
         finally:
@@ -251,7 +258,7 @@ def build_table(
         _create_indexes(tbl, want_index)
         tbl.tags.create(COMPLETE_TAG, tbl.version)
         return IndexedTable(
-            db_uri, name, tbl.count_rows(), dim, False, index_type, time.perf_counter() - start
+            db_uri, name, tbl.count_rows(), dim, False, index_type, time.perf_counter() - start, encode_s
         )
 
 

@@ -147,6 +147,25 @@ class ModelEntry:
 
 
 @dataclass
+class EncodeCost:
+    """What encoding with one model costs on the machine that ran the final stage: the backend,
+    corpus documents per second, embedding dimension, size on disk of what the backend runs (the
+    model folder for torch, the export otherwise) and the seconds its export took (0: reused)."""
+
+    encode_backend: str
+    docs_per_s: float
+    dim: int
+    size_mb: float
+    export_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ENCODE_COST_COLUMNS = [f.name for f in fields(EncodeCost)]
+
+
+@dataclass
 class HarmRow:
     """The do-no-harm comparison of one dataset's winner with its base model on one OOD set."""
 

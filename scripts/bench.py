@@ -8,6 +8,8 @@ one process on the same data, medians over `--repeats` runs (default 3).
 | trial_throughput_vs_plain    | training samples/s inside a Ray Tune trial | a plain sentence-transformers script |
 | mining_cost_vs_per_trial     | mine once per dataset, k trials reuse it   | mining inside every trial    |
 | ingest_vs_encode             | rows/s into LanceDB (encode + write + FTS) | encoding alone               |
+| encode_speedup_backend       | corpus rows/s, final.encode_backend auto   | PyTorch fp32, same model     |
+| encode_backend_hit10_delta   | hit@10 of the N questions, auto backend    | minus PyTorch fp32's          |
 | sweep_local_seconds          | `make sweep-local`, final stage included   | the 15-minute target         |
 | sweep_wall_over_trial_sum    | the trials phase's wall time               | the sum of trial times       |
 
@@ -38,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL_DATA = REPO.parent / "shared" / "data" / "medquad" / "medquad_pairs.jsonl.gz"
 BUDGET_S = 15 * 60
 EVAL_MODEL = "paraphrase-MiniLM-L3-v2"  # the search is measured, not the model: the cheaper encoder
+ENCODE_MODEL = "all-MiniLM-L6-v2"  # the encoder is measured: the default sweep's first model
 
 # target per key: (comparison, value) — shown next to each measurement
 TARGETS: dict[str, tuple[str, float]] = {
@@ -46,6 +49,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "trial_throughput_vs_plain": (">=", 0.95),
     "mining_cost_vs_per_trial": ("<=", float("nan")),  # 1/k + 0.05, set once k is known
     "ingest_vs_encode": (">=", 0.9),
+    "encode_speedup_backend": (">=", 2.0),
+    "encode_backend_hit10_delta": ("abs<=", 0.005),
     "sweep_local_seconds": ("<=", float(BUDGET_S)),
     "sweep_wall_over_trial_sum": ("<=", 0.6),
 }
@@ -209,6 +214,68 @@ def bench_ingest(data, model, path, rows: int, repeats: int, work: Path) -> dict
     }
 
 
+# ---------------------------------------------------------------- encoder backends
+
+
+def bench_encode(
+    data, rows: int, repeats: int, work: Path, max_seq_length: int | None = None, backend: str = "auto"
+) -> dict[str, Any]:
+    """The final stage's encoder (`final.encode_backend`, default auto) against PyTorch fp32, same
+    model (ENCODE_MODEL), same truncation, one process:
+    - speed: `rows` corpus documents encoded by each in turn, `repeats` times (interleaved, so load
+      drift on a shared machine hits both), ratio of the median rows/s;
+    - quality: each backend's own LanceDB table of the whole corpus and its query vectors, hit@10 of
+      every question (exact search), auto minus torch."""
+    from embedtune.encode import load_encoder
+    from embedtune.evaluate import retrieval_metrics
+    from embedtune.index import build_table
+    from embedtune.models import resolve_model
+    from embedtune.retrieval import vector_leg
+
+    path = resolve_model(ENCODE_MODEL)
+    encoders = {"torch": load_encoder(path, "torch", "cpu"), "auto": load_encoder(path, backend)}
+    for enc in encoders.values():
+        enc.truncate(max_seq_length)
+    texts = list(data.corpus.values())[:rows]
+    for enc in encoders.values():
+        enc.encode(texts[:64])  # warm up (first-call allocations, OpenVINO's compiled shapes)
+    times: dict[str, list[float]] = {k: [] for k in encoders}
+    for _ in range(repeats):
+        for name, enc in encoders.items():
+            times[name].append(_timed(lambda enc=enc: enc.encode(texts))[0])
+    rate = {k: len(texts) / statistics.median(v) for k, v in times.items()}
+    qids = list(data.queries)
+    relevant = [set(data.relevant[q]) for q in qids]
+    hit10, corpus_rate = {}, {}
+    for name, enc in encoders.items():
+        indexed = build_table(
+            path,
+            data,
+            str(work / "lancedb-encode"),
+            model=enc,
+            vector_index=False,
+            progress=False,
+            max_seq_length=max_seq_length,
+        )
+        corpus_rate[name] = indexed.rows / indexed.encode_seconds if indexed.encode_seconds else None
+        qv = enc.encode([data.queries[q] for q in qids])
+        ranked = [leg["id"].to_pylist() for leg in vector_leg(indexed.open(), qv, 10)]
+        hit10[name] = retrieval_metrics(ranked, relevant, (10,))["hit_at_10"]
+    return {
+        "encode_speedup_backend": rate["auto"] / rate["torch"],
+        "encode_backend_hit10_delta": hit10["auto"] - hit10["torch"],
+        "encode_backend": encoders["auto"].backend,
+        "encode_model": ENCODE_MODEL,
+        "encode_max_seq_length": max_seq_length,
+        "encode_rows": len(texts),
+        "encode_rows_per_s": rate,
+        "encode_corpus_rows_per_s": corpus_rate,
+        "encode_hit_at_10": hit10,
+        "encode_export_s": round(encoders["auto"].export_seconds, 2),
+        "encode_seconds": times,
+    }
+
+
 # ---------------------------------------------------------------- mining
 
 
@@ -366,7 +433,7 @@ def _verdict(key: str, value: Any) -> str:
     op, target = TARGETS[key]
     if target != target:
         return ""
-    ok = value >= target if op == ">=" else value <= target
+    ok = {">=": value >= target, "<=": value <= target, "abs<=": abs(value) <= target}[op]
     return f"{'met' if ok else 'MISSED'} ({op} {target:g})"
 
 
@@ -443,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench"), type=Path, help="results.json / results.md")
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench"), type=Path)
     parser.add_argument("--skip-sweep", action="store_true", help="everything but `make sweep-local`")
+    parser.add_argument(
+        "--only-encode", action="store_true", help="only encode_speedup_backend / encode_backend_hit10_delta"
+    )
     args = parser.parse_args(argv)
     env.apply(offline=True)
 
@@ -455,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results: dict[str, Any] = {"machine": machine(), "repeats": args.repeats}
     try:
+        if args.only_encode:
+            return _only_encode(args, spec, results)
         if not args.skip_sweep:  # first, on a quiet machine: the number users feel
             results |= bench_sweep_local(spec, args.work_dir / "sweep-local")
             print(f"[bench] sweep-local: {results['sweep_local_seconds']:.0f}s", flush=True)
@@ -463,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         results |= ev
         print(f"[bench] eval: {ev['eval_speedup_vs_loop']:.1f}x the loop", flush=True)
         results |= bench_ingest(data, model, path, 1000, args.repeats, args.work_dir)
+        results |= bench_encode(
+            data, 1000, args.repeats, args.work_dir, spec.train.max_seq_length, spec.final.encode_backend
+        )
+        print(f"[bench] encode: {results['encode_speedup_backend']:.2f}x torch", flush=True)
         n_trials = results.get("sweep_local_trials") or len(spec.models) * len(spec.datasets) * len(
             spec.search.epochs
         )
@@ -480,6 +556,21 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     print(f"[bench] {js} and {md} written in {results['bench_seconds']:.0f}s")
     log_to_mlflow(tracking_uri or f"sqlite:///{(args.work_dir / 'mlflow.db').resolve()}", results, [js, md])
+    return 0
+
+
+def _only_encode(args: argparse.Namespace, spec, results: dict[str, Any]) -> int:
+    """The encoder keys alone on the bench's question set (prints them; writes nothing)."""
+    from embedtune.data import prepare
+    from embedtune.specs import DataSpec
+
+    data = prepare(
+        DataSpec(source=str(args.eval_data), max_pairs=args.corpus + args.queries, eval_size=args.queries)
+    )
+    results |= bench_encode(
+        data, 1000, args.repeats, args.work_dir, spec.train.max_seq_length, spec.final.encode_backend
+    )
+    print(json.dumps(results, indent=2, default=str))
     return 0
 
 

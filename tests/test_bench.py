@@ -23,6 +23,8 @@ REQUIRED = [
     "trial_throughput_vs_plain",
     "mining_cost_vs_per_trial",
     "ingest_vs_encode",
+    "encode_speedup_backend",
+    "encode_backend_hit10_delta",
     "sweep_local_seconds",
     "sweep_wall_over_trial_sum",
     "machine",
@@ -57,6 +59,16 @@ def test_ingest_ratio(small_eval, tmp_path):
     assert 0 < ing["ingest_vs_encode"] < 1.5
 
 
+def test_encode_backend_keys(small_eval, tmp_path):
+    """auto (openvino on this CPU) against torch on the same corpus and questions: plain numbers,
+    a real speed ratio and a hit@10 difference within what bf16 arithmetic can move."""
+    enc = bench.bench_encode(small_eval["_data"], 64, 1, tmp_path, max_seq_length=64)
+    assert enc["encode_backend"] == "openvino" and enc["encode_model"] == bench.ENCODE_MODEL
+    assert isinstance(enc["encode_speedup_backend"], float) and 0 < enc["encode_speedup_backend"] < 100
+    assert abs(enc["encode_backend_hit10_delta"]) <= 0.05
+    assert all(0.3 < h <= 1.0 for h in enc["encode_hit_at_10"].values())
+
+
 def test_missing_eval_data_is_a_clear_error(tmp_path):
     from embedtune.errors import EmbedtuneError
 
@@ -73,6 +85,8 @@ def test_outputs_carry_the_checked_keys(tmp_path):
         "trial_throughput_vs_plain": 0.97,
         "mining_cost_vs_per_trial": 0.17,
         "ingest_vs_encode": 0.93,
+        "encode_speedup_backend": 3.1,
+        "encode_backend_hit10_delta": -0.006,
         "sweep_local_seconds": 800.0,
         "sweep_wall_over_trial_sum": 0.55,
     }
@@ -84,3 +98,5 @@ def test_outputs_carry_the_checked_keys(tmp_path):
     text = md.read_text()
     assert "| `eval_speedup_vs_loop` | 25.000 | met (>= 20) |" in text
     assert "| `eval_time_vs_bruteforce` | 2.500 | MISSED (<= 2) |" in text
+    assert "| `encode_speedup_backend` | 3.100 | met (>= 2) |" in text
+    assert "| `encode_backend_hit10_delta` | -0.006 | MISSED (abs<= 0.005) |" in text

@@ -211,6 +211,14 @@ def test_final_stage_registers_the_winner(tmp_path, small_data):
     probe = json.loads((run_dir / "report" / "probe.json").read_text())
     (entry,) = probe.values()
     assert 0 < entry["eval_to_train_sim"] <= 1 and 0 <= entry["train_hit_at_10"] <= 1
+    # every pass after training ran on final.encode_backend (auto: openvino on this CPU), with its cost
+    import pandas as pd
+
+    results = pd.read_csv(run_dir / "report" / "results.csv")
+    assert set(results["encode_backend"]) == {"openvino"} and entry["encode_backend"] == "openvino"
+    assert (results["docs_per_s"] > 1).all() and (results["dim"] == 384).all()
+    assert results["size_mb"].between(10, 200).all()
+    assert (run_dir / "report" / "plots" / "quality_vs_throughput.png").exists() and "| docs/s |" in md
 
     # the registered model loads back and embeds
     import mlflow

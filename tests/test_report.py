@@ -177,7 +177,12 @@ def test_build_report_writes_files_and_rebuilds(tmp_path):
     for key in ("leaderboard_md", "leaderboard_csv", "leaderboard_html", "results", "meta"):
         assert rep.files[key].exists() and rep.files[key].stat().st_size > 0
     names = sorted(p.name for p in rep.plots)
-    assert names == ["best_combinations.png", "epochs_medquad.png", "epochs_squad.png"]
+    assert names == [
+        "best_combinations.png",
+        "epochs_medquad.png",
+        "epochs_squad.png",
+        "quality_vs_throughput.png",
+    ]
     for p in rep.plots:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = rep.files["leaderboard_md"].read_text()
@@ -196,6 +201,76 @@ def test_build_report_writes_files_and_rebuilds(tmp_path):
     assert all(p.exists() for p in rebuilt.paths)
     assert rebuilt.winner["model"] == "mini-ft-e2-t1" and rebuilt.winner["trial_id"] == "t1"
     assert pd.read_csv(rebuilt.files["leaderboard_csv"]).equals(csv)
+
+
+# encode cost per model (as evaluate_models reports it): the L3 base is 3x faster than MiniLM
+COSTS = {
+    "mini": ("openvino", 300.0, 384, 86.4),
+    "mini-ft-e2-t1": ("openvino", 290.0, 384, 86.4),
+    "mini-ft-e1-t2": ("openvino", 310.0, 384, 86.4),
+    "l3": ("openvino", 900.0, 384, 66.0),
+    "mini-ft-e3-t3": ("openvino", 305.0, 384, 86.4),
+}
+
+
+def _with_costs(frame: pd.DataFrame) -> pd.DataFrame:
+    cols = ["encode_backend", "docs_per_s", "dim", "size_mb"]
+    return frame.assign(
+        **{c: [COSTS[m][i] for m in frame["model"]] for i, c in enumerate(cols)}, export_s=0.0
+    )
+
+
+def test_pareto_front_hand_checked():
+    from embedtune.report.leaderboard import pareto_front
+
+    # (docs/s, quality): b is beaten by a (faster and better); c and a and d trade speed for quality
+    points = [(300.0, 0.72), (290.0, 0.60), (900.0, 0.50), (100.0, 0.80), (900.0, 0.45)]
+    assert pareto_front(points) == [3, 0, 2]
+    assert pareto_front([(1.0, 1.0)]) == [0]
+    assert pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # ties dominate nothing
+
+
+def test_report_has_encode_cost_columns_and_pareto_plot(tmp_path):
+    trials = trials_list()
+    _save_trials(tmp_path, trials)
+    rep = build_report(RunDir(tmp_path), trials, _with_costs(results_frame()), {}, metric="hit_at_10")
+    csv = pd.read_csv(rep.files["leaderboard_csv"])
+    assert {"encode_backend", "docs_per_s", "dim", "size_mb", "export_s"} <= set(csv.columns)
+    assert csv["docs_per_s"].between(1, 1e5).all() and (csv["dim"] == 384).all()
+    assert csv["size_mb"].between(1, 1e4).all() and (csv["encode_backend"] == "openvino").all()
+    md = rep.files["leaderboard_md"].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| # |"))
+    assert all(h in header for h in ("| encoder |", "| docs/s |", "| dim |", "| MB |"))
+    l3_row = next(line for line in md.splitlines() if line.startswith("|") and "| l3 |" in line)
+    assert "| openvino | 900 | 384 | 66.0 |" in l3_row
+    # medquad vector search: mini-ft-e2-t1 is best (0.72); without per-query values there is no
+    # interval, so no other model is within noise of it
+    assert "**Cost:** the best model (vector search, hit_at_10) `mini-ft-e2-t1`" in md
+    assert "docs/s" in rep.files["leaderboard_html"].read_text()
+    plot = rep.report_dir / "plots" / "quality_vs_throughput.png"
+    assert plot in rep.plots and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plots/quality_vs_throughput.png" in md
+    # a rebuild from the stored results keeps the costs
+    rebuilt = rebuild_report(tmp_path)
+    assert pd.read_csv(rebuilt.files["leaderboard_csv"])["docs_per_s"].tolist() == csv["docs_per_s"].tolist()
+
+
+def test_cheapest_model_within_noise_of_the_best():
+    from embedtune.report.leaderboard import cheapest_within_noise, leaderboard
+
+    frame = _with_costs(results_frame())
+    board = leaderboard(frame, trials_list(), "hit_at_10")
+    rows = board[board["dataset"] == "medquad"]
+    # without intervals the floor is the best score itself: the best is its own cheapest choice
+    pick = cheapest_within_noise(rows, "hit_at_10")
+    assert pick["best"]["model"] == pick["cheapest"]["model"] == "mini-ft-e2-t1"
+    # with a wide interval on the best (down to 0.5), the 3x faster l3 base (0.50) is within noise
+    rows = rows.assign(hit_at_10_lo=0.5)
+    pick = cheapest_within_noise(rows, "hit_at_10")
+    assert pick["best"]["model"] == "mini-ft-e2-t1" and pick["cheapest"]["model"] == "l3"
+    assert (
+        cheapest_within_noise(leaderboard(results_frame(), trials_list(), "hit_at_10"), "hit_at_10") is None
+    )
 
 
 def test_cli_report_rebuilds(tmp_path, capsys):

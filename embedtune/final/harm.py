@@ -132,7 +132,9 @@ def do_no_harm(
             len(data.corpus),
             ", ".join(m.label for m in models),
         )
-        frame = evaluate_models(models, data, ood_spec, db_uri, progress=False)
+        frame = evaluate_models(
+            models, data, ood_spec, db_uri, progress=False, encode_backend=spec.encode_backend
+        )
         records = frame.to_dict("records")
         hits = {row["model"]: [float(x) for x in row["per_query"][metric]] for row in records}
         out.hits[data.label] = hits

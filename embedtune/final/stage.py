@@ -158,13 +158,29 @@ def evaluate_and_report(
         log.info("evaluating %d model(s) on %s: %s", len(models), label, ", ".join(m.label for m in models))
         eval_spec = spec.eval if label in cross else no_ce
         frames.append(
-            evaluate_models(models, datasets[label], eval_spec, db_uri, cross_encoder_path=cross.get(label))
+            evaluate_models(
+                models,
+                datasets[label],
+                eval_spec,
+                db_uri,
+                cross_encoder_path=cross.get(label),
+                encode_backend=spec.encode_backend,
+            )
         )
         extra = local_models((epoch_models or {}).get(label, []), rundir.checkpoints)
         if extra:
             log.info("epoch comparison on %s (vector search): %s", label, ", ".join(m.label for m in extra))
             vector_only = spec.eval.model_copy(update={"query_types": ["vector"], "rerankers": ["none"]})
-            frames.append(evaluate_models(extra, datasets[label], vector_only, db_uri, progress=False))
+            frames.append(
+                evaluate_models(
+                    extra,
+                    datasets[label],
+                    vector_only,
+                    db_uri,
+                    progress=False,
+                    encode_backend=spec.encode_backend,
+                )
+            )
             resolved[label] = [*models, *extra]
     results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     harm = HarmCheck(metric=spec.leaderboard_metric, alpha=spec.harm_alpha)
@@ -183,6 +199,7 @@ def evaluate_and_report(
         probe_size=spec.probe_size,
         harm=harm,
         gates=gates,
+        encode_backend=spec.encode_backend,
     )
     final = FinalResult(
         report.report_dir,

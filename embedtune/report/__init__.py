@@ -27,7 +27,7 @@ from embedtune.records import HarmCheck, TrialRecord, load_trials
 from embedtune.report import store
 from embedtune.report.epochs import epoch_advice, overfitting_flags
 from embedtune.report.leaderboard import leaderboard, pick_winner
-from embedtune.report.plots import plot_best, plot_epochs
+from embedtune.report.plots import COST_PLOT, plot_best, plot_cost, plot_epochs
 from embedtune.report.probe import probe_all
 from embedtune.report.render import page_blocks, render
 from embedtune.report.verdict import should_fine_tune
@@ -85,8 +85,10 @@ def build_report(
     harm: HarmCheck | None = None,
     sources: dict[str, list[str]] | None = None,
     gates: list | None = None,
+    encode_backend: str = "torch",
 ) -> ReportResult:
-    """Write the leaderboard (md, csv, html), plots and the stored inputs as `rundir`'s report."""
+    """Write the leaderboard (md, csv, html), plots and the stored inputs as `rundir`'s report.
+    `encode_backend`: what the probe encodes with (the final stage passes `final.encode_backend`)."""
     old_dir = rundir.report_dir
     if gates is None:  # a rebuild: the gates the run stored
         gate_rows = store.load_json(old_dir / store.META_FILE, {}).get("reranker_gates", [])
@@ -99,7 +101,12 @@ def build_report(
     winner = pick_winner(board, metric)
     dataset_winners = {str(ds): pick_winner(rows, metric) for ds, rows in board.groupby("dataset", sort=True)}
     probes = probe_all(
-        probe_cache, board, datasets, probe_size, sources if sources is not None else dataset_sources(rundir)
+        probe_cache,
+        board,
+        datasets,
+        probe_size,
+        sources if sources is not None else dataset_sources(rundir),
+        encode_backend,
     )
     verdicts = should_fine_tune(board, probes, metric)
     harm = store.current_harm(harm or HarmCheck(), dataset_winners)
@@ -125,12 +132,14 @@ def build_report(
     if harm.rows or harm.results:
         names["harm"] = store.HARM_FILE
     plot_names = [f"epochs_{_safe(ds)}.png" for ds in sorted(board["dataset"].unique())] + [
-        "best_combinations.png"
+        "best_combinations.png",
+        COST_PLOT,
     ]
     meta = {
         "metric": metric,
         "sweep_metric": sweep_metric,
         "probe_size": probe_size,
+        "encode_backend": encode_backend,
         "winner": winner,
         "dataset_winners": dataset_winners,
         "verdicts": verdicts,
@@ -146,7 +155,8 @@ def build_report(
             plot_epochs(board, trials, str(ds), metric, sweep_metric, plots_dir / name)
             for ds, name in zip(sorted(board["dataset"].unique()), plot_names, strict=False)
         ]
-        plots.append(plot_best(board, metric, plots_dir / plot_names[-1]))
+        plots.append(plot_best(board, metric, plots_dir / plot_names[-2]))
+        plots.append(plot_cost(board, metric, plots_dir / COST_PLOT))
         store.save_results(folder, results)
         board.to_csv(folder / names["leaderboard_csv"], index=False)
         blocks = page_blocks(
@@ -192,6 +202,7 @@ def rebuild_report(rundir: RunDir | str | Path, metric: str | None = None) -> Re
         sweep_metric=meta.get("sweep_metric", DEFAULT_SWEEP_METRIC),
         probe_size=int(meta.get("probe_size", 200)),
         harm=store.load_harm(rundir.report_dir),
+        encode_backend=meta.get("encode_backend", "torch"),
     )
 
 

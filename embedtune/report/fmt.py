@@ -13,7 +13,14 @@ def fmt(v: Any, kind: str = "score") -> str:
     f = number(v)
     if f is None:
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-    formats = {"delta": "{:+.4f}", "seconds": "{:.0f}", "seconds1": "{:.1f}", "int": "{:.0f}"}
+    formats = {
+        "delta": "{:+.4f}",
+        "seconds": "{:.0f}",
+        "seconds1": "{:.1f}",
+        "int": "{:.0f}",
+        "rate": "{:.0f}",
+        "mb": "{:.1f}",
+    }
     return formats.get(kind, "{:.4f}").format(f)
 
 

@@ -275,3 +275,39 @@ def significance(rows, metric: str) -> dict[str, Any] | None:
         if words in out and d is not None:
             out[words].append(f"`{r['model']}` {r['query_type']}/{r['reranker']} {d:+.3f} ({fmt_p(p)})")
     return out
+
+
+def cost_rows(rows):
+    """One row per model of one dataset's leaderboard rows with the encode cost columns: its vector
+    search without reranker (the embedding alone), else its first row; empty without cost columns."""
+    if "docs_per_s" not in rows or rows["docs_per_s"].isna().all():
+        return rows.iloc[0:0]
+    plain = rows[(rows["query_type"] == "vector") & (rows["reranker"] == "none")]
+    rows = plain if not plain.empty else rows
+    return rows.dropna(subset=["docs_per_s"]).drop_duplicates("model")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (throughput, quality) points no other point beats on both (at least as high on
+    both, higher on one), ordered by throughput, fastest last."""
+    front = [
+        i
+        for i, (x, y) in enumerate(points)
+        if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)
+    ]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def cheapest_within_noise(rows, metric: str) -> dict[str, Any] | None:
+    """Among one dataset's models (`cost_rows`), the fastest whose `metric` reaches the lower end of
+    the best model's 95% interval (`<metric>_lo`; the best's score itself without intervals), and
+    the best: {"best": row, "cheapest": row}; None without cost columns."""
+    rows = cost_rows(rows)
+    if rows.empty:
+        return None
+    best = rows.sort_values([metric, "docs_per_s"], ascending=[False, False], kind="stable").iloc[0]
+    floor = number(best.get(f"{metric}_lo"))
+    floor = number(best[metric]) if floor is None else floor
+    near = rows[rows[metric] >= floor]
+    cheapest = near.sort_values("docs_per_s", ascending=False, kind="stable").iloc[0]
+    return {"best": _clean_row(best.to_dict()), "cheapest": _clean_row(cheapest.to_dict())}

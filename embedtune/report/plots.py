@@ -6,6 +6,9 @@ import math
 from pathlib import Path
 
 from embedtune.report.epochs import run_points
+from embedtune.report.leaderboard import cost_rows, pareto_front
+
+COST_PLOT = "quality_vs_throughput.png"
 
 
 def _plt():
@@ -160,6 +163,56 @@ def plot_best(board, metric: str, out: Path, top: int = 10) -> Path:
         ax.legend(fontsize=7, loc="lower right")
         ax.set_title(f"{ds}: best combinations by {metric}, 95% intervals", fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_cost(board, metric: str, out: Path) -> Path:
+    """Per dataset: each model's `metric` (vector search, no reranker) against its encode throughput
+    (documents/s, log scale, with the backend that was measured), fine-tuned blue and base grey; the
+    Pareto front (no model both faster and better) joined by a line and its points ringed."""
+    plt = _plt()
+    datasets = sorted(board["dataset"].unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, ds in zip(axes[0], datasets, strict=True):
+        rows = cost_rows(board[board["dataset"] == ds])
+        if rows.empty:
+            ax.text(0.5, 0.5, "no encode cost measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(str(ds))
+            continue
+        xs, ys = rows["docs_per_s"].astype(float).tolist(), rows[metric].astype(float).tolist()
+        colors = ["#4c72b0" if k == "tuned" else "#9a9a9a" for k in rows["kind"]]
+        ax.scatter(xs, ys, c=colors, s=36, zorder=3)
+        for x, y, m in zip(xs, ys, rows["model"], strict=True):
+            ax.annotate(str(m), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = pareto_front(list(zip(xs, ys, strict=True)))
+        ax.plot(
+            [xs[i] for i in front],
+            [ys[i] for i in front],
+            color="#dd8452",
+            linewidth=1.2,
+            drawstyle="steps-post" if len(front) > 1 else "default",
+            label="Pareto front",
+            zorder=2,
+        )
+        ax.scatter(
+            [xs[i] for i in front],
+            [ys[i] for i in front],
+            s=110,
+            facecolors="none",
+            edgecolors="#dd8452",
+            linewidths=1.5,
+            zorder=4,
+        )
+        backends = ", ".join(sorted({str(b) for b in rows["encode_backend"].dropna()}))
+        ax.set_xscale("log")
+        ax.set_xlabel(f"encode throughput, documents/s ({backends})")
+        ax.set_ylabel(f"{metric} (vector search)")
+        ax.set_title(f"{ds}: quality vs encode throughput", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

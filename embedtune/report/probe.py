@@ -204,6 +204,7 @@ def fine_tune_probe(
     corpus_size: int = 1000,
     seed: int = 0,
     dup_threshold: float = DUP_THRESHOLD,
+    encode_backend: str = "torch",
 ) -> dict[str, Any]:
     """How familiar the data already is to a base model, measured with the base model alone:
     - `eval_to_train_sim`: mean cosine similarity of each eval question to its nearest train
@@ -218,22 +219,21 @@ def fine_tune_probe(
     - near-duplicates (`near_duplicates`): the sampled eval questions against the train questions,
       exact after `normalize_question` (all train questions) and by base-model cosine >=
       `dup_threshold` (the first DUP_POOL train questions of a seeded order).
-    """
+    Everything is encoded on `encode_backend` (`embedtune.encode`; the report passes
+    `final.encode_backend`)."""
     import numpy as np
 
-    from embedtune.models import load_model
+    from embedtune.encode import load_encoder
 
     rng = random.Random(seed)
     train_q = list(dict.fromkeys(q for q, _ in data.train))
     pool = rng.sample(train_q, min(len(train_q), sample * 3))
     eval_ids = sorted(data.queries)
     eval_ids = rng.sample(eval_ids, min(len(eval_ids), sample))
-    model = load_model(model_path)
+    encoder = load_encoder(model_path, encode_backend)
 
     def enc(texts: list[str]):
-        return model.encode(
-            texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )
+        return encoder.encode(texts, batch_size=64)
 
     p = enc(pool)
     e = enc([data.queries[q] for q in eval_ids])
@@ -296,6 +296,7 @@ def fine_tune_probe(
         "n_docs": len(docs),
         "n_train_questions": len(train_q),
         "n_dup_encoded": len(dup_train),
+        "encode_backend": encoder.backend,
         **dups,
     }
 
@@ -306,10 +307,11 @@ def probe_all(
     datasets: dict[str, PreparedData],
     probe_size: int,
     sources: dict[str, list[str]],
+    encode_backend: str = "torch",
 ) -> dict[str, dict]:
     """Probe each (dataset, base model) of the leaderboard; `cache` (report/probe.json, by data
     fingerprint and model path) is updated in place. `sources`: dataset label -> its data sources
-    (matched against model cards)."""
+    (matched against model cards). `encode_backend`: see `fine_tune_probe`."""
     out: dict[str, dict] = {}
     bases = board[board["kind"] == "base"][["dataset", "model", "model_path"]].drop_duplicates(
         ["dataset", "model"]
@@ -320,7 +322,9 @@ def probe_all(
         have = Path(str(path)).exists()
         if key not in cache and data is not None and probe_size > 0 and have:
             try:
-                cache[key] = fine_tune_probe(data, str(path), sample=probe_size)
+                cache[key] = fine_tune_probe(
+                    data, str(path), sample=probe_size, encode_backend=encode_backend
+                )
             except Exception as exc:  # a probe failure must not lose the leaderboard
                 log.warning("fine-tune probe of %s on %s failed: %s", model, ds, exc)
         if key in cache and have:  # cheap: refresh the card (a stored one survives without the model)

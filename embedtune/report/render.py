@@ -13,7 +13,7 @@ from typing import Any
 from embedtune.records import HarmCheck, HarmRow, number
 from embedtune.report.epochs import EPOCH_NOTE
 from embedtune.report.fmt import fmt, fmt_p, pct
-from embedtune.report.leaderboard import N_BOOT, SIGNIFICANCE
+from embedtune.report.leaderboard import N_BOOT, SIGNIFICANCE, cheapest_within_noise
 
 TABLE = [  # (column, header, format)
     ("rank", "#", "int"),
@@ -32,8 +32,17 @@ TABLE = [  # (column, header, format)
     ("vs_base", "vs base", "text"),
     ("training_s", "train s", "seconds"),
     ("gpu_s_per_point", "GPU s/point", "seconds1"),
+    ("encode_backend", "encoder", "text"),
+    ("docs_per_s", "docs/s", "rate"),
+    ("dim", "dim", "int"),
+    ("size_mb", "MB", "mb"),
     ("flags", "flags", "text"),
 ]
+COST_NOTE = (
+    "Cost: docs/s = corpus documents encoded per second on the machine that ran the evaluation, with "
+    "the encoder backend named (final.encode_backend); dim = embedding dimension; MB = size on disk of "
+    "what the backend runs (the model folder for torch, the exported model otherwise)."
+)
 PROBE_HEADERS = ["base model", "zero-shot", "best tuned", "gain", "eval→train sim", "train→train sim",
                  "train-q hit@10 (0-shot)", "eval-q hit@10 (0-shot)", "near-dup eval q", "exact-dup eval q",
                  "on model card"]  # fmt: skip
@@ -272,8 +281,32 @@ def summary_blocks(
     return blocks
 
 
+def cost_line(rows, metric: str) -> str | None:
+    """The fastest model within noise of the best one (vector search), or None without costs."""
+    pick = cheapest_within_noise(rows, metric)
+    if pick is None:
+        return None
+    best, cheap = pick["best"], pick["cheapest"]
+    rate = f"{fmt(cheap['docs_per_s'], 'rate')} docs/s ({cheap['encode_backend']})"
+    if cheap["model"] == best["model"]:
+        return (
+            f"**Cost:** the best model (vector search, {metric}) `{best['model']}` is also the fastest "
+            f"within its 95% interval: {rate}. {COST_NOTE}"
+        )
+    return (
+        f"**Cost:** `{cheap['model']}` is the fastest model within the 95% interval of the best "
+        f"`{best['model']}` (vector search, {metric} {fmt(cheap[metric])} vs {fmt(best[metric])}): {rate} "
+        f"vs {fmt(best['docs_per_s'], 'rate')} docs/s, {fmt(cheap['dim'], 'int')}-d vs "
+        f"{fmt(best['dim'], 'int')}-d, {fmt(cheap['size_mb'], 'mb')} MB vs {fmt(best['size_mb'], 'mb')} MB. "
+        f"{COST_NOTE}"
+    )
+
+
 def dataset_blocks(ds: str, rows, metric: str, advice, verdict, harm: HarmCheck, flags) -> list[Block]:
     blocks = [heading(f"{ds}: full grid"), leaderboard_table(rows, metric)]
+    cost = cost_line(rows, metric)
+    if cost:
+        blocks.append(para(cost))
     sig = significance(rows, metric)
     if sig and len(sig) == 1:
         blocks.append(para(f"**{sig['note']}**"))

@@ -12,6 +12,9 @@ from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_ME
 
 QueryType = Literal["vector", "fts", "hybrid"]
 RerankerName = Literal["none", "rrf", "linear", "cross-encoder"]
+# How corpora and queries are encoded after training (embedtune.encode): `auto` = openvino on a CPU,
+# torch on a GPU.
+EncodeBackend = Literal["auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8"]
 
 
 class EvalSpec(Strict):
@@ -75,6 +78,12 @@ class FinalSpec(Strict):
         True,
         description="also score the best checkpoint of every other epoch count per (model, dataset), "
         "vector search only, so the report can tell whether an epoch count is best beyond noise",
+    )
+    encode_backend: EncodeBackend = Field(
+        "auto",
+        description="encoder of every corpus / query pass after training (LanceDB ingest and queries, "
+        "base-model scores, do no harm, the probe): auto (openvino on a CPU, torch on a GPU), torch, "
+        "onnx, onnx-int8, openvino, openvino-int8; exports are cached per checkpoint",
     )
     lancedb_uri: str | None = Field(None, description="None: <run_dir>/lancedb")
     registry: bool = Field(True, description="register the winner in the MLflow model registry")
