@@ -191,7 +191,7 @@ def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path,
         "resume",
         models=["paraphrase-MiniLM-L3-v2"],
         max_concurrent_trials=1,
-        search={"epochs": [1, 5], "batch_size": [16]},
+        search={"epochs": [1, 5], "batch_size": [16], "epochs_mode": "separate"},  # two Tune trials
     )
     cmd, run_dir = sweep_command(raw, "resume")
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
