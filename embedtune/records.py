@@ -51,7 +51,14 @@ def best_point(history: list[EpochPoint], metric: str, mode: str = "max") -> Epo
 
 @dataclass
 class TrialRecord:
-    """One trial of a sweep, as `trials.json` stores it (docs/INTERFACES.md)."""
+    """One (config, epochs) of a sweep, as `trials.json` stores it (docs/INTERFACES.md).
+
+    search.epochs_mode separate: one Tune trial each; `best_epoch` is the trial's best epoch.
+    branch: the epoch counts of one config are one Tune trial (`tune_trial_id`), recorded once per
+    listed count: `history` up to that count, `best_*` = its checkpoint and metrics at exactly that
+    count (the shorter counts are records of their own). The longest count keeps the Tune trial's
+    id, a shorter one is `<tune trial id>-e<count>`. A count the run never reached (stopped by the
+    scheduler, or failed before) has no checkpoint: KILLED or FAILED, not usable."""
 
     trial_id: str
     config_hash: str
@@ -73,6 +80,8 @@ class TrialRecord:
     best_metrics: dict[str, float] = field(default_factory=dict)
     best_checkpoint: str | None = None  # a local folder or a URI holding `model/`
     mlflow_run_id: str | None = None
+    lr_schedule: str = "linear"  # "constant_with_warmup" in branch mode
+    tune_trial_id: str | None = None  # the Tune trial (and MLflow run) that trained it; None: trial_id
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrialRecord:
@@ -94,6 +103,11 @@ class TrialRecord:
     @property
     def done(self) -> bool:
         return self.status in DONE_STATUSES
+
+    @property
+    def run_trial_id(self) -> str:
+        """The Tune trial that trained this record (its MLflow run's trial tag)."""
+        return self.tune_trial_id or self.trial_id
 
     def score(self, metric: str) -> float | None:
         """`metric` at the best epoch."""

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,7 +182,8 @@ class _EpochReporter:
         self.history.append(EpochMetrics(epoch, cleaned, time.time() - self.epoch_started))
         _log_epoch(epoch, cleaned)
         ckpt = None
-        if self.checkpoint_every_epoch:
+        every = self.checkpoint_every_epoch
+        if every is True or (every and not isinstance(every, bool) and epoch in every):
             ckpt = self.scratch / f"epoch-{epoch}"
             self.model.save(str(ckpt / "model"))
         if self.on_epoch:
@@ -205,13 +206,20 @@ def _training_args(config: TrainConfig, scratch: Path, rows, start_epoch: int, d
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
     steps_per_epoch = max(1, math.ceil(len(rows) / config.batch_size))
+    if config.lr_schedule == "constant_with_warmup":
+        # Warmup measured in one epoch's steps, not the run's: nothing depends on the total.
+        warmup: int | float = math.ceil(config.warmup_ratio * steps_per_epoch)
+    else:
+        warmup = (
+            config.warmup_ratio
+        )  # a float below 1 is a ratio (`warmup_ratio` is deprecated in transformers 5)
     return SentenceTransformerTrainingArguments(
         output_dir=str(scratch / "trainer"),
         num_train_epochs=config.epochs - start_epoch,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.lr,
-        # A float below 1 is a ratio (`warmup_ratio` is deprecated in transformers 5).
-        warmup_steps=config.warmup_ratio if start_epoch == 0 else 0.0,
+        lr_scheduler_type=config.lr_schedule,
+        warmup_steps=warmup if start_epoch == 0 else 0,
         weight_decay=config.weight_decay,
         seed=config.seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # duplicates in a batch are false in-batch negatives
@@ -267,7 +275,7 @@ def train(
     triplets: Triplets | None,
     out_dir: Path | None,
     on_epoch: EpochCallback | None = None,
-    checkpoint_every_epoch: bool = False,
+    checkpoint_every_epoch: bool | Collection[int] = False,
     resume_from: Path | None = None,
     start_epoch: int = 0,
     progress: bool = True,
@@ -277,9 +285,10 @@ def train(
     """Fine-tune `config.model` on `data` and write the final model to `out_dir`.
 
     `resume_from` + `start_epoch` continue a run from a per-epoch checkpoint (model weights; the
-    optimizer restarts, with no second warmup). With `checkpoint_every_epoch`, each epoch's model is
-    saved to `<ckpt>/model` and `<ckpt>` is passed to `on_epoch`, then deleted once it returns (a
-    Tune report has copied it to storage by then). `out_dir=None` skips writing the final model
+    optimizer restarts, with no second warmup). With `checkpoint_every_epoch` (True, or the epochs to
+    checkpoint), each such epoch's model is saved to `<ckpt>/model` and `<ckpt>` is passed to
+    `on_epoch` (None for the others), then deleted once it returns (a Tune report has copied it to
+    storage by then). `out_dir=None` skips writing the final model
     (a sweep trial's last checkpoint already holds it). Scratch files go under `scratch_root`
     (default: the system temp dir); none is left behind, also on a crash or Ctrl-C."""
     if config.hard_negatives and triplets is None:

@@ -12,6 +12,8 @@ one process on the same data, medians over `--repeats` runs (default 3).
 | encode_backend_hit10_delta   | hit@10 of the N questions, auto backend    | minus PyTorch fp32's          |
 | sweep_local_seconds          | `make sweep-local`, final stage included   | the 15-minute target         |
 | sweep_wall_over_trial_sum    | the trials phase's wall time               | the sum of trial times       |
+| epoch_axis_cost_ratio        | epochs [1,2,3] as one branch run           | three separate runs          |
+| epoch_axis_quality_p         | hit@10 of the branch run's best checkpoint | the separate runs' best (McNemar p) |
 
 Writes `bench/results.json` (flat keys, plain numbers) and `bench/results.md`, prints the table and
 logs both to MLflow (experiment `embedtune-bench` in the benchmark sweep's SQLite store).
@@ -53,6 +55,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "encode_backend_hit10_delta": ("abs<=", 0.005),
     "sweep_local_seconds": ("<=", float(BUDGET_S)),
     "sweep_wall_over_trial_sum": ("<=", 0.6),
+    "epoch_axis_cost_ratio": ("<=", 0.55),
+    "epoch_axis_quality_p": (">=", 0.05),  # not different beyond noise
 }
 
 
@@ -388,6 +392,121 @@ def bench_throughput(spec, repeats: int, work: Path) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------- the epoch axis
+
+EPOCH_AXIS_MODEL = "paraphrase-MiniLM-L3-v2"
+EPOCH_AXIS_DATA = {"source": "medquad-sample", "max_pairs": 600, "eval_size": 200, "max_train_pairs": 256}
+
+
+def bench_epoch_axis(
+    spec, work: Path, data_spec: dict | None = None, epochs: tuple[int, ...] = (1, 2, 3)
+) -> dict[str, Any]:
+    """`search.epochs_mode`: the epoch counts `epochs` trained as one branch run (warmup then constant
+    learning rate, a checkpoint at each count) vs. one separate run per count (warmup + linear decay
+    over its own total), same model, data, hyperparameters and threads as a trial of `spec`, via
+    `embedtune.train.train` in this process. Cost: CPU seconds of this process while training
+    (per-epoch evaluation and checkpoint saves included, as in a trial): on a shared machine wall
+    time moves with other processes' load, CPU time much less (the wall-time ratio is reported
+    beside it). Quality: each mode's best checkpoint by the sweep
+    metric (separate: over every epoch of every run, as the final stage picks), then an exact
+    McNemar test on per-question hit@10 of the two on the held-out questions (the same questions
+    chose the checkpoints, for both modes alike)."""
+    import numpy as np
+
+    from embedtune import stats
+    from embedtune.data import prepare
+    from embedtune.evaluate import per_query_metrics
+    from embedtune.models import load_model, truncate
+    from embedtune.negatives import mine
+    from embedtune.specs import DataSpec, TrainConfig
+    from embedtune.train import train
+
+    data = prepare(DataSpec(**(data_spec or EPOCH_AXIS_DATA)))
+    triplets = mine(data, spec.mining) if spec.train.hard_negatives else None
+    metric = spec.scheduler.metric
+    first = {k: v[0] if isinstance(v, list) else v for k, v in spec.search.model_dump().items()}
+    common = {
+        "model": EPOCH_AXIS_MODEL,
+        "lr": first["lr"],
+        "batch_size": first["batch_size"],
+        "warmup_ratio": first["warmup_ratio"],
+        "seed": first["seed"],
+        "threads": max(1, int(spec.resources.cpu)),
+        **spec.train.model_dump(),
+    }
+
+    def run(tag: str, n: int, schedule: str, keep) -> tuple[float, float, dict[int, tuple[float, Path]]]:
+        kept: dict[int, tuple[float, Path]] = {}
+
+        def on_epoch(epoch: int, metrics: dict[str, float], ckpt: Path | None) -> None:
+            if ckpt is not None:
+                dest = work / "epoch-axis" / tag / f"epoch-{epoch}"
+                shutil.copytree(ckpt / "model", dest)
+                kept[epoch] = (metrics[metric], dest)
+
+        config = TrainConfig(epochs=n, lr_schedule=schedule, **common)
+        cpu = time.process_time()
+        wall = time.perf_counter()
+        train(
+            config,
+            data,
+            triplets,
+            None,
+            on_epoch=on_epoch,
+            checkpoint_every_epoch=keep,
+            evaluate_base=False,
+            progress=False,
+            scratch_root=work,
+        )
+        return time.process_time() - cpu, time.perf_counter() - wall, kept
+
+    cpu_branch, wall_branch, branch = run("branch", max(epochs), "constant_with_warmup", set(epochs))
+    separate: dict[str, tuple[float, Path]] = {}
+    cpu_separate = wall_separate = 0.0
+    for n in epochs:
+        cpu, wall, kept = run(f"separate-{n}", n, "linear", True)
+        cpu_separate += cpu
+        wall_separate += wall
+        separate |= {f"{n}@{e}": v for e, v in kept.items()}  # run length @ epoch
+    best_b = max(branch.items(), key=lambda kv: (kv[1][0], -kv[0]))
+    best_s = max(separate.items(), key=lambda kv: kv[1][0])
+
+    qids = list(data.queries)
+    ids = list(data.corpus)
+    relevant = [set(data.relevant[q]) for q in qids]
+
+    def hits(path: Path) -> np.ndarray:
+        model = load_model(path)
+        truncate(model, spec.train.max_seq_length)
+        q = model.encode([data.queries[i] for i in qids], batch_size=64, normalize_embeddings=True)
+        c = model.encode([data.corpus[i] for i in ids], batch_size=64, normalize_embeddings=True)
+        top = np.argsort(-(q @ c.T), axis=1, kind="stable")[:, :10]
+        ranked = [[ids[j] for j in row] for row in top]
+        return np.asarray(per_query_metrics(ranked, relevant, (10,))["hit_at_10"], dtype=float)
+
+    hb, hs = hits(best_b[1][1]), hits(best_s[1][1])
+    return {
+        "epoch_axis_cost_ratio": cpu_branch / cpu_separate,
+        "epoch_axis_quality_p": float(stats.mcnemar_pvalue(hb, hs)),
+        "epoch_axis_wall_ratio": wall_branch / wall_separate,
+        "epoch_axis_branch_cpu_seconds": cpu_branch,
+        "epoch_axis_separate_cpu_seconds": cpu_separate,
+        "epoch_axis_branch_seconds": wall_branch,
+        "epoch_axis_separate_seconds": wall_separate,
+        "epoch_axis_epochs": list(epochs),
+        "epoch_axis_model": EPOCH_AXIS_MODEL,
+        "epoch_axis_n_queries": len(qids),
+        "epoch_axis_corpus_rows": len(ids),
+        "epoch_axis_train_rows": len(triplets.train) if triplets else len(data.train),
+        "epoch_axis_branch_best_epoch": best_b[0],
+        "epoch_axis_separate_best": best_s[0],
+        "epoch_axis_branch_hit_at_10": float(hb.mean()),
+        "epoch_axis_separate_hit_at_10": float(hs.mean()),
+        f"epoch_axis_branch_{metric}": {e: v[0] for e, v in sorted(branch.items())},
+        f"epoch_axis_separate_{metric}": {k: v[0] for k, v in sorted(separate.items())},
+    }
+
+
 # ---------------------------------------------------------------- the default sweep
 
 
@@ -402,7 +521,10 @@ def bench_sweep_local(spec, run_dir: Path) -> dict[str, Any]:
     (cold_home / "models").symlink_to(env.home() / "models", target_is_directory=True)
     with env.patched_environ({"EMBEDTUNE_HOME": str(cold_home)}):
         t, result = _timed(lambda: run_sweep(spec, run_dir, resume=False))
-    trial_sum = sum(float(x.duration_s or 0) for x in result.trials)
+    runs: dict[str, float] = {}  # Tune trial -> its time (branch mode: several records share one run)
+    for x in result.trials:
+        runs[x.run_trial_id] = max(runs.get(x.run_trial_id, 0.0), float(x.duration_s or 0))
+    trial_sum = sum(runs.values())
     rss = [
         p.metrics["system/rss_mb"] for x in result.trials for p in x.history if "system/rss_mb" in p.metrics
     ]
@@ -413,7 +535,10 @@ def bench_sweep_local(spec, run_dir: Path) -> dict[str, Any]:
     return {
         "sweep_local_seconds": t,
         "sweep_local_trials": len(result.trials),
-        "sweep_local_epochs": sum(x.epochs_done for x in result.trials),
+        "sweep_local_tune_trials": len(runs),
+        "sweep_local_epochs": sum(
+            max(x.epochs_done for x in result.trials if x.run_trial_id == r) for r in runs
+        ),  # epochs trained
         "sweep_local_phases": {k: round(v, 1) for k, v in result.timings.items()},
         "sweep_wall_over_trial_sum": result.timings.get("trials_s", t) / trial_sum if trial_sum else None,
         "trial_peak_rss_mb": max(rss) if rss else None,
@@ -513,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only-encode", action="store_true", help="only encode_speedup_backend / encode_backend_hit10_delta"
     )
+    parser.add_argument(
+        "--only", choices=["epoch-axis"], help="only this part (its keys; results.json holds just those)"
+    )
     args = parser.parse_args(argv)
     env.apply(offline=True)
 
@@ -527,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.only_encode:
             return _only_encode(args, spec, results)
+        if args.only == "epoch-axis":
+            results |= bench_epoch_axis(spec, args.work_dir)
+            return _finish(results, started, args)
         if not args.skip_sweep:  # first, on a quiet machine: the number users feel
             results |= bench_sweep_local(spec, args.work_dir / "sweep-local")
             print(f"[bench] sweep-local: {results['sweep_local_seconds']:.0f}s", flush=True)
@@ -539,16 +670,23 @@ def main(argv: list[str] | None = None) -> int:
             data, 1000, args.repeats, args.work_dir, spec.train.max_seq_length, spec.final.encode_backend
         )
         print(f"[bench] encode: {results['encode_speedup_backend']:.2f}x torch", flush=True)
-        n_trials = results.get("sweep_local_trials") or len(spec.models) * len(spec.datasets) * len(
-            spec.search.epochs
+        per_config = 1 if spec.search.branch else len(spec.search.epochs)  # Tune trials per config
+        n_trials = (
+            results.get("sweep_local_tune_trials") or len(spec.models) * len(spec.datasets) * per_config
         )
         k = max(1, n_trials // len(spec.datasets))  # trials that share one dataset's negatives
         TARGETS["mining_cost_vs_per_trial"] = ("<=", 1 / k + 0.05)
         results |= bench_mining(spec, k, args.repeats, args.work_dir)
         results |= bench_throughput(spec, args.repeats, args.work_dir)
+        results |= bench_epoch_axis(spec, args.work_dir)
+        print(f"[bench] epoch axis: {results['epoch_axis_cost_ratio']:.2f}x the separate runs", flush=True)
     except EmbedtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return _finish(results, started, args)
+
+
+def _finish(results: dict[str, Any], started: float, args) -> int:
     results["bench_peak_rss_mb"] = _peak_rss_mb()
     results["bench_seconds"] = time.time() - started
     tracking_uri = results.pop("_tracking_uri", None)

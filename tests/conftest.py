@@ -158,7 +158,7 @@ def sweep_command(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def grid_sweep(tmp_path_factory):
-    """The 2 models x 2 epoch counts sweep of specs.tiny_spec, run once per session (SQLite store,
+    """The 2 models x 2 epoch counts sweep of specs.tiny_spec in separate mode, run once per session (SQLite store,
     models logged): test_sweep checks its records, test_mlflow_ui browses its MLflow store."""
     from types import SimpleNamespace
 
@@ -170,7 +170,12 @@ def grid_sweep(tmp_path_factory):
     def leftovers() -> set[Path]:
         return {*Path("/tmp").glob("etray-*"), *Path("/tmp").glob("embedtune-*")}
 
-    spec = parse_spec(tiny_spec("grid2x2"))
+    # separate mode: one Tune trial per (model, epochs), the study's setup (branch mode: test_sweep)
+    spec = parse_spec(
+        tiny_spec(
+            "grid2x2", search={"epochs": [1, 2], "batch_size": [16], "lr": [5e-5], "epochs_mode": "separate"}
+        )
+    )
     run_dir = tmp_path_factory.mktemp("grid2x2") / "run"
     before = leftovers()
     result = run_sweep(spec, run_dir, final=False)

@@ -89,6 +89,8 @@ def test_outputs_carry_the_checked_keys(tmp_path):
         "encode_backend_hit10_delta": -0.006,
         "sweep_local_seconds": 800.0,
         "sweep_wall_over_trial_sum": 0.55,
+        "epoch_axis_cost_ratio": 0.5,
+        "epoch_axis_quality_p": 0.01,
     }
     js, md = bench.write_outputs(results, tmp_path)
     loaded = json.loads(js.read_text())
@@ -100,3 +102,20 @@ def test_outputs_carry_the_checked_keys(tmp_path):
     assert "| `eval_time_vs_bruteforce` | 2.500 | MISSED (<= 2) |" in text
     assert "| `encode_speedup_backend` | 3.100 | met (>= 2) |" in text
     assert "| `encode_backend_hit10_delta` | -0.006 | MISSED (abs<= 0.005) |" in text
+    assert "| `epoch_axis_cost_ratio` | 0.500 | met (<= 0.55) |" in text
+    assert "| `epoch_axis_quality_p` | 0.010 | MISSED (>= 0.05) |" in text
+
+
+@pytest.mark.slow
+def test_epoch_axis_keys_on_tiny_data(tmp_path):
+    """The epoch-axis part on tiny real data: both modes really train (the branch run once, one run
+    per count separately), the ratio and the McNemar p come out as plain numbers."""
+    from embedtune.specs import load_spec
+
+    spec = load_spec(REPO / "sweeps" / "local.yaml")
+    tiny = {"source": "medquad-sample", "max_pairs": 200, "eval_size": 30, "max_train_pairs": 48}
+    out = bench.bench_epoch_axis(spec, tmp_path, tiny, epochs=(1, 2))
+    assert 0 < out["epoch_axis_cost_ratio"] < 1.5 and 0 <= out["epoch_axis_quality_p"] <= 1
+    assert sorted(out["epoch_axis_branch_ir_recall_at_10"]) == [1, 2]
+    assert sorted(out["epoch_axis_separate_ir_recall_at_10"]) == ["1@1", "2@1", "2@2"]
+    assert out["epoch_axis_n_queries"] == 30 and out["epoch_axis_branch_best_epoch"] in (1, 2)

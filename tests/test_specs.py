@@ -31,10 +31,12 @@ def test_shipped_specs_load(repo_root: Path, monkeypatch) -> None:
 
 
 def test_grid_param_space_crosses_models_datasets_epochs() -> None:
-    space = param_space(parse_spec(GOOD))
+    space = param_space(parse_spec({**GOOD, "search": {**GOOD["search"], "epochs_mode": "separate"}}))
     assert space["model"] == {"grid_search": GOOD["models"]}
     assert space["epochs"] == {"grid_search": [1, 2, 3]}
     assert space["lr"] == 2e-5  # a single value is fixed, not a grid axis
+    branch = param_space(parse_spec(GOOD))  # the default: the epoch counts are checkpoints of one run
+    assert branch["epochs"] == 3 and branch["branch_epochs"] == "1,2,3"
 
 
 def test_sampled_space_uses_distributions() -> None:
@@ -59,6 +61,11 @@ def test_sampled_space_uses_distributions() -> None:
     [
         ({"epochz": [1]}, "epochz: unknown key"),
         ({"search": {"epochs": [0, 1]}}, "search.epochs"),
+        ({"search": {"epochs_mode": "per-epoch"}}, "search.epochs_mode"),
+        (
+            {"search": {"mode": "random", "epochs": {"distribution": "randint", "low": 1, "high": 3}}},
+            "search.epochs_mode: branch checkpoints one run at each listed epoch count",
+        ),
         ({"search": {"batch_size": [1]}}, "search.batch_size"),
         ({"search": {"lr": [0]}}, "search.lr"),
         (

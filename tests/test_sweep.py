@@ -210,7 +210,7 @@ def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path,
         "resume",
         models=["paraphrase-MiniLM-L3-v2"],
         max_concurrent_trials=1,
-        search={"epochs": [1, 5], "batch_size": [16]},
+        search={"epochs": [1, 5], "batch_size": [16], "epochs_mode": "separate"},  # two Tune trials
     )
     cmd, run_dir = sweep_command(raw, "resume")
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -448,3 +448,65 @@ def test_sampled_sweep_counts_done_trials_and_skips_done_draws(tmp_path: Path) -
     assert more.trials == first.trials
     _, children = _children(MlflowClient(first.tracking_uri), "embedtune-sampled")
     assert len(children) == 1 and children[0].data.tags[mlc.CONFIG_TAG] == first.trials[0].config_hash
+
+
+@pytest.mark.slow
+def test_branch_sweep_records_each_epoch_count_from_one_run_and_rerun_runs_none(tmp_path: Path) -> None:
+    """search.epochs_mode: branch (the default): epochs [1, 2] are ONE Tune trial trained to 2 epochs,
+    checkpointed at both; trials.json holds one record per epoch count, each with its own checkpoint
+    (kept although checkpoints.keep is 1) and its metrics at exactly that count; MLflow holds one
+    run with a step per epoch; the same command again runs nothing."""
+    raw = tiny_spec(
+        "branch", models=["paraphrase-MiniLM-L3-v2"], search={"epochs": [1, 2], "batch_size": [16]}
+    )
+    spec = parse_spec(raw)
+    assert spec.search.epochs_mode == "branch" and spec.checkpoints.keep == 1
+    run = tmp_path / "run"
+    first = run_sweep(spec, run, final=False)
+    assert first.launched == 1
+    trials = sorted(json.loads((run / "trials.json").read_text()), key=lambda t: t["epochs"])
+    assert [(t["epochs"], t["status"], t["best_epoch"], t["epochs_done"]) for t in trials] == [
+        (1, "FINISHED", 1, 1),
+        (2, "FINISHED", 2, 2),
+    ]
+    one, two = trials
+    assert (
+        one["tune_trial_id"] == two["tune_trial_id"] == two["trial_id"] == one["trial_id"].removesuffix("-e1")
+    )
+    assert one["config_hash"] != two["config_hash"] and {t["lr_schedule"] for t in trials} == {
+        "constant_with_warmup"
+    }
+    assert [h["epoch"] for h in one["history"]] == [0, 1] and [h["epoch"] for h in two["history"]] == [
+        0,
+        1,
+        2,
+    ]
+    assert one["history"][1] == two["history"][1]  # the same run's epoch 1
+    assert (
+        one["best_metrics"] == one["history"][1]["metrics"]
+        and two["best_metrics"] == two["history"][2]["metrics"]
+    )
+    assert 0 < one["duration_s"] < two["duration_s"]
+    weights = [Path(t["best_checkpoint"]) / "model.safetensors" for t in trials]
+    assert weights[0].parent != weights[1].parent and all(w.exists() for w in weights)
+    assert weights[0].read_bytes() != weights[1].read_bytes()
+    (trial_dir,) = [p for p in (run / "tune").iterdir() if (p / "result.json").exists()]
+    assert sorted(p.name for p in trial_dir.glob("checkpoint_*")) == [
+        Path(t["best_checkpoint"]).parent.name for t in trials
+    ]
+
+    client = MlflowClient(first.tracking_uri)
+    _, children = _children(client, spec.experiment)
+    assert len(children) == 1 and {t["mlflow_run_id"] for t in trials} == {children[0].info.run_id}
+    run_data = children[0].data
+    assert (
+        run_data.params["branch_epochs"] == "1,2" and run_data.params["lr_schedule"] == "constant_with_warmup"
+    )
+    steps = client.get_metric_history(children[0].info.run_id, "ir_recall_at_10")
+    assert {m.step: m.value for m in steps} == {
+        h["epoch"]: h["metrics"]["ir_recall_at_10"] for h in two["history"]
+    }
+
+    again = run_sweep(spec, run, final=False)  # both epoch counts are done: nothing runs
+    assert again.launched == 0 and again.experiments == ["tune"]
+    assert sorted(json.loads((run / "trials.json").read_text()), key=lambda t: t["epochs"]) == trials

@@ -144,3 +144,44 @@ def test_a_diverged_loss_fails_the_run_loudly(monkeypatch, tmp_path):
     with pytest.raises(EmbedtuneError, match="training loss went nan by epoch 1 .*diverged"):
         train(config, data, None, tmp_path / "out", progress=False, evaluate_base=False)
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def _lr_curve(config: TrainConfig, rows: int, tmp_path) -> list[float]:
+    """The learning rate of every optimizer step of `config`, from transformers' own scheduler
+    built from the arguments `train` gives the trainer."""
+    import math
+
+    import torch
+    from transformers import get_scheduler
+
+    from embedtune.train import _training_args
+
+    args = _training_args(config, tmp_path, range(rows), 0, "cpu", progress=False)
+    total = math.ceil(rows / config.batch_size) * config.epochs
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    sched = get_scheduler(
+        args.lr_scheduler_type,
+        opt,
+        num_warmup_steps=args.get_warmup_steps(total),
+        num_training_steps=total,
+    )
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_branch_schedule_does_not_depend_on_the_total_epochs(tmp_path):
+    """constant_with_warmup: the first epoch's learning rates are the same whether the run is 1 or 3
+    epochs long (warmup = ceil(warmup_ratio x one epoch's steps)), so the branch run's checkpoint
+    after epoch 1 stands for a 1-epoch run; the study's linear schedule differs."""
+    rows, base = 320, {"batch_size": 32, "lr": 1e-4, "warmup_ratio": 0.25}  # 10 steps per epoch
+    one = _lr_curve(TrainConfig(epochs=1, lr_schedule="constant_with_warmup", **base), rows, tmp_path)
+    three = _lr_curve(TrainConfig(epochs=3, lr_schedule="constant_with_warmup", **base), rows, tmp_path)
+    assert three[:10] == one
+    assert one[:3] == pytest.approx([0.0, 1e-4 / 3, 2e-4 / 3]) and set(three[3:]) == {1e-4}
+    linear1 = _lr_curve(TrainConfig(epochs=1, **base), rows, tmp_path)
+    linear3 = _lr_curve(TrainConfig(epochs=3, **base), rows, tmp_path)
+    assert linear3[:10] != linear1

@@ -49,6 +49,14 @@ class SearchSpace(Strict):
     mode: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: trials")
     epochs: list[int] | Distribution = [1]
+    epochs_mode: Literal["branch", "separate"] = Field(
+        "branch",
+        description="branch: configurations that differ only in `epochs` are ONE run to the largest "
+        "epoch count with a learning-rate schedule that does not depend on the total (linear warmup "
+        "over warmup_ratio of one epoch, then constant), checkpointed and reported at each listed "
+        "epoch count; separate: one run per epoch count with warmup + linear decay over its own "
+        "total (the study's setup, reproduced exactly)",
+    )
     lr: list[float] | Distribution = [2e-5]
     batch_size: list[int] | Distribution = [32]
     warmup_ratio: list[float] | Distribution = [0.1]
@@ -79,7 +87,17 @@ class SearchSpace(Strict):
     def _grid_takes_lists(self) -> SearchSpace:
         if self.mode == "grid" and any(isinstance(getattr(self, k), Distribution) for k in HYPERPARAMS):
             raise ValueError("grid mode takes lists only; use mode: random or optuna for distributions")
+        if self.epochs_mode == "branch" and isinstance(self.epochs, Distribution):
+            raise ValueError(
+                "search.epochs_mode: branch checkpoints one run at each listed epoch count, so "
+                "search.epochs must be a list (e.g. [1, 2, 3]); or set search.epochs_mode: separate "
+                "to sample epochs as a hyperparameter"
+            )
         return self
+
+    @property
+    def branch(self) -> bool:
+        return self.epochs_mode == "branch"
 
     @property
     def max_epochs(self) -> int:
@@ -133,7 +151,12 @@ class MlflowSpec(Strict):
 
 
 class CheckpointSpec(Strict):
-    keep: int = Field(1, ge=1, description="checkpoints kept per trial, best by the scheduler metric")
+    keep: int = Field(
+        1,
+        ge=1,
+        description="checkpoints kept per trial, best by the scheduler metric (search.epochs_mode: "
+        "branch keeps at least one per listed epoch count: each is a result of its own)",
+    )
 
 
 class RaySpec(Strict):
@@ -219,3 +242,11 @@ class SweepSpec(Strict):
     @property
     def experiment(self) -> str:
         return self.mlflow.experiment or f"embedtune-{self.name}"
+
+    @property
+    def checkpoints_to_keep(self) -> int:
+        """Tune's `num_to_keep`: in branch mode only the listed epoch counts are checkpointed, and
+        every one of them is kept (each is the result of its own epoch count)."""
+        if self.search.branch and isinstance(self.search.epochs, list):
+            return max(self.checkpoints.keep, len(set(self.search.epochs)))
+        return self.checkpoints.keep

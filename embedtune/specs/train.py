@@ -33,6 +33,13 @@ class TrainConfig(Strict):
     lr: float = Field(2e-5, gt=0, lt=1)
     batch_size: int = Field(32, ge=2, description="MNRL needs in-batch negatives: >= 2")
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_schedule: Literal["linear", "constant_with_warmup"] = Field(
+        "linear",
+        description="linear: warmup over warmup_ratio of all steps, then linear decay to 0 at the end "
+        "of the run; constant_with_warmup: warmup over warmup_ratio of ONE epoch's steps, then "
+        "constant (the model after e epochs does not depend on the run's total: search.epochs_mode "
+        "branch)",
+    )
     weight_decay: float = Field(0.01, ge=0)
     seed: int = 42
     max_seq_length: int | None = Field(128, ge=8, description="truncate inputs (None = the model's own)")

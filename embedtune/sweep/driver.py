@@ -16,9 +16,10 @@ Idempotence: a trial's identity is the hash of its resolved config (`identity.co
 Rerunning a sweep, or running a grown spec (more models, datasets or search values; everything else
 equal) into the same run dir, launches only the configs whose hash has no done trial (FINISHED, or
 KILLED by the scheduler; FAILED ones run again). `trials.json` keeps one record per config hash and
-the MLflow experiment one child run per config hash. Sampled modes (random/optuna) cannot list their
-configs: there `num_samples` counts the run dir's done trials, and a drawn config already done is
-skipped.
+the MLflow experiment one child run per Tune trial. In branch mode (`search.epochs_mode`) a config's
+epoch counts are one Tune trial recorded once per count: it runs again only when one of its counts
+has no done record. Sampled modes (random/optuna) cannot list their configs: there `num_samples`
+counts the run dir's done Tune trials, and a drawn config already done is skipped.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ from embedtune.records import ModelData, TrialRecord, dump_trials, load_trials
 from embedtune.rundir import BASE_METRICS, DATA, SPEC, TRIALS, RunDir
 from embedtune.specs import SweepSpec
 from embedtune.sweep import preflight as pf
-from embedtune.sweep.identity import ConfigHasher, grid_configs
+from embedtune.sweep.identity import ConfigHasher, is_done, trial_configs
 from embedtune.sweep.results import (
     collect_trials,
     done_configs,
+    done_runs,
     merge_records,
     print_results_table,
     tune_score,
@@ -261,14 +263,16 @@ def open_tracking(
 # ---------------------------------------------------------------- step 4: trials
 
 
-def _todo(spec: SweepSpec, hasher: ConfigHasher, records: list[TrialRecord], attempted: set[str]):
-    """What is left to run: (grid configs not done nor attempted in this call, their count), or
-    for sampled modes (None, draws left: num_samples minus the run dir's done/attempted trials)."""
-    skip = done_configs(records) | attempted
+def _todo(spec: SweepSpec, hasher: ConfigHasher, records: list[TrialRecord], attempted: list[TrialRecord]):
+    """What is left to run: (grid trial configs with a (config, epochs) neither done nor attempted in
+    this call, their count), or for sampled modes (None, draws left: num_samples minus the run dir's
+    done/attempted Tune trials)."""
     if spec.search.mode == "grid":
-        todo = [c for c in grid_configs(spec, hasher) if c["config_hash"] not in skip]
+        skip = done_configs(records) | {r.config_hash for r in attempted}
+        todo = [c for c in trial_configs(spec, hasher) if not is_done(c, hasher, skip)]
         return todo, len(todo)
-    return None, max(0, spec.search.num_samples - len(skip))
+    runs = done_runs(records) | {r.run_trial_id for r in attempted}
+    return None, max(0, spec.search.num_samples - len(runs))
 
 
 def _fit(tuner, tune_path: str, spec: SweepSpec, inputs: Inputs, callback, skip) -> list[TrialRecord]:
@@ -335,8 +339,8 @@ class TrialsStep:
         self.records = merge_records(self.records, new)
         self.rundir.write_json(TRIALS, dump_trials(self.records))
 
-    def resume(self, restore_path: str) -> set[str]:
-        """Finish the interrupted experiment at `restore_path`; the configs it attempted."""
+    def resume(self, restore_path: str) -> list[TrialRecord]:
+        """Finish the interrupted experiment at `restore_path`; the records of what it attempted."""
         from ray import tune
 
         log.info("resuming sweep from %s", restore_path)
@@ -347,21 +351,21 @@ class TrialsStep:
             restore_path, trainable=self.trainable(skip), resume_unfinished=True, resume_errored=True
         )
         new = _fit(tuner, restore_path, self.spec, self.inputs, callback, skip)
-        known = {r.trial_id for r in self.records if r.done}
-        self.launched += sum(r.trial_id not in known for r in new)
+        known = {r.run_trial_id for r in self.records if r.done}
+        self.launched += len({r.run_trial_id for r in new} - known)
         self.save(new)
-        return {r.config_hash for r in new}
+        return new
 
-    def run_new(self, todo: list[dict[str, Any]] | None, n_todo: int, attempted: set[str]) -> None:
+    def run_new(self, todo: list[dict[str, Any]] | None, n_todo: int, attempted: list[TrialRecord]) -> None:
         """Run what is left as a new Tune experiment."""
         name = self.state.next_experiment()
         self.state.save(self.rundir)
-        skip = done_configs(self.records) | attempted if todo is None else set()
+        skip = done_configs(self.records) | {r.config_hash for r in attempted} if todo is None else set()
         callback = self.tracking.callback(skip)
         log.info("running %d trial(s) as Tune experiment %s", n_todo, name)
         tuner = build_tuner(self.spec, self.trainable(skip), self.storage, callback, name, todo, n_todo)
         new = _fit(tuner, self.path(name), self.spec, self.inputs, callback, skip)
-        self.launched += len(new)
+        self.launched += len({r.run_trial_id for r in new})
         self.save(new)
 
     def run(self, ray_address: str | None) -> None:
@@ -375,7 +379,7 @@ class TrialsStep:
         )
         if restore_path and not tune.Tuner.can_restore(restore_path):
             restore_path = None
-        todo, n_todo = _todo(spec, self.inputs.hasher, self.records, set())
+        todo, n_todo = _todo(spec, self.inputs.hasher, self.records, [])
         if self.records and not restore_path:
             log.info(
                 "%d config(s) already done in %s; %d to run",
@@ -392,7 +396,7 @@ class TrialsStep:
             address=ray_address or spec.ray.address, num_cpus=spec.ray.num_cpus, num_gpus=spec.ray.num_gpus
         ):
             try:
-                attempted: set[str] = set()
+                attempted: list[TrialRecord] = []
                 if restore_path:
                     attempted = self.resume(restore_path)
                     todo, n_todo = _todo(spec, self.inputs.hasher, self.records, attempted)
@@ -424,7 +428,7 @@ class TrialsStep:
         runs = TrialRuns(**self.tracking.runs_args)
         for record in self.records:
             if not record.mlflow_run_id:
-                record.mlflow_run_id = runs.find_existing(record.trial_id)
+                record.mlflow_run_id = runs.find_existing(record.run_trial_id)
         self.rundir.write_json(TRIALS, dump_trials(self.records))
 
 

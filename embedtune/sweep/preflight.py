@@ -78,6 +78,8 @@ def extension_problem(old: SweepSpec, new: SweepSpec) -> str | None:
     changed = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
     if changed:
         return f"{', '.join(changed)} changed"
+    if old.search.epochs_mode != new.search.epochs_mode:  # another schedule: every trial is another
+        return "search.epochs_mode changed"
     dropped = [m for m in old.models if m not in new.models]
     if dropped:
         return f"model(s) {', '.join(dropped)} dropped"

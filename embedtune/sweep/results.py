@@ -7,9 +7,10 @@ import shutil
 from typing import Any
 
 from embedtune.models import model_label
-from embedtune.records import DONE_STATUSES, EpochPoint, ModelData, TrialRecord, best_point
+from embedtune.records import DONE_STATUSES, EpochPoint, ModelData, TrialRecord, best_point, number
 from embedtune.specs import SweepSpec
 from embedtune.specs.metrics import FINAL_ERROR, HYPERPARAMS, RECORDED_PREFIXES
+from embedtune.sweep.identity import LINEAR_SCHEDULE, branch_epochs, is_done, member_hashes
 from embedtune.tracking.callback import checkpoint_uri
 from embedtune.tracking.client import exception_line, redact
 
@@ -19,8 +20,9 @@ log = logging.getLogger(__name__)
 def collect_trials(
     grid, spec: SweepSpec, base: dict[ModelData, dict[str, float]], run_ids=None, hasher=None, skip=()
 ) -> list[TrialRecord]:
-    """Trial records (docs/INTERFACES.md) from a ResultGrid. The best checkpoint is the trial's best
-    epoch, not its last. Trials of configs in `skip` that did not run are left out. `run_ids`:
+    """Trial records (docs/INTERFACES.md) from a ResultGrid: one per Tune trial in separate mode (its
+    best checkpoint is its best epoch, not its last), one per listed epoch count of a branch trial
+    (see `TrialRecord`). Trials of configs in `skip` that did not run are left out. `run_ids`:
     trial id -> MLflow run id, where known."""
     metric, mode = spec.scheduler.metric, spec.scheduler.mode
     records = []
@@ -28,50 +30,99 @@ def collect_trials(
         cfg = result.config or {}
         digest = hasher(cfg) if hasher else cfg.get("config_hash")
         df = result.metrics_dataframe
-        if digest in skip and (df is None or not len(df) or "epoch" not in df) and not result.error:
+        ran = df is not None and len(df) and "epoch" in df
+        skipped = is_done(cfg, hasher, set(skip)) if hasher else digest in skip
+        if skipped and not ran and not result.error:
             continue  # a sampled draw of an already done config: it returned without training
         key = ModelData(str(cfg.get("model")), str(cfg.get("dataset")))
+        rows: dict[int, dict[str, Any]] = {}  # epoch -> its (last) result row
+        for row in df.to_dict("records") if ran else []:
+            if row["epoch"] == row["epoch"]:  # a restored trial may repeat an epoch: the last counts
+                rows[int(row["epoch"])] = row
         history = [EpochPoint(0, dict(base.get(key, {})))]
-        for row in df.to_dict("records") if df is not None and len(df) else []:
-            if "epoch" in row and row["epoch"] == row["epoch"]:
-                kept = {k: float(v) for k, v in row.items() if k.startswith(RECORDED_PREFIXES) and v == v}
-                history.append(EpochPoint(int(row["epoch"]), kept))
-        best = best_point(history, metric, mode)
+        for epoch, row in sorted(rows.items()):
+            kept = {k: float(v) for k, v in row.items() if k.startswith(RECORDED_PREFIXES) and v == v}
+            history.append(EpochPoint(epoch, kept))
         done = max((p.epoch for p in history), default=0)
-        planned = int(cfg.get("epochs", done) or 0)
         final = (result.metrics or {}).get(FINAL_ERROR)  # failed for good, not retried (trainable)
         failed = bool(result.error or final)
-        status = "FAILED" if failed else ("FINISHED" if done >= planned else "KILLED")
-        best_ckpt = None
-        if not failed and result.best_checkpoints:
-            ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
-            best_ckpt = f"{checkpoint_uri(ckpt).rstrip('/')}/model" if ckpt is not None else None
-        metrics = result.metrics or {}
         error = None
         if failed:
             error = redact(exception_line(str(final or result.error)) or "")[:300] or None
-        records.append(
-            TrialRecord(
-                trial_id=trial.trial_id,
-                config_hash=digest,
-                model=cfg.get("model"),
-                model_label=model_label(str(cfg.get("model"))),
-                dataset=cfg.get("dataset"),
-                **{k: cfg.get(k) for k in HYPERPARAMS},
-                status=status,
-                error=error,
-                duration_s=float(metrics.get("time_total_s", 0.0) or 0.0),
-                gpu_seconds=metrics.get("gpu_seconds"),
-                epochs_done=done,
-                history=history,
-                best_epoch=best.epoch if best else None,
-                best_metrics=best.metrics if best else {},
-                best_checkpoint=best_ckpt,
-                mlflow_run_id=(run_ids or {}).get(trial.trial_id),
+        common = {
+            "model": cfg.get("model"),
+            "model_label": model_label(str(cfg.get("model"))),
+            "dataset": cfg.get("dataset"),
+            **{k: cfg.get(k) for k in HYPERPARAMS},
+            "mlflow_run_id": (run_ids or {}).get(trial.trial_id),
+            "lr_schedule": str(cfg.get("lr_schedule") or LINEAR_SCHEDULE),
+        }
+        listed = branch_epochs(cfg)
+        if listed is None:
+            records.append(
+                _separate_record(
+                    trial.trial_id, digest, result, history, done, failed, error, common, metric, mode
+                )
             )
-        )
+            continue
+        checkpoints = {
+            int(m["epoch"]): f"{checkpoint_uri(c).rstrip('/')}/model"
+            for c, m in result.best_checkpoints or []
+            if m.get("epoch") is not None
+        }
+        members = member_hashes(cfg, hasher) if hasher else {e: digest for e in listed}
+        for e in listed:
+            reached = done >= e and e in rows
+            status = "FINISHED" if reached else ("FAILED" if failed else "KILLED")
+            row = rows.get(min(done, e), result.metrics or {})
+            point = next((p for p in history if p.epoch == e), None) if reached else None
+            records.append(
+                TrialRecord(
+                    trial_id=trial.trial_id if e == max(listed) else f"{trial.trial_id}-e{e}",
+                    config_hash=members[e],
+                    **{**common, "epochs": e},
+                    status=status,
+                    error=None if reached else error,
+                    duration_s=float(row.get("time_total_s", 0.0) or 0.0),  # training up to this count
+                    gpu_seconds=number(row.get("gpu_seconds")),
+                    epochs_done=min(done, e),
+                    history=[p for p in history if p.epoch <= e],
+                    best_epoch=e if point else None,
+                    best_metrics=point.metrics if point else {},
+                    best_checkpoint=checkpoints.get(e) if point else None,
+                    tune_trial_id=trial.trial_id,
+                )
+            )
     records.sort(key=TrialRecord.order)
     return records
+
+
+def _separate_record(
+    trial_id, digest, result, history, done, failed, error, common, metric, mode
+) -> TrialRecord:
+    """The record of a separate-mode trial: its best epoch and the checkpoint there."""
+    best = best_point(history, metric, mode)
+    planned = int(common.get("epochs") or done or 0)
+    status = "FAILED" if failed else ("FINISHED" if done >= planned else "KILLED")
+    best_ckpt = None
+    if not failed and result.best_checkpoints:
+        ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
+        best_ckpt = f"{checkpoint_uri(ckpt).rstrip('/')}/model" if ckpt is not None else None
+    metrics = result.metrics or {}
+    return TrialRecord(
+        trial_id=trial_id,
+        config_hash=digest,
+        **common,
+        status=status,
+        error=error,
+        duration_s=float(metrics.get("time_total_s", 0.0) or 0.0),
+        gpu_seconds=metrics.get("gpu_seconds"),
+        epochs_done=done,
+        history=history,
+        best_epoch=best.epoch if best else None,
+        best_metrics=best.metrics if best else {},
+        best_checkpoint=best_ckpt,
+    )
 
 
 def merge_records(old: list[TrialRecord], new: list[TrialRecord]) -> list[TrialRecord]:
@@ -88,6 +139,12 @@ def merge_records(old: list[TrialRecord], new: list[TrialRecord]) -> list[TrialR
 
 def done_configs(records: list[TrialRecord]) -> set[str]:
     return {r.config_hash for r in records if r.status in DONE_STATUSES}
+
+
+def done_runs(records: list[TrialRecord]) -> set[str]:
+    """The Tune trials (one per branch in branch mode) whose records are done: what a sampled
+    sweep's `num_samples` counts."""
+    return {r.run_trial_id for r in records if r.status in DONE_STATUSES}
 
 
 def tune_score(record: TrialRecord, spec: SweepSpec) -> float:

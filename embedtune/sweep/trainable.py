@@ -1,4 +1,5 @@
-"""The Ray Tune trainable: one fine-tuning run inside a trial process, reporting every epoch.
+"""The Ray Tune trainable: one fine-tuning run inside a trial process, reporting every epoch
+(with a checkpoint: every epoch in separate mode, each listed epoch count of a branch trial).
 
 What a trial needs travels in a `TrialPayload` through Ray's object store (`tune.with_parameters`),
 so trials on other nodes need no shared disk: the prepared data, the mined triplets (in memory),
@@ -23,6 +24,7 @@ from embedtune.negatives import Triplets
 from embedtune.records import ModelData
 from embedtune.specs import Resources, TrainConfig, TrainSettings
 from embedtune.specs.metrics import FINAL_ERROR, GAIN_SUFFIX
+from embedtune.sweep.identity import LINEAR_SCHEDULE, branch_epochs, is_done, member_hashes
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class TrialPayload:
     train: TrainSettings
     resources: Resources
     hasher: Any  # sweep.identity.ConfigHasher
-    skip: dict[str, float] = field(default_factory=dict)  # done configs -> their Tune score
+    skip: dict[str, float] = field(default_factory=dict)  # done (config, epochs) -> their Tune score
     mode: str = "max"  # the scheduler's mode (the worst score of a trial that failed for good)
 
 
@@ -58,12 +60,13 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
 
     from embedtune.train import train
 
-    digest = payload.hasher(config)
-    if digest in payload.skip:  # a sampled draw of a config done earlier in the run dir
-        log.warning("config %s is already done in this run dir; skipped", digest)
+    if is_done(config, payload.hasher, payload.skip):  # a sampled draw of a config done earlier
+        done = list(member_hashes(config, payload.hasher).values())
+        log.warning("config %s is already done in this run dir; skipped", payload.hasher(config))
         # Tune wants the metric in a trial's last result; the done trial's score also informs optuna.
-        tune.report({payload.tune_metric: payload.skip[digest], "skipped_done_config": 1})
+        tune.report({payload.tune_metric: max(payload.skip[h] for h in done), "skipped_done_config": 1})
         return
+    listed = branch_epochs(config)  # branch mode: checkpoint (and record) only these epoch counts
     label = config["dataset"]
     data = payload.datasets[label]
     cfg = TrainConfig(
@@ -72,6 +75,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
         lr=float(config["lr"]),
         batch_size=int(config["batch_size"]),
         warmup_ratio=float(config["warmup_ratio"]),
+        lr_schedule=str(config.get("lr_schedule") or LINEAR_SCHEDULE),
         seed=int(config["seed"]),
         threads=cpu_threads_for(payload.resources.cpu),
         **payload.train.model_dump(),
@@ -91,7 +95,6 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
     proc = psutil.Process()
 
     def on_epoch(epoch: int, metrics: dict[str, float], ckpt: Path | None) -> None:
-        (ckpt / "state.json").write_text(json.dumps({"epoch": epoch, "trial_config": config}))
         report = dict(metrics)
         report["epoch"] = epoch
         if payload.metric in metrics and base_score is not None:
@@ -104,6 +107,10 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
         if torch.cuda.is_available():
             report["system/gpu_max_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
             report["gpu_seconds"] = (time.time() - started) * max(payload.resources.gpu, 0)
+        if ckpt is None:  # branch mode, an epoch count not listed: a result without a checkpoint
+            tune.report(report)
+            return
+        (ckpt / "state.json").write_text(json.dumps({"epoch": epoch, "trial_config": config}))
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
 
     try:
@@ -113,7 +120,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
             payload.triplets.get(label) if cfg.hard_negatives else None,
             out_dir=None,
             on_epoch=on_epoch,
-            checkpoint_every_epoch=True,
+            checkpoint_every_epoch=listed or True,
             resume_from=resume_dir,
             start_epoch=start_epoch,
             evaluate_base=False,

@@ -15,10 +15,20 @@ SEARCHERS = {"optuna": "optuna"}
 
 
 def scheduler_for(spec: SweepSpec):
+    """Branch mode: one ASHA over all trials (each trains to the same maximum with a schedule that
+    does not depend on the total, so ASHA prunes whole configurations). Separate mode: one ASHA per
+    epoch budget (`scheduler.BudgetASHA`), so runs of different lengths are never ranked against
+    each other at the same epoch."""
     from ray.tune.schedulers import create_scheduler
+
+    from embedtune.sweep.scheduler import BudgetASHA
 
     if spec.scheduler.type == "none":
         return None
+    if spec.scheduler.type == "asha" and not spec.search.branch:
+        return BudgetASHA(
+            grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor
+        )
     max_epochs = spec.search.max_epochs
     return create_scheduler(
         SCHEDULERS[spec.scheduler.type],
@@ -73,7 +83,7 @@ def build_tuner(
             name=name,
             storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=spec.checkpoints.keep,
+                num_to_keep=spec.checkpoints_to_keep,
                 checkpoint_score_attribute=spec.scheduler.metric,
                 checkpoint_score_order=spec.scheduler.mode,
             ),

@@ -46,7 +46,7 @@ class MlflowTrialCallback(Callback):
         return self.runs.run_ids
 
     def _skipped(self, trial) -> bool:
-        return bool(self.skip) and self.runs.config_hash(trial.config) in self.skip
+        return bool(self.skip) and all(h in self.skip for h in self.runs.member_hashes(trial.config))
 
     # -- Tune hooks: each builds an op and submits it
     def on_trial_start(self, iteration, trials, trial, **info):

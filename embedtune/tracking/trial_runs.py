@@ -51,6 +51,11 @@ class TrialRuns:
     def config_hash(self, config: dict[str, Any]) -> str | None:
         return self.hasher(config) if self.hasher else config.get("config_hash")
 
+    def member_hashes(self, config: dict[str, Any]) -> list[str | None]:
+        """The (config, epochs) hashes a trial records: one per listed epoch count of a branch trial."""
+        members = getattr(self.hasher, "members", None)
+        return members(config) if members else [self.config_hash(config)]
+
     def find_existing(self, trial_id: str) -> str | None:
         runs = mlc.child_runs(
             self.tracking_uri,
@@ -89,7 +94,8 @@ class TrialRuns:
         if run_id:
             c.update_run(run_id, status="RUNNING")
         else:
-            name = f"{model_label(str(config.get('model')))}-{config.get('dataset', 'data')}-e{config.get('epochs')}-{trial_id}"
+            epochs = str(config.get("branch_epochs") or config.get("epochs")).replace(",", "+")
+            name = f"{model_label(str(config.get('model')))}-{config.get('dataset', 'data')}-e{epochs}-{trial_id}"
             tags = {mlc.PARENT_TAG: self.parent_run_id, mlc.TRIAL_TAG: trial_id, mlc.KIND_TAG: "trial"}
             digest = self.config_hash(config)
             if digest:
