@@ -243,7 +243,7 @@ def ensure_export(st, model_path: str | Path, backend: str) -> tuple[Path, float
     path, built = build_once(target, build)
     seconds = time.perf_counter() - start if built else 0.0
     if built:
-        log.info("exported %s for %s in %.1f s -> %s", backend, model_path, seconds, path)
+        log.debug("exported %s for %s in %.1f s -> %s", backend, model_path, seconds, path)
     return path, seconds
 
 

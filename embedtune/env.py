@@ -24,12 +24,26 @@ _OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFF
 
 # Libraries' own chatter, off unless --verbose: transformers' per-load report tables and weight bars,
 # the hub's download bars, Lance's Rust-side WARN lines ("No existing dataset" per new table).
+# tqdm bars nobody asked for (the miner's, `datasets`' and the model card's "widget examples", in
+# the driver and in the trial workers, which inherit this environment) go with TQDM_DISABLE: it sets
+# tqdm's default only, so embedtune's own bars (sweep, ingest) pass disable= explicitly and stay.
+# Tune prints its configuration box unless the old output engine is asked for with verbose=0.
 _QUIET = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
     "LANCE_LOG": "error",
     "LANCEDB_LOG": "error",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
+# Library warnings that say nothing a user can act on here.
+_QUIET_WARNINGS = (
+    r"lancedb fork support is experimental",  # LanceDB in a forked helper process
+    r"'pin_memory' argument is set as true but no accelerator",  # torch's DataLoader on a CPU
+)
+_QUIET_LOGGERS = ("sentence_transformers", "mlflow", "lancedb")
 
 
 def set_verbose(verbose: bool) -> None:
@@ -37,8 +51,15 @@ def set_verbose(verbose: bool) -> None:
     environment), and quiet the libraries unless verbose (explicit user settings win)."""
     os.environ["EMBEDTUNE_VERBOSE"] = "1" if verbose else "0"
     if not verbose:
+        import logging
+        import warnings
+
         for key, value in _QUIET.items():
             os.environ.setdefault(key, value)
+        for pattern in _QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
         with contextlib.suppress(Exception):
             from transformers.utils import logging as hf_logging
 

@@ -45,6 +45,7 @@ class FinalResult:
     picked: dict[str, list[ModelEntry]] = field(default_factory=dict)
     cross_encoders: dict[str, str] = field(default_factory=dict)
     verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset, see report.verdict
+    dataset_winners: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: its best row
 
 
 def cross_encoders(
@@ -209,6 +210,7 @@ def evaluate_and_report(
         picked=entries,
         cross_encoders=cross,
         verdicts=report.verdicts,
+        dataset_winners=report.dataset_winners,
     )
     if tracking_uri:
         parent = mlflow_parent_run_id or standalone_run(tracking_uri, rundir.path, rundir.path.name)

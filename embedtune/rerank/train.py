@@ -126,6 +126,7 @@ def train_reranker(
             CrossEncoderTrainingArguments,
         )
         from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+        from transformers.trainer_callback import PrinterCallback
 
         pairs = training_pairs(triplets, max_pairs, seed, random_negatives, exclude)
         base_dir = resolve_model(base)
@@ -146,6 +147,7 @@ def train_reranker(
             report_to=[],
             disable_tqdm=True,
             dataloader_num_workers=0,
+            dataloader_pin_memory=env.device() == "cuda",
             # The classification head starts random: let it (and the pooler) learn faster than
             # the pretrained encoder, so a few dozen steps already rank (see the module note).
             learning_rate_mapping={r"classifier|pooler": head_lr} if head_lr else {},
@@ -153,6 +155,7 @@ def train_reranker(
         trainer = CrossEncoderTrainer(
             model=model, args=args, train_dataset=train_ds, loss=BinaryCrossEntropyLoss(model)
         )
+        trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict to stdout
         trainer.train()
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         model.save_pretrained(str(tmp))

@@ -26,7 +26,7 @@ class SweepProgress(Callback):
         if self._bar is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, desc="sweep", unit="trial", dynamic_ncols=True)
+            self._bar = tqdm(total=self.total, desc="sweep", unit="trial", dynamic_ncols=True, disable=False)
         return self._bar
 
     def _show(self) -> None:
