@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from embedtune.env import patched_environ
+from embedtune.env import patched_environ, verbose
 
 # Directories made by `init` for the Ray it started; removed by `shutdown`.
 _owned_dirs: list[Path] = []
@@ -120,6 +120,9 @@ def init(
             _temp_dir=str(temp_dir),
             configure_logging=True,
             logging_level="WARNING",
+            # the trial workers' own lines (Ray Train's checkpoint notices, library chatter) only
+            # with --verbose; errors still reach the driver through Tune
+            log_to_driver=verbose(),
             **kwargs,
         )
     return True
