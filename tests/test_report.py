@@ -677,3 +677,16 @@ def test_seen_verdict_on_real_data_both_sides(source: str, expected: str) -> Non
     line = seen_verdict(probe)
     assert line.startswith(expected), line
     assert probe["gap_lo"] <= probe["gap"] <= probe["gap_hi"]
+
+
+def test_overall_winner_is_the_largest_gain_not_the_easiest_dataset():
+    """The registry's winner across datasets: an easy dataset's small gain at a high raw score
+    (SQuAD in the default run: +0.020 at 0.940) must not beat a hard one's large gain (MedQuAD:
+    +0.081 at 0.919); within one dataset the metric decides as before."""
+    from embedtune.report import overall_winner
+
+    med = {"model": "med-ft", "kind": "tuned", "mrr_at_10": 0.919, "delta_mrr_at_10": 0.081}
+    squad = {"model": "squad-ft", "kind": "tuned", "mrr_at_10": 0.940, "delta_mrr_at_10": 0.020}
+    assert overall_winner(None, {"medquad": med, "squad": squad}, "mrr_at_10")["model"] == "med-ft"
+    worse = {**med, "delta_mrr_at_10": -0.01}
+    assert overall_winner(None, {"medquad": worse, "squad": squad}, "mrr_at_10")["model"] == "squad-ft"

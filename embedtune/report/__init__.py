@@ -74,6 +74,17 @@ def dataset_sources(rundir: RunDir) -> dict[str, list[str]]:
     return out
 
 
+def overall_winner(board, dataset_winners: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """The run's winner (what the registry gets): the dataset winner with the largest gain over its
+    own base model. Raw scores of different datasets are not comparable (an easy dataset's small
+    gain would outrank a hard one's large one), the gain is (as the scheduler's `compare: gain`)."""
+    tuned = [w for w in dataset_winners.values() if w and w.get("kind") == "tuned"]
+    gains = [w for w in tuned if (w.get(f"delta_{metric}") or 0) > 0]
+    if len(dataset_winners) <= 1 or not gains:
+        return pick_winner(board, metric)
+    return max(gains, key=lambda w: (w[f"delta_{metric}"], w[metric], str(w["model"])))
+
+
 def build_report(
     rundir: RunDir,
     trials: list[TrialRecord],
@@ -98,8 +109,8 @@ def build_report(
     flags = overfitting_flags(trials, sweep_metric)
     board = leaderboard(results, trials, metric, flags, sweep_metric)
     epochs = epoch_advice(results, metric)
-    winner = pick_winner(board, metric)
     dataset_winners = {str(ds): pick_winner(rows, metric) for ds, rows in board.groupby("dataset", sort=True)}
+    winner = overall_winner(board, dataset_winners, metric)
     probes = probe_all(
         probe_cache,
         board,
