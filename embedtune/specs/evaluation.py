@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from embedtune.specs.base import Strict
 from embedtune.specs.data import DataSpec
-from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_METRIC, LEADERBOARD_METRICS
+from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_METRIC, check_leaderboard_metric
 
 QueryType = Literal["vector", "fts", "hybrid"]
 RerankerName = Literal["none", "rrf", "linear", "cross-encoder"]
@@ -105,9 +105,7 @@ class FinalSpec(Strict):
     @field_validator("leaderboard_metric")
     @classmethod
     def _lb_metric(cls, v: str) -> str:
-        if v not in LEADERBOARD_METRICS:
-            raise ValueError(f"must be one of {', '.join(LEADERBOARD_METRICS)}")
-        return v
+        return check_leaderboard_metric(v)
 
     @field_validator("cross_encoder")
     @classmethod

@@ -29,6 +29,13 @@ DEFAULT_SWEEP_METRIC = SWEEP_NAME[DEFAULT_LEADERBOARD_METRIC]
 SWEEP_ALIASES = {"ir_recall_at_10": "hit_at_10", "ir_recall_at_5": "hit_at_5", "ir_recall_at_1": "hit_at_1"}
 
 
+def check_leaderboard_metric(name: str) -> str:
+    """A spec's leaderboard metric, or the ValueError pydantic reports under its key."""
+    if name not in LEADERBOARD_METRICS:
+        raise ValueError(f"must be one of {', '.join(LEADERBOARD_METRICS)}")
+    return name
+
+
 def leaderboard_name(sweep_metric: str) -> str | None:
     """The leaderboard metric a trial-reported metric name means, or None."""
     inverse = {v: k for k, v in SWEEP_NAME.items()}

@@ -14,8 +14,8 @@ from embedtune.specs.metrics import (
     DEFAULT_SWEEP_METRIC,
     GAIN_SUFFIX,
     HYPERPARAMS,
-    LEADERBOARD_METRICS,
     SWEEP_NAME,
+    check_leaderboard_metric,
     leaderboard_name,
 )
 from embedtune.specs.train import MiningSpec, TrainSettings
@@ -202,9 +202,7 @@ class SweepSpec(Strict):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if v not in LEADERBOARD_METRICS:
-            raise ValueError(f"must be one of {', '.join(LEADERBOARD_METRICS)}")
-        return v
+        return check_leaderboard_metric(v)
 
     @model_validator(mode="after")
     def _one_metric(self) -> SweepSpec:
