@@ -46,6 +46,7 @@ def test_sampled_space_uses_distributions() -> None:
             "mode": "optuna",
             "num_samples": 4,
             "epochs": [1, 2],
+            "epochs_mode": "separate",  # branch mode trains every draw to 2 epochs (test_sweep_identity)
             "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-4},
         },
     )
