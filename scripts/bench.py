@@ -482,12 +482,13 @@ def bench_epoch_axis(
         c = model.encode([data.corpus[i] for i in ids], batch_size=64, normalize_embeddings=True)
         top = np.argsort(-(q @ c.T), axis=1, kind="stable")[:, :10]
         ranked = [[ids[j] for j in row] for row in top]
-        return np.asarray(per_query_metrics(ranked, relevant, (10,))["hit_at_10"], dtype=float)
+        # the headline metric per question (hit@k: McNemar below; MRR/nDCG: paired bootstrap)
+        return np.asarray(per_query_metrics(ranked, relevant, (1, 5, 10))[spec.metric], dtype=float)
 
     hb, hs = hits(best_b[1][1]), hits(best_s[1][1])
     return {
         "epoch_axis_cost_ratio": cpu_branch / cpu_separate,
-        "epoch_axis_quality_p": float(stats.mcnemar_pvalue(hb, hs)),
+        "epoch_axis_quality_p": float(stats.paired_pvalue(hb, hs, spec.metric)),
         "epoch_axis_wall_ratio": wall_branch / wall_separate,
         "epoch_axis_branch_cpu_seconds": cpu_branch,
         "epoch_axis_separate_cpu_seconds": cpu_separate,
