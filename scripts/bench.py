@@ -573,9 +573,12 @@ def _verdict(key: str, value: Any) -> str:
     return f"{'met' if ok else 'MISSED'} ({op} {target:g})"
 
 
-def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+def write_outputs(results: dict[str, Any], out_dir: Path, part: str | None = None) -> tuple[Path, Path]:
+    """results.json / results.md, or results-<part>.* for a run of one part (`--only`): a part never
+    overwrites a full run's numbers."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    js = out_dir / "results.json"
+    stem = f"results-{part}" if part else "results"
+    js = out_dir / f"{stem}.json"
     js.write_text(json.dumps(results, indent=2, default=str) + "\n")
     lines = [
         "# `make bench` results",
@@ -600,7 +603,7 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         "```",
         "",
     ]
-    md = out_dir / "results.md"
+    md = out_dir / f"{stem}.md"
     md.write_text("\n".join(lines))
     return js, md
 
@@ -650,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
         "--only-encode", action="store_true", help="only encode_speedup_backend / encode_backend_hit10_delta"
     )
     parser.add_argument(
-        "--only", choices=["epoch-axis"], help="only this part (its keys; results.json holds just those)"
+        "--only",
+        choices=["epoch-axis", "sweep"],
+        help="only this part: its keys go to results-<part>.json/.md (results.json is a full run's)",
     )
     args = parser.parse_args(argv)
     env.apply(offline=True)
@@ -668,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
             return _only_encode(args, spec, results)
         if args.only == "epoch-axis":
             results |= bench_epoch_axis(spec, args.work_dir)
+            return _finish(results, started, args)
+        if args.only == "sweep":
+            results |= bench_sweep_local(spec, args.work_dir / "sweep-local")
             return _finish(results, started, args)
         if not args.skip_sweep:  # first, on a quiet machine: the number users feel
             results |= bench_sweep_local(spec, args.work_dir / "sweep-local")
@@ -701,7 +709,7 @@ def _finish(results: dict[str, Any], started: float, args) -> int:
     results["bench_peak_rss_mb"] = _peak_rss_mb()
     results["bench_seconds"] = time.time() - started
     tracking_uri = results.pop("_tracking_uri", None)
-    js, md = write_outputs(results, args.out)
+    js, md = write_outputs(results, args.out, getattr(args, "only", None))
     print_table(results)
     print(f"[bench] {js} and {md} written in {results['bench_seconds']:.0f}s")
     log_to_mlflow(tracking_uri or f"sqlite:///{(args.work_dir / 'mlflow.db').resolve()}", results, [js, md])
