@@ -205,6 +205,9 @@ def _spec_dir(tmp_path: Path, name: str, **changes) -> Path:
     """A working dir holding a variant of sweeps/cluster-local.yaml (its own name, so its own S3 state)."""
     raw = yaml.safe_load((REPO / "sweeps" / "cluster-local.yaml").read_text())
     raw.update(name=name, **changes)
+    # The fault tests resume trials from the checkpoint of the epoch before the fault: separate mode
+    # checkpoints every epoch, branch mode only its listed counts (README, "Faults a sweep survives").
+    raw["search"] = {**raw.get("search", {}), "epochs_mode": "separate"}
     raw["mlflow"]["experiment"] = f"embedtune-{name}"
     workdir = tmp_path / name
     workdir.mkdir()
