@@ -28,11 +28,14 @@ sweep-local: setup
 
 # The suite runs in a network namespace with only loopback (scripts/netns.sh; one line says so where
 # unshare is not allowed), and ends with how many tests skipped and why (tests/conftest.py).
+# Everything but the registry tests in a loopback-only network namespace (scripts/netns.sh); the
+# install test needs pip's registry, so it runs after, outside the namespace.
 test: setup
-	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs --durations=15
+	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs --durations=15 -m "not registry"
+	EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs -m registry
 
 test-fast: setup
-	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -rs -m "not slow"
+	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -rs -m "not slow and not registry"
 
 lint: setup
 	$(VENV)/bin/ruff check embedtune tests scripts cluster
