@@ -46,7 +46,6 @@ def test_the_install_path_is_the_same_everywhere() -> None:
     assert any("scripts/install.sh python cluster" in c for c in launcher["setup_commands"])
 
 
-@pytest.mark.slow
 @pytest.mark.registry
 def test_dockerfile_install_in_a_fresh_venv_resolves_every_shipped_model_offline(
     tmp_path: Path, monkeypatch
