@@ -35,7 +35,7 @@ def test_best_is_the_best_trained_epoch_not_the_last_nor_the_base():
         EpochMetrics(2, {"ir_recall_at_10": 0.8}, 1.0),
         EpochMetrics(3, {"ir_recall_at_10": 0.6}, 1.0),
     ]
-    assert TrainResult(None, history).best().epoch == 2
+    assert TrainResult(None, history).best("ir_recall_at_10").epoch == 2
     assert TrainResult(None, history[:1]).best().epoch == 0
     assert cpu_threads_for(0.5) == 1 and cpu_threads_for(4) == 4
 
