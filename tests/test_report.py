@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from paths import SHARED_DATA
 
 from embedtune.records import HarmCheck, TrialRecord
 from embedtune.report import build_report, rebuild_report
@@ -493,7 +494,7 @@ def test_model_card_parser_finds_squad_in_minilm_card():
     assert card_matches(names, ["x", "/data/squad_v1.1/squad_train_pairs.jsonl.gz"]) == ["SQuAD2.0"]
     assert card_matches(names, ["gooaq", "hf:sentence-transformers/gooaq"]) == ["gooaq"]
     assert card_matches(names, ["medquad", "medquad-sample"]) == []
-    assert card_matches(names, ["scifact", "/work/shared/data/scifact"]) == []
+    assert card_matches(names, ["scifact", str(SHARED_DATA / "scifact")]) == []  # a source given as a path
 
 
 def test_card_datasets_without_a_card(tmp_path):

@@ -32,6 +32,12 @@ results: list[tuple[str, bool, str]] = []
 timings: dict[str, float] = {}
 
 
+def auth_error(proc) -> str:
+    """The AuthenticationError line of a refused `ray job submit`, or ""."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return next((ln for ln in lines if "ray.exceptions.AuthenticationError" in ln), "")
+
+
 def record(name: str, ok: bool, detail: str = "") -> bool:
     results.append((name, ok, detail))
     print(f"{'PASS' if ok else 'FAIL'} {name}" + (f": {detail}" if detail else ""), flush=True)
@@ -86,14 +92,7 @@ def check_token(env: dict[str, str]) -> None:
         k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
     }
     proc = submit(no_token, ["python", "-c", "print('should not run')"], timeout=120)
-    err = next(
-        (
-            line
-            for line in (proc.stdout + proc.stderr).splitlines()
-            if "ray.exceptions.AuthenticationError" in line
-        ),
-        "",
-    )
+    err = auth_error(proc)
     record(
         "ray job submit without the token is refused",
         proc.returncode != 0 and "Missing authentication token" in err,
@@ -101,14 +100,7 @@ def check_token(env: dict[str, str]) -> None:
     )
     wrong = {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
     proc = submit(wrong, ["python", "-c", "print('should not run')"], timeout=120)
-    err = next(
-        (
-            line
-            for line in (proc.stdout + proc.stderr).splitlines()
-            if "ray.exceptions.AuthenticationError" in line
-        ),
-        "",
-    )
+    err = auth_error(proc)
     record(
         "ray job submit with a wrong token is refused",
         proc.returncode != 0 and "Invalid authentication token" in err,
