@@ -9,7 +9,6 @@ from typing import Any
 
 from embedtune.errors import EmbedtuneError
 from embedtune.records import TrialRecord, best_point, number
-from embedtune.report.fmt import fmt_p
 from embedtune.report.store import PER_QUERY
 from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_METRIC, LEADERBOARD_METRICS
 
@@ -247,34 +246,6 @@ def _epoch_columns(df, by_trial: dict[str, TrialRecord], sweep_metric: str):
     return df.assign(
         **{n: pd.array(c, dtype="Float64").astype(float) for n, c in zip(names, cols, strict=True)}
     )
-
-
-def significance(rows, metric: str) -> dict[str, Any] | None:
-    """Which tuned rows of one dataset differ from their base model beyond noise on `metric`:
-    {"note": str, "real gain": [...], "real loss": [...], "noise": [...]} (items are markdown), or
-    {"note": ...} alone without per-query results; None without tuned rows."""
-    tuned = rows[rows["kind"] == "tuned"]
-    if tuned.empty:
-        return None
-    if f"p_{metric}" not in tuned or tuned[f"p_{metric}"].isna().all():
-        return {
-            "note": "No per-query results stored for this dataset: no intervals and no test of which "
-            "differences are real (re-run the evaluation to get them)."
-        }
-    out: dict[str, Any] = {
-        "note": f"Real or noise? Δ {metric} of each tuned row against its base model (same dataset, query type and "
-        f"reranker) over the same queries: exact McNemar test for hit@k, paired bootstrap for MRR/nDCG; "
-        f"real = p < {SIGNIFICANCE}, otherwise noise (each test on its own, no correction for the number of "
-        f"rows). Intervals: 95% percentile bootstrap over queries ({N_BOOT} resamples, seed 0).",
-        "real gain": [],
-        "real loss": [],
-        "noise": [],
-    }
-    for r in tuned.to_dict("records"):
-        words, d, p = r.get("vs_base") or "", number(r.get(f"delta_{metric}")), number(r.get(f"p_{metric}"))
-        if words in out and d is not None:
-            out[words].append(f"`{r['model']}` {r['query_type']}/{r['reranker']} {d:+.3f} ({fmt_p(p)})")
-    return out
 
 
 def cost_rows(rows):

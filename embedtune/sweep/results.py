@@ -193,7 +193,3 @@ def print_results_table(trials: list[TrialRecord], metric: str) -> None:
             f"{t.duration_s:.0f}",
         )
     Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
-
-
-def trial_summary(records: list[TrialRecord]) -> dict[str, Any]:
-    return {s: sum(r.status == s for r in records) for s in ("FINISHED", "KILLED", "FAILED")}
