@@ -10,10 +10,15 @@ from typing import Any
 from embedtune.errors import EmbedtuneError
 from embedtune.records import TrialRecord, best_point, number
 from embedtune.report.store import PER_QUERY
-from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_METRIC, LEADERBOARD_METRICS
+from embedtune.specs.metrics import (
+    DEFAULT_LEADERBOARD_METRIC,
+    DEFAULT_SWEEP_METRIC,
+    LEADERBOARD_METRICS,
+    TIE_BREAK_METRIC,
+)
+from embedtune.stats import N_BOOT  # bootstrap resamples of the intervals and the paired tests (seeded)
 
 SIGNIFICANCE = 0.05  # p below this: a real difference; at or above it: noise
-N_BOOT = 2000  # bootstrap resamples of the intervals and the paired tests (seeded)
 
 
 def leaderboard(
@@ -81,7 +86,7 @@ def leaderboard(
     df = add_confidence(df, metrics, metric)
     df = _epoch_columns(df, by_trial, sweep_metric)
     df = df.sort_values(
-        ["dataset", metric, "mrr_at_10", "model", "query_type", "reranker"],
+        ["dataset", metric, TIE_BREAK_METRIC, "model", "query_type", "reranker"],
         ascending=[True, False, False, True, True, True],
         kind="stable",
     ).reset_index(drop=True)
@@ -105,7 +110,7 @@ def pick_winner(
         return None
     rows = rows.assign(_d=rows[f"delta_{metric}"].fillna(-math.inf))
     best = rows.sort_values(
-        [metric, "_d", "mrr_at_10", "model"], ascending=[False, False, False, True], kind="stable"
+        [metric, "_d", TIE_BREAK_METRIC, "model"], ascending=[False, False, False, True], kind="stable"
     )
     return _clean_row(best.drop(columns="_d").iloc[0].to_dict())
 
