@@ -86,16 +86,6 @@ def test_callback_marks_scheduler_stops_killed_and_errors_failed(tmp_path: Path)
     assert len(client.search_runs([exp])) == 4  # the parent + one run per trial
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "server-artifacts")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 def test_callback_keeps_records_through_a_server_outage_and_replays_them(
     tmp_path: Path, mlflow_server, capsys
 ) -> None:
