@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,8 @@ from embedtune.errors import EmbedtuneError
 from embedtune.evaluate import check_depth
 from embedtune.models import model_label, resolve_model, truncate
 from embedtune.negatives import Triplets, mine
-from embedtune.records import ModelData, TrialRecord, dump_trials, load_trials
-from embedtune.rundir import BASE_METRICS, DATA, SPEC, TRIALS, RunDir
+from embedtune.records import ModelData, TrialRecord
+from embedtune.rundir import BASE_METRICS, RunDir
 from embedtune.specs import SweepSpec
 from embedtune.sweep import preflight as pf
 from embedtune.sweep.identity import ConfigHasher, is_done, trial_configs
@@ -50,7 +51,6 @@ from embedtune.sweep.results import (
     done_configs,
     done_runs,
     merge_records,
-    print_results_table,
     tune_score,
 )
 from embedtune.sweep.trainable import TrialPayload, run_trial
@@ -123,9 +123,9 @@ def prepare_inputs(
         if final and spec.final.enabled:
             check_depth(spec.final.eval, data, "final.eval.ks")
     rundir.create()
-    rundir.write_json(SPEC, spec.model_dump(mode="json"))
+    rundir.save_spec(spec)
     for data in datasets.values():
-        rundir.write_json(f"{DATA}/{data.label}.json", data.to_dict())
+        rundir.save_data(data)
         log.info(
             "data %s (%s): %s",
             data.label,
@@ -337,7 +337,7 @@ class TrialsStep:
 
     def save(self, new: list[TrialRecord]) -> None:
         self.records = merge_records(self.records, new)
-        self.rundir.write_json(TRIALS, dump_trials(self.records))
+        self.rundir.save_trials(self.records)
 
     def resume(self, restore_path: str) -> list[TrialRecord]:
         """Finish the interrupted experiment at `restore_path`; the records of what it attempted."""
@@ -429,7 +429,7 @@ class TrialsStep:
         for record in self.records:
             if not record.mlflow_run_id:
                 record.mlflow_run_id = runs.find_existing(record.run_trial_id)
-        self.rundir.write_json(TRIALS, dump_trials(self.records))
+        self.rundir.save_trials(self.records)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -441,18 +441,27 @@ def run_sweep(
     resume: bool | None = None,
     final: bool = True,
     ray_address: str | None = None,
+    on_trials: Callable[[list[TrialRecord]], None] | None = None,
 ) -> SweepResult:
     """Run (or resume, or extend) a sweep into `run_dir` (a folder or a URI). `resume=None` resumes
     when the run dir holds a run of the same spec, and extends it when the spec only grew (more
     models, datasets, search values): then only configs without a done trial run. True insists on
-    resuming; False refuses to reuse a run dir."""
+    resuming; False refuses to reuse a run dir. `on_trials(records)` is called when the trials are
+    done, before the final stage (the CLI shows them as a table)."""
     rundir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     spec = pf.without_secrets(spec)  # no password in spec.json, the state or Tune's pickles
     with rundir.lock():
-        return _run(spec, rundir, resume, final, ray_address)
+        return _run(spec, rundir, resume, final, ray_address, on_trials)
 
 
-def _run(spec: SweepSpec, rundir: RunDir, resume: bool | None, final: bool, ray_address: str | None):
+def _run(
+    spec: SweepSpec,
+    rundir: RunDir,
+    resume: bool | None,
+    final: bool,
+    ray_address: str | None,
+    on_trials: Callable[[list[TrialRecord]], None] | None = None,
+):
     timings: dict[str, float] = {}
     t0 = time.time()
     # 1. preflight
@@ -478,13 +487,14 @@ def _run(spec: SweepSpec, rundir: RunDir, resume: bool | None, final: bool, ray_
     )
     state.save(rundir)
     # 4. trials (records of earlier runs in this dir first)
-    records = merge_records([], load_trials(rundir.read_json(TRIALS, [])))
+    records = merge_records([], rundir.trials())
     step = TrialsStep(spec, rundir, state, inputs, tracking, records)
     t1 = time.time()
     step.run(ray_address)
     timings["trials_s"] = time.time() - t1
     step.link_runs()
-    print_results_table(step.records, spec.scheduler.metric)
+    if on_trials is not None:
+        on_trials(step.records)
     result = SweepResult(
         rundir.path,
         step.records,
