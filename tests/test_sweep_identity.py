@@ -208,8 +208,8 @@ def test_branch_mode_runs_one_trial_per_config_and_resume_skips_done_members() -
     members are exactly the (config, epochs) of the grid; the driver's to-do list skips a branch
     whose members are all done, runs one with a member missing, and separate mode still runs one
     trial per (config, epochs)."""
-    from embedtune.sweep.driver import _todo
     from embedtune.sweep.identity import member_hashes, trial_configs
+    from embedtune.sweep.trials import _todo
 
     raw = tiny_spec("branch", search={"epochs": [1, 3, 2], "lr": [5e-5, 1e-4], "batch_size": [16]})
     spec = parse_spec(raw)
