@@ -126,11 +126,42 @@ def test_cycle_finder_sees_a_hidden_circle(tmp_path: Path) -> None:
     assert cycles(graph) == []
 
 
+def unit_graph(graph: dict[str, set[str]], package: str) -> dict[str, set[str]]:
+    """`graph` with every module folded into its top-level unit of `package` (a subpackage such as
+    `embedtune.rerank`, or a module such as `embedtune.evaluate`): importing `a.b.c` runs `a.b`'s
+    `__init__` first, so `evaluate -> rerank` and `rerank.gate -> evaluate` are a circle even though
+    no two modules import each other."""
+    depth = package.count(".") + 2
+
+    def unit(m: str) -> str:
+        return ".".join(m.split(".")[:depth])
+
+    out: dict[str, set[str]] = {}
+    for m, targets in graph.items():
+        out.setdefault(unit(m), set()).update(unit(t) for t in targets if unit(t) != unit(m))
+    return out
+
+
+def test_cycle_finder_sees_a_circle_between_packages() -> None:
+    graph = {
+        "pkg.evaluate": {"pkg.rerank"},
+        "pkg.rerank": {"pkg.rerank.train"},
+        "pkg.rerank.gate": {"pkg.evaluate"},
+        "pkg.rerank.train": set(),
+    }
+    assert cycles(graph) == []  # no two modules import each other ...
+    assert cycles(unit_graph(graph, "pkg")) == [["pkg.evaluate", "pkg.rerank", "pkg.evaluate"]]  # ... yet
+
+
 def test_embedtune_has_no_import_circle() -> None:
     graph = import_graph("embedtune")
     assert len(graph) > 50 and graph["embedtune.sweep.driver"]  # the walk saw the package
     found = cycles(graph)
     assert not found, "import circles (late imports included):\n" + "\n".join(" -> ".join(c) for c in found)
+    found = cycles(unit_graph(graph, "embedtune"))
+    assert not found, "import circles between packages (late imports included):\n" + "\n".join(
+        " -> ".join(c) for c in found
+    )
 
 
 @pytest.mark.parametrize("package", ["embedtune", "cluster"])
