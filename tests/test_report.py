@@ -684,7 +684,7 @@ def test_overall_winner_is_the_largest_gain_not_the_easiest_dataset():
     """The registry's winner across datasets: an easy dataset's small gain at a high raw score
     (SQuAD in the default run: +0.020 at 0.940) must not beat a hard one's large gain (MedQuAD:
     +0.081 at 0.919); within one dataset the metric decides as before."""
-    from embedtune.report import overall_winner
+    from embedtune.report.build import overall_winner
 
     med = {"model": "med-ft", "kind": "tuned", "mrr_at_10": 0.919, "delta_mrr_at_10": 0.081}
     squad = {"model": "squad-ft", "kind": "tuned", "mrr_at_10": 0.940, "delta_mrr_at_10": 0.020}
