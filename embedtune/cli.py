@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import get_args
@@ -116,19 +117,27 @@ def _service_flags(args: argparse.Namespace) -> dict[str, str | None]:
     }
 
 
+def _show(renderable) -> None:
+    """A rich table on stdout, as wide as the terminal (at least 120 columns)."""
+    from rich.console import Console
+
+    Console(width=max(120, shutil.get_terminal_size().columns)).print(renderable)
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.rundir import SPEC, STATE, RunDir
-    from embedtune.specs import SweepSpec, load_spec
+    from embedtune.specs import load_spec
     from embedtune.specs.load import with_overrides
     from embedtune.sweep import default_run_dir, run_sweep
+    from embedtune.sweep.results import results_table
     from embedtune.tracking.client import redact
 
     if args.resume:
         rundir = RunDir(args.resume)
-        raw = rundir.read_json(SPEC)
-        if not rundir.has(STATE) or not raw:
+        stored = rundir.spec()
+        if not rundir.has(STATE) or stored is None:
             raise EmbedtuneError(f"--resume {args.resume}: not a sweep run directory (no {STATE} / {SPEC})")
-        spec = with_overrides(SweepSpec.model_validate(raw), **_service_flags(args))
+        spec = with_overrides(stored, **_service_flags(args))
         resume: bool | None = True
     else:
         if not args.spec:
@@ -139,7 +148,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         if args.fresh:
             rundir.clear_for_fresh()  # only an embedtune run dir, never $HOME, `/` or the checkout
             resume = False
-    result = run_sweep(spec, rundir, resume=resume, final=not args.no_final, ray_address=args.address)
+    result = run_sweep(
+        spec,
+        rundir,
+        resume=resume,
+        final=not args.no_final,
+        ray_address=args.address,
+        on_trials=lambda records: _show(results_table(records, spec.scheduler.metric)),
+    )
     print(
         f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.location}"
     )

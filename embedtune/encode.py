@@ -112,10 +112,6 @@ def _no_openvino_telemetry() -> None:
 # ---------------------------------------------------------------- export
 
 
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _model_inputs(st) -> list[str]:
     """The tokenizer outputs the transformer takes (input_ids, attention_mask, token_type_ids, ...)."""
     import inspect

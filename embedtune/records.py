@@ -127,11 +127,6 @@ class TrialRecord:
             and self.score(metric) is not None
         )
 
-    @property
-    def last_point(self) -> EpochPoint | None:
-        trained = [p for p in self.history if p.epoch > 0]
-        return max(trained, key=lambda p: p.epoch) if trained else None
-
     def hyperparams(self) -> tuple:
         """The hyperparameters other than epochs: runs that share them differ only in length."""
         return (self.lr, self.batch_size, self.seed, self.warmup_ratio)

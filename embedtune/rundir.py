@@ -34,8 +34,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from embedtune import storage
+from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
+from embedtune.records import TrialRecord, dump_trials, load_trials
+from embedtune.specs import SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +125,16 @@ class RunDir:
     def plots_dir(self) -> Path:
         return self.local(REPORT, "plots")
 
+    @staticmethod
+    def data_name(label: str) -> str:
+        return f"{DATA}/{label}.json"
+
     def data_file(self, label: str) -> str:
-        return self.uri(DATA, f"{label}.json")
+        return self.uri(self.data_name(label))
+
+    def report_file(self, name: str) -> Path:
+        """Local path of a file of the stored report (names: `embedtune.report.store`)."""
+        return self.report_dir / name
 
     def tune_storage(self, storage_path: str | None, sweep_name: str) -> str:
         """Where Ray Tune keeps this sweep's experiments: `<storage_path>/<sweep name>` (so two sweeps
@@ -208,6 +221,43 @@ class RunDir:
 
     def has(self, name: str) -> bool:
         return storage.exists(self.uri(name))
+
+    # ---------------------------------------------------------------- typed state
+
+    def trials(self) -> list[TrialRecord]:
+        """`trials.json`: the run's trial records (none yet: an empty list)."""
+        return load_trials(self.read_json(TRIALS, []))
+
+    def save_trials(self, records: list[TrialRecord]) -> None:
+        self.write_json(TRIALS, dump_trials(records))
+
+    def spec(self) -> SweepSpec | None:
+        """`spec.json`: the sweep spec this run dir was made by; None when it holds none. One that
+        does not validate (written by another embedtune version, or edited) is an EmbedtuneError
+        naming the file and the first problem."""
+        raw = self.read_json(SPEC)
+        if not raw:
+            return None
+        try:
+            return SweepSpec.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "spec"
+            raise EmbedtuneError(
+                f"{self.uri(SPEC)} is not a valid sweep spec ({where}: {first['msg']}); "
+                "use another --run-dir or --fresh"
+            ) from None
+
+    def save_spec(self, spec: SweepSpec) -> None:
+        self.write_json(SPEC, spec.model_dump(mode="json"))
+
+    def data(self, label: str) -> PreparedData | None:
+        """`data/<label>.json`: the split the run's trials saw; None when it was not stored."""
+        raw = self.read_json(self.data_name(label))
+        return PreparedData.from_dict(raw) if raw else None
+
+    def save_data(self, data: PreparedData) -> None:
+        self.write_json(self.data_name(data.label), data.to_dict())
 
     # ---------------------------------------------------------------- report
 

@@ -156,6 +156,20 @@ def sweep_command(tmp_path: Path):
     return make
 
 
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real `mlflow server` on a loopback port (SQLite store, local artifacts) for the test; the test
+    may `kill()` and `start()` it again (an outage), it is killed at the end."""
+    from servers import MlflowServer
+
+    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "server-artifacts")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
 @pytest.fixture(scope="session")
 def grid_sweep(tmp_path_factory):
     """The 2 models x 2 epoch counts sweep of specs.tiny_spec in separate mode, run once per session (SQLite store,

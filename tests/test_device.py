@@ -32,7 +32,7 @@ def test_device_is_the_gpu_when_there_is_one(monkeypatch) -> None:
 def test_base_scoring_loads_the_model_on_the_gpu(cuda_reported, small_data, tmp_path) -> None:
     from embedtune.rundir import RunDir
     from embedtune.specs import parse_spec
-    from embedtune.sweep.driver import base_metrics
+    from embedtune.sweep.inputs import base_metrics
 
     spec = parse_spec(
         {"name": "d", "datasets": [{"source": "medquad-sample"}], "models": ["paraphrase-MiniLM-L3-v2"]}

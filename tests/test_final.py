@@ -308,21 +308,21 @@ def test_harm_flag_logic_on_synthetic_hits():
 
     rng = np.random.default_rng(0)
     base = (rng.random(300) < 0.8).astype(float)
-    same = harm_check(base, base)
+    same = harm_check(base, base, metric="hit_at_10")
     assert same["flag"] == "" and same["delta"] == 0 and same["p_value"] == 1.0
     harmed = base.copy()
     harmed[np.flatnonzero(base)[:60]] = 0  # loses 60 of ~240 hits
-    got = harm_check(base, harmed)
+    got = harm_check(base, harmed, metric="hit_at_10")
     assert got["flag"] == "harm" and got["delta"] == pytest.approx(-0.2) and got["p_value"] < 0.001
     assert got["ci_low"] < got["delta"] < got["ci_high"] < 0
     one = base.copy()
     one[np.flatnonzero(base)[0]] = 0  # one query lost, one gained elsewhere: noise
     one[np.flatnonzero(base == 0)[:2]] = 1
-    assert harm_check(base, one)["flag"] == ""
+    assert harm_check(base, one, metric="hit_at_10")["flag"] == ""
     better = np.ones_like(base)
-    assert harm_check(base, better)["flag"] == ""  # a significant gain is no harm
+    assert harm_check(base, better, metric="hit_at_10")["flag"] == ""  # a significant gain is no harm
     with pytest.raises(Exception, match="same queries"):
-        harm_check(base, base[:10])
+        harm_check(base, base[:10], metric="hit_at_10")
 
 
 def test_final_spec_takes_ood_data_specs():

@@ -684,10 +684,29 @@ def test_overall_winner_is_the_largest_gain_not_the_easiest_dataset():
     """The registry's winner across datasets: an easy dataset's small gain at a high raw score
     (SQuAD in the default run: +0.020 at 0.940) must not beat a hard one's large gain (MedQuAD:
     +0.081 at 0.919); within one dataset the metric decides as before."""
-    from embedtune.report import overall_winner
+    from embedtune.report.build import overall_winner
 
     med = {"model": "med-ft", "kind": "tuned", "mrr_at_10": 0.919, "delta_mrr_at_10": 0.081}
     squad = {"model": "squad-ft", "kind": "tuned", "mrr_at_10": 0.940, "delta_mrr_at_10": 0.020}
     assert overall_winner(None, {"medquad": med, "squad": squad}, "mrr_at_10")["model"] == "med-ft"
     worse = {**med, "delta_mrr_at_10": -0.01}
     assert overall_winner(None, {"medquad": worse, "squad": squad}, "mrr_at_10")["model"] == "squad-ft"
+
+
+def test_dataset_sources_from_the_stored_spec_and_a_broken_one_is_a_warning(tmp_path, caplog):
+    """The sources come from the run's spec.json; one that does not validate costs the report only
+    its sources (a warning naming the file and the problem), and no spec at all is no warning."""
+
+    from specs import tiny_spec
+
+    from embedtune.report import dataset_sources
+    from embedtune.rundir import SPEC
+
+    rundir = RunDir(tmp_path / "run")
+    assert dataset_sources(rundir) == {} and not caplog.records
+    rundir.write_json(SPEC, tiny_spec("s"))
+    assert dataset_sources(rundir) == {"medquad": ["medquad-sample"]}
+    rundir.write_json(SPEC, {**tiny_spec("s"), "models": []})
+    with caplog.at_level("WARNING", logger="embedtune.report.build"):
+        assert dataset_sources(rundir) == {}
+    assert "spec.json is not a valid sweep spec (models: " in caplog.text

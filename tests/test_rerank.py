@@ -11,11 +11,14 @@ import pytest
 from embedtune.data import prepare
 from embedtune.errors import EmbedtuneError
 from embedtune.evaluate import evaluate_models
+from embedtune.final.cross_encoder_train import train_reranker, training_pairs
 from embedtune.models import resolve_model
 from embedtune.negatives import Triplets, mine
 from embedtune.records import ModelEntry
-from embedtune.rerank import load_cross_encoder, train_reranker, training_pairs
-from embedtune.specs import DataSpec, EvalSpec
+from embedtune.rerank import load_cross_encoder
+from embedtune.specs import DataSpec, EvalSpec, RerankerTrainConfig
+
+SMALL = RerankerTrainConfig(max_pairs=240, max_length=64)  # a quick training, as measured
 
 
 def _triplets(n: int = 10) -> Triplets:
@@ -52,7 +55,7 @@ def test_load_errors(tmp_path):
 def test_train_rejects_bad_settings():
     data = prepare(DataSpec(source="medquad-sample", eval_size=10, max_pairs=40))
     with pytest.raises(EmbedtuneError):
-        train_reranker(data, _triplets(), epochs=0)
+        train_reranker(data, _triplets(), RerankerTrainConfig(epochs=0))
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +64,14 @@ def trained(tmp_path_factory):
     triplets = mine(data)  # cached under EMBEDTUNE_HOME across test runs
     out = tmp_path_factory.mktemp("rerankers")
     t = time.perf_counter()
-    path = train_reranker(data, triplets, out_dir=out, max_pairs=240, max_length=64)
+    path = train_reranker(data, triplets, SMALL, out_dir=out)
     return {"data": data, "triplets": triplets, "path": path, "out": out, "train_s": time.perf_counter() - t}
 
 
 @pytest.mark.slow
 def test_trained_reranker_is_cached(trained):
     t = time.perf_counter()
-    again = train_reranker(
-        trained["data"], trained["triplets"], out_dir=trained["out"], max_pairs=240, max_length=64
-    )
+    again = train_reranker(trained["data"], trained["triplets"], SMALL, out_dir=trained["out"])
     assert again == trained["path"] and time.perf_counter() - t < 5
     assert (again / "config.json").exists()
 
@@ -171,7 +172,7 @@ def test_gate_skips_a_cross_encoder_that_does_not_improve_the_bi_encoder(trained
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from embedtune.rerank.gate import HELD_BACK_MIN, gate_cross_encoder, held_back_questions
+    from embedtune.final.cross_encoder_gate import HELD_BACK_MIN, gate_cross_encoder, held_back_questions
 
     data = trained["data"]
     held = held_back_questions(data)

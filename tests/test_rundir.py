@@ -195,3 +195,30 @@ def test_fresh_empties_a_run_dir_it_made(tmp_path: Path) -> None:
     rd.clear_for_fresh()
     assert rd.path.is_dir() and not [p for p in rd.path.iterdir() if p.name != ".lock"]
     RunDir(tmp_path / "never-made").clear_for_fresh()  # nothing there: nothing to do
+
+
+def test_typed_state_round_trips(tmp_path: Path, small_data) -> None:
+    """The run dir's typed accessors: what is saved comes back as the same typed value, absent
+    state is empty/None, and a stored spec that does not validate is one line naming the file."""
+    from specs import tiny_spec
+
+    from embedtune.records import EpochPoint, TrialRecord
+    from embedtune.rundir import SPEC, TRIALS
+    from embedtune.specs import SweepSpec
+
+    rd = RunDir(tmp_path / "run")
+    assert rd.trials() == [] and rd.spec() is None and rd.data(small_data.label) is None
+    record = TrialRecord(
+        trial_id="t1", config_hash="h1", model="m", model_label="m", dataset="d", epochs=2, lr=1e-4,
+        batch_size=16, warmup_ratio=0.1, seed=1, status="FINISHED", history=[EpochPoint(0, {"ir_mrr_at_10": 0.5}), EpochPoint(1, {"ir_mrr_at_10": 0.6})],
+    )  # fmt: skip
+    rd.save_trials([record])
+    assert rd.trials() == [record] and json.loads((rd.path / TRIALS).read_text())[0]["trial_id"] == "t1"
+    spec = SweepSpec.model_validate(tiny_spec("typed"))
+    rd.save_spec(spec)
+    assert rd.spec() == spec
+    rd.save_data(small_data)
+    assert Path(rd.data_file(small_data.label)).is_file() and rd.data(small_data.label) == small_data
+    (rd.path / SPEC).write_text(json.dumps({**tiny_spec("typed"), "models": []}))
+    with pytest.raises(EmbedtuneError, match=r"spec.json is not a valid sweep spec \(models: "):
+        rd.spec()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from servers import MlflowServer
 from specs import tiny_spec
 
 from embedtune import ray_env
@@ -93,16 +92,6 @@ def test_two_by_two_sweep_sqlite(grid_sweep) -> None:
         assert "model.sentence_transformer" in {
             a.path for a in client.list_logged_model_artifacts(model.model_id)
         }
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "server-artifacts")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ experiments, and which spec changes may extend a run dir."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -125,6 +126,28 @@ def test_merge_records_keeps_one_record_per_config() -> None:
     assert merged == {"a": "t1", "b": "t4", "c": "t3", "d": "t6"}
 
 
+def test_results_table_is_returned_not_printed(capsys) -> None:
+    """Library code builds the table; printing it is the CLI's job."""
+    from rich.console import Console
+
+    from embedtune.records import EpochPoint
+    from embedtune.sweep.results import results_table
+
+    record = TrialRecord(
+        trial_id="t1", config_hash="a", model="m", model_label="mini", dataset="medquad", epochs=2,
+        lr=5e-5, batch_size=16, warmup_ratio=0.1, seed=42, status="FINISHED", best_epoch=2,
+        history=[EpochPoint(0, {"ir_mrr_at_10": 0.5}), EpochPoint(2, {"ir_mrr_at_10": 0.625})],
+        best_metrics={"ir_mrr_at_10": 0.625},
+    )  # fmt: skip
+    table = results_table([record], "ir_mrr_at_10")
+    assert capsys.readouterr().out == ""
+    assert table.row_count == 1 and [c.header for c in table.columns][-2:] == ["ir_mrr_at_10", "time s"]
+    out = io.StringIO()
+    Console(width=160, file=out).print(table)
+    text = out.getvalue()
+    assert "medquad" in text and "mini" in text and "0.5000" in text and "0.6250" in text
+
+
 def test_extension_problem_allows_only_growth() -> None:
     old = parse_spec(tiny_spec("ext", models=["paraphrase-MiniLM-L3-v2"]))
     grown = parse_spec(tiny_spec("ext", search={"epochs": [1, 2, 3], "lr": [1e-4]}, max_concurrent_trials=1))
@@ -185,8 +208,8 @@ def test_branch_mode_runs_one_trial_per_config_and_resume_skips_done_members() -
     members are exactly the (config, epochs) of the grid; the driver's to-do list skips a branch
     whose members are all done, runs one with a member missing, and separate mode still runs one
     trial per (config, epochs)."""
-    from embedtune.sweep.driver import _todo
     from embedtune.sweep.identity import member_hashes, trial_configs
+    from embedtune.sweep.trials import _todo
 
     raw = tiny_spec("branch", search={"epochs": [1, 3, 2], "lr": [5e-5, 1e-4], "batch_size": [16]})
     spec = parse_spec(raw)

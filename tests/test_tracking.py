@@ -86,16 +86,6 @@ def test_callback_marks_scheduler_stops_killed_and_errors_failed(tmp_path: Path)
     assert len(client.search_runs([exp])) == 4  # the parent + one run per trial
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "server-artifacts")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 def test_callback_keeps_records_through_a_server_outage_and_replays_them(
     tmp_path: Path, mlflow_server, capsys
 ) -> None:
@@ -279,3 +269,22 @@ def test_error_line_is_the_exception_of_a_trial_error_file(tmp_path: Path) -> No
     )
     assert _error_line(str(err)).endswith("the run diverged")
     assert _error_line(str(tmp_path / "missing.txt")) is None
+
+
+def test_answers_is_false_only_for_a_store_that_is_away(tmp_path: Path, monkeypatch) -> None:
+    """`TrialRuns.answers` says "away" for a server nobody listens on and "here" for a live store; a
+    bug behind the call (not an outage) raises instead of passing for an outage."""
+    from servers import free_port
+
+    uri, exp, parent = _store(tmp_path, "answers")
+    assert TrialRuns(uri, exp, parent, {}, "ir_recall_at_10").answers()
+    away = TrialRuns(f"http://127.0.0.1:{free_port()}", "0", "p", {}, "ir_recall_at_10")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert away.answers() is False
+
+    def broken(_uri):
+        raise TypeError("a bug, not an outage")
+
+    monkeypatch.setattr(mlc, "client", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        away.answers()

@@ -1,5 +1,7 @@
 """The final stage of a sweep: `pick` (which checkpoints), `stage` (LanceDB evaluation and the
-report), `harm` (the do-no-harm check on out-of-domain data) and `registry` (MLflow)."""
+report), `cross_encoder_train` (a cross-encoder reranker trained offline) and `cross_encoder_gate`
+(is it better than the bi-encoder's own ordering?), `harm` (the do-no-harm check on out-of-domain
+data) and `registry` (MLflow)."""
 
 from embedtune.final.stage import FinalResult, evaluate_and_report, run_final_stage
 

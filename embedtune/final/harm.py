@@ -17,6 +17,7 @@ from embedtune.errors import EmbedtuneError
 from embedtune.evaluate import evaluate_models
 from embedtune.records import HarmCheck, HarmRow, ModelEntry, TrialRecord
 from embedtune.specs import DataSpec, EvalSpec, FinalSpec
+from embedtune.stats import N_BOOT
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,11 @@ _TEST = {
 
 
 def harm_check(
-    base_hits, winner_hits, alpha: float = 0.05, seed: int = 0, n_boot: int = 2000, metric: str = "hit_at_10"
+    base_hits, winner_hits, *, metric: str, alpha: float = 0.05, seed: int = 0, n_boot: int = N_BOOT
 ) -> dict:
     """Paired comparison of a winner with its base model over the same queries (one per-query value
-    of `metric` each, same order): `delta` = winner − base, its paired-bootstrap (1 − alpha) interval
-    (`ci_low`, `ci_high`), `p_value` (exact McNemar for 0/1 hits, paired bootstrap otherwise, from
+    of `metric`, the spec's leaderboard metric, each, same order): `delta` = winner − base, its
+    paired-bootstrap (1 − alpha) interval (`ci_low`, `ci_high`), `p_value` (exact McNemar for 0/1 hits, paired bootstrap otherwise, from
     embedtune.stats), `band` = half-width of the base score's own bootstrap interval, and `flag`:
     "harm" when the winner scores lower and the drop is significant (p < alpha) or larger than the
     95% band (the interval of delta lies below 0, or the drop exceeds `band`); else "".

@@ -19,15 +19,16 @@ from typing import Any
 from embedtune import storage
 from embedtune.data import PreparedData, resolve_source
 from embedtune.errors import EmbedtuneError
+from embedtune.final.cross_encoder_gate import GateResult, gate_cross_encoder, held_back_questions
+from embedtune.final.cross_encoder_train import train_reranker
 from embedtune.final.harm import do_no_harm
 from embedtune.final.pick import epoch_entries, pick_models
 from embedtune.final.registry import log_report, register_winner, standalone_run
 from embedtune.models import resolve_model
 from embedtune.records import HarmCheck, ModelEntry, TrialRecord
 from embedtune.report import dataset_sources
-from embedtune.rerank.gate import GateResult, gate_cross_encoder, held_back_questions
-from embedtune.rundir import DATA, RunDir
-from embedtune.specs import FinalSpec, MiningSpec
+from embedtune.rundir import RunDir
+from embedtune.specs import FinalSpec, MiningSpec, RerankerTrainConfig
 from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC
 
 log = logging.getLogger(__name__)
@@ -58,21 +59,19 @@ def cross_encoders(
     asks for none. A pretrained cross-encoder named in the spec is used as given. One trained here
     is trained without a held-back share of the training questions and used only where it improves
     the ordering of the dataset's bi-encoder (`bi_encoders[label]`, default the cross-encoder's own
-    base) on them (`rerank.gate`)."""
+    base) on them (`cross_encoder_gate`)."""
     if spec.cross_encoder is None or "cross-encoder" not in spec.eval.rerankers:
         return {}, []
     if spec.cross_encoder != "train":
         return dict.fromkeys(datasets, spec.cross_encoder), []
     from embedtune.negatives import mine
-    from embedtune.rerank import train_reranker
 
     out, gates = {}, []
     for label, data in datasets.items():
         trip = triplets.get(label) or mine(data, MiningSpec(model=spec.cross_encoder_base))
         held = held_back_questions(data)
-        path = train_reranker(
-            data, trip, base=spec.cross_encoder_base, max_pairs=spec.cross_encoder_max_pairs, exclude=held
-        )
+        config = RerankerTrainConfig(base=spec.cross_encoder_base, max_pairs=spec.cross_encoder_max_pairs)
+        path = train_reranker(data, trip, config, exclude=held)
         log.info("cross-encoder reranker for %s: %s", label, path)
         bi = (bi_encoders or {}).get(label, spec.cross_encoder_base)
         gate = gate_cross_encoder(data, held, str(path), bi, spec.leaderboard_metric, spec.eval.batch_size)
@@ -136,8 +135,8 @@ def evaluate_and_report(
     from embedtune.report import build_report
 
     rundir.create()
-    for label, data in datasets.items():
-        rundir.write_json(f"{DATA}/{label}.json", data.to_dict())  # what `embedtune report` rebuilds from
+    for data in datasets.values():
+        rundir.save_data(data)  # what `embedtune report` rebuilds from
     db_uri = spec.lancedb_uri or rundir.default_lancedb
     for ood in spec.ood:
         resolve_source(ood)  # a missing OOD file fails now, not after the evaluation

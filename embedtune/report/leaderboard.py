@@ -9,12 +9,16 @@ from typing import Any
 
 from embedtune.errors import EmbedtuneError
 from embedtune.records import TrialRecord, best_point, number
-from embedtune.report.fmt import fmt_p
 from embedtune.report.store import PER_QUERY
-from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_METRIC, LEADERBOARD_METRICS
+from embedtune.specs.metrics import (
+    DEFAULT_LEADERBOARD_METRIC,
+    DEFAULT_SWEEP_METRIC,
+    LEADERBOARD_METRICS,
+    TIE_BREAK_METRIC,
+)
+from embedtune.stats import N_BOOT  # bootstrap resamples of the intervals and the paired tests (seeded)
 
 SIGNIFICANCE = 0.05  # p below this: a real difference; at or above it: noise
-N_BOOT = 2000  # bootstrap resamples of the intervals and the paired tests (seeded)
 
 
 def leaderboard(
@@ -82,7 +86,7 @@ def leaderboard(
     df = add_confidence(df, metrics, metric)
     df = _epoch_columns(df, by_trial, sweep_metric)
     df = df.sort_values(
-        ["dataset", metric, "mrr_at_10", "model", "query_type", "reranker"],
+        ["dataset", metric, TIE_BREAK_METRIC, "model", "query_type", "reranker"],
         ascending=[True, False, False, True, True, True],
         kind="stable",
     ).reset_index(drop=True)
@@ -106,7 +110,7 @@ def pick_winner(
         return None
     rows = rows.assign(_d=rows[f"delta_{metric}"].fillna(-math.inf))
     best = rows.sort_values(
-        [metric, "_d", "mrr_at_10", "model"], ascending=[False, False, False, True], kind="stable"
+        [metric, "_d", TIE_BREAK_METRIC, "model"], ascending=[False, False, False, True], kind="stable"
     )
     return _clean_row(best.drop(columns="_d").iloc[0].to_dict())
 
@@ -247,34 +251,6 @@ def _epoch_columns(df, by_trial: dict[str, TrialRecord], sweep_metric: str):
     return df.assign(
         **{n: pd.array(c, dtype="Float64").astype(float) for n, c in zip(names, cols, strict=True)}
     )
-
-
-def significance(rows, metric: str) -> dict[str, Any] | None:
-    """Which tuned rows of one dataset differ from their base model beyond noise on `metric`:
-    {"note": str, "real gain": [...], "real loss": [...], "noise": [...]} (items are markdown), or
-    {"note": ...} alone without per-query results; None without tuned rows."""
-    tuned = rows[rows["kind"] == "tuned"]
-    if tuned.empty:
-        return None
-    if f"p_{metric}" not in tuned or tuned[f"p_{metric}"].isna().all():
-        return {
-            "note": "No per-query results stored for this dataset: no intervals and no test of which "
-            "differences are real (re-run the evaluation to get them)."
-        }
-    out: dict[str, Any] = {
-        "note": f"Real or noise? Δ {metric} of each tuned row against its base model (same dataset, query type and "
-        f"reranker) over the same queries: exact McNemar test for hit@k, paired bootstrap for MRR/nDCG; "
-        f"real = p < {SIGNIFICANCE}, otherwise noise (each test on its own, no correction for the number of "
-        f"rows). Intervals: 95% percentile bootstrap over queries ({N_BOOT} resamples, seed 0).",
-        "real gain": [],
-        "real loss": [],
-        "noise": [],
-    }
-    for r in tuned.to_dict("records"):
-        words, d, p = r.get("vs_base") or "", number(r.get(f"delta_{metric}")), number(r.get(f"p_{metric}"))
-        if words in out and d is not None:
-            out[words].append(f"`{r['model']}` {r['query_type']}/{r['reranker']} {d:+.3f} ({fmt_p(p)})")
-    return out
 
 
 def cost_rows(rows):

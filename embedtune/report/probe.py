@@ -11,6 +11,7 @@ from typing import Any
 
 from embedtune.data import PreparedData
 from embedtune.records import number
+from embedtune.stats import N_BOOT
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def card_matches(card_names: list[str], dataset_names: list[str]) -> list[str]:
     return out
 
 
-def gap_interval(train_hits, eval_hits, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def gap_interval(train_hits, eval_hits, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
     """Train-minus-eval difference of mean zero-shot hits and its 95% bootstrap interval (the two
     samples are independent questions, so each is resampled on its own)."""
     import numpy as np

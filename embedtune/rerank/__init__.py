@@ -2,7 +2,7 @@
 
 Every reranker is a small class behind one interface (`base.Reranker`, after LanceDB's): `none`
 (the leg as retrieved), `rrf` and `linear` (LanceDB's hybrid fusions), `cross-encoder` (batched
-cross-encoder scores; `train.train_reranker` trains one offline). To add one: subclass `Reranker`
+cross-encoder scores; `embedtune.final.cross_encoder_train` trains one offline). To add one: subclass `Reranker`
 in a module here, give it a `name` and the `query_types` it applies to, add it to `RERANKERS`
 (and to `specs.evaluation.RerankerName`).
 """
@@ -14,7 +14,6 @@ from pathlib import Path
 from embedtune.rerank.base import Reranker
 from embedtune.rerank.cross_encoder import CrossEncoderReranker, load_cross_encoder
 from embedtune.rerank.fusion import RRF, AsRetrieved, Linear, fuse
-from embedtune.rerank.train import train_reranker, training_pairs
 from embedtune.specs import EvalSpec
 
 RERANKERS: dict[str, type[Reranker]] = {
@@ -65,6 +64,4 @@ __all__ = [
     "combos",
     "fuse",
     "load_cross_encoder",
-    "train_reranker",
-    "training_pairs",
 ]

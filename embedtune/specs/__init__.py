@@ -14,7 +14,7 @@ from embedtune.specs.sweep import (
     SearchSpace,
     SweepSpec,
 )
-from embedtune.specs.train import MiningSpec, TrainConfig, TrainSettings
+from embedtune.specs.train import MiningSpec, RerankerTrainConfig, TrainConfig, TrainSettings
 
 __all__ = [
     "CheckpointSpec",
@@ -28,6 +28,7 @@ __all__ = [
     "QueryType",
     "RaySpec",
     "RerankerName",
+    "RerankerTrainConfig",
     "Resources",
     "SchedulerSpec",
     "SearchSpace",

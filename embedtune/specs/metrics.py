@@ -24,6 +24,8 @@ SWEEP_NAME = {
 # model: MiniLM scores hit@10 0.96 on the MedQuAD sample but MRR@10 0.82), so it can show a gain.
 DEFAULT_LEADERBOARD_METRIC = "mrr_at_10"
 DEFAULT_SWEEP_METRIC = SWEEP_NAME[DEFAULT_LEADERBOARD_METRIC]
+# Orders leaderboard rows that tie on the leaderboard metric (equal hit@k rarely means equal ranks).
+TIE_BREAK_METRIC = "mrr_at_10"
 # Names a trial also reports that mean a leaderboard metric (the evaluator's recall@10 is hit@10
 # with one relevant answer per question).
 SWEEP_ALIASES = {"ir_recall_at_10": "hit_at_10", "ir_recall_at_5": "hit_at_5", "ir_recall_at_1": "hit_at_1"}

@@ -51,6 +51,21 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False
 
 
+class RerankerTrainConfig(Strict):
+    """Settings of one cross-encoder reranker training (`final.cross_encoder_train.train_reranker`);
+    the defaults are the measured ones (see that module's note)."""
+
+    base: str = Field("all-MiniLM-L6-v2", description="the bi-encoder the cross-encoder starts from")
+    epochs: int = 1
+    batch_size: int = 16
+    max_pairs: int | None = Field(256, description="training pairs, sampled by seed (None = all)")
+    max_length: int = 128
+    lr: float = 2e-4
+    seed: int = 42
+    random_negatives: bool = Field(True, description="one random (easy) negative per question too")
+    head_lr: float | None = Field(2e-3, description="learning rate of the fresh head and pooler")
+
+
 class MiningSpec(Strict):
     """Settings passed to `mine_hard_negatives` (see its docs for the meaning of each)."""
 

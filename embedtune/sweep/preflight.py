@@ -62,14 +62,6 @@ def spec_hash(spec: SweepSpec) -> str:
     return stable_hash(spec.model_dump(exclude=OPERATIONAL))
 
 
-def stored_spec(rundir: RunDir) -> SweepSpec | None:
-    raw = rundir.read_json(SPEC)
-    try:
-        return SweepSpec.model_validate(raw) if raw else None
-    except Exception:
-        return None
-
-
 def extension_problem(old: SweepSpec, new: SweepSpec) -> str | None:
     """Why `new` cannot extend the sweep `old` in the same run dir; None when it can (only models,
     datasets and search values may grow or change; dropped models/datasets are not allowed)."""
@@ -105,7 +97,7 @@ def check_run_dir(spec: SweepSpec, rundir: RunDir, state: SweepState | None, res
         raise EmbedtuneError(f"run dir {rundir} already holds this sweep; resume it or pass --fresh")
     if state.spec_hash == spec_hash(spec):
         return False
-    old = stored_spec(rundir)
+    old = rundir.spec()  # one that does not validate raises, naming the file
     problem = f"its {SPEC} is missing" if old is None else extension_problem(old, spec)
     if problem:
         raise EmbedtuneError(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedtune.models import model_label
 from embedtune.records import DONE_STATUSES, EpochPoint, ModelData, TrialRecord, best_point, number
@@ -13,6 +12,9 @@ from embedtune.specs.metrics import FINAL_ERROR, HYPERPARAMS, RECORDED_PREFIXES
 from embedtune.sweep.identity import LINEAR_SCHEDULE, branch_epochs, is_done, member_hashes
 from embedtune.tracking.callback import checkpoint_uri
 from embedtune.tracking.client import exception_line, redact
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +161,9 @@ def tune_score(record: TrialRecord, spec: SweepSpec) -> float:
     return best
 
 
-def print_results_table(trials: list[TrialRecord], metric: str) -> None:
-    from rich.console import Console
+def results_table(trials: list[TrialRecord], metric: str) -> Table:
+    """The trials as a table (one row per record: its setup, status, base and best score); the CLI
+    prints it."""
     from rich.table import Table
 
     table = Table(title=f"embedtune sweep results (best epoch by {metric})")
@@ -192,8 +195,4 @@ def print_results_table(trials: list[TrialRecord], metric: str) -> None:
             f"{score:.4f}" if score is not None else "-",
             f"{t.duration_s:.0f}",
         )
-    Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
-
-
-def trial_summary(records: list[TrialRecord]) -> dict[str, Any]:
-    return {s: sum(r.status == s for r in records) for s in ("FINISHED", "KILLED", "FAILED")}
+    return table

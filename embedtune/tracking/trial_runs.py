@@ -66,11 +66,16 @@ class TrialRuns:
         return runs[0].info.run_id if runs else None
 
     def answers(self) -> bool:
-        """Whether the tracking store answers now (a cheap read)."""
+        """Whether the tracking store answers now (a cheap read). A server that is away is an
+        MlflowException (MLflow's REST client wraps the connection error) or an OSError (requests'
+        errors are); anything else is a bug and raises."""
+        from mlflow.exceptions import MlflowException
+
         try:
             mlc.client(self.tracking_uri).get_experiment(self.experiment_id)
             return True
-        except Exception:
+        except (MlflowException, OSError) as exc:
+            log.debug("tracking store %s does not answer: %s", mlc.redact(self.tracking_uri), exc)
             return False
 
     def _drop_stale(self, digest: str) -> None:

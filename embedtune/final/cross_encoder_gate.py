@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from embedtune.data import PreparedData
+from embedtune.evaluate import per_query_metrics
+from embedtune.models import load_model, resolve_model
+from embedtune.rerank.cross_encoder import CrossEncoderReranker
+from embedtune.stats import paired_pvalue
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +76,6 @@ def gate_cross_encoder(
     """Score `cross_encoder` against `bi_encoder`'s ordering on the `held_back` training questions
     (see the module note); None without enough held-back questions."""
     import numpy as np
-
-    from embedtune.evaluate import per_query_metrics
-    from embedtune.models import load_model, resolve_model
-    from embedtune.rerank.cross_encoder import CrossEncoderReranker
-    from embedtune.stats import paired_pvalue
 
     if len(held_back) < HELD_BACK_MIN:
         return None

@@ -29,10 +29,9 @@ from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
 from embedtune.models import packaged_name, resolve_model
 from embedtune.negatives import Triplets
+from embedtune.specs import RerankerTrainConfig
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BASE = "all-MiniLM-L6-v2"
 
 
 def training_pairs(
@@ -45,7 +44,7 @@ def training_pairs(
     """(question, answer, label) from train triplets: each positive (1.0) and its mined hard negative
     (0.0); with `random_negatives` also one random other train answer (0.0) per question, an easy
     negative that teaches the fresh head the coarse signal quickly. Sampled by seed to `max_pairs`.
-    Questions in `exclude` (held back to check the result, `rerank.gate`) are left out."""
+    Questions in `exclude` (held back to check the result, `cross_encoder_gate`) are left out."""
     ds = triplets.train
     rows = [r for r in zip(ds["anchor"], ds["positive"], ds["negative"], strict=True) if r[0] not in exclude]
     rng = random.Random(seed)
@@ -80,22 +79,19 @@ def reranker_key(data: PreparedData, triplets: Triplets, base: str, settings: di
 def train_reranker(
     data: PreparedData,
     triplets: Triplets,
-    base: str = DEFAULT_BASE,
+    config: RerankerTrainConfig | None = None,
     out_dir: Path | None = None,
-    epochs: int = 1,
-    batch_size: int = 16,
-    max_pairs: int | None = 256,
-    max_length: int = 128,
-    lr: float = 2e-4,
-    seed: int = 42,
-    random_negatives: bool = True,
-    head_lr: float | None = 2e-3,
     exclude: set[str] | frozenset[str] = frozenset(),
 ) -> Path:
-    """Fine-tune a cross-encoder (num_labels=1) from `base` on BCE over train positives and mined
-    hard negatives; return the directory of the saved CrossEncoder (cached: a second call with the
-    same inputs returns the same directory without training). `out_dir` is the cache folder
-    (default EMBEDTUNE_HOME/rerankers); the model lands in `<out_dir>/<data label>-<key>`."""
+    """Fine-tune a cross-encoder (num_labels=1) from `config.base` on BCE over train positives and
+    mined hard negatives; return the directory of the saved CrossEncoder (cached: a second call with
+    the same inputs returns the same directory without training). `out_dir` is the cache folder
+    (default EMBEDTUNE_HOME/rerankers); the model lands in `<out_dir>/<data label>-<key>`. Questions
+    in `exclude` are left out of training (held back for the gate)."""
+    config = config or RerankerTrainConfig()
+    base, epochs, batch_size, max_length = config.base, config.epochs, config.batch_size, config.max_length
+    max_pairs, lr, seed, head_lr = config.max_pairs, config.lr, config.seed, config.head_lr
+    random_negatives = config.random_negatives
     if epochs < 1 or batch_size < 1 or max_length < 8:
         raise EmbedtuneError(
             f"bad reranker settings: epochs={epochs}, batch_size={batch_size}, max_length={max_length}"

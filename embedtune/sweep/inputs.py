@@ -1,0 +1,115 @@
+"""Step 2 of a sweep (`driver.run_sweep`): every dataset split, hard negatives mined once per
+(dataset, miner), every base model scored once per dataset (epoch 0 of every curve)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from embedtune.data import PreparedData, prepare
+from embedtune.errors import EmbedtuneError
+from embedtune.evaluate import check_depth
+from embedtune.models import model_label, resolve_model, truncate
+from embedtune.negatives import Triplets, mine
+from embedtune.records import ModelData
+from embedtune.rundir import BASE_METRICS, RunDir
+from embedtune.specs import SweepSpec
+from embedtune.sweep import preflight as pf
+from embedtune.sweep.identity import ConfigHasher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """What step 2 prepared for the trials and the final stage."""
+
+    datasets: dict[str, PreparedData]
+    triplets: dict[str, Triplets]
+    base: dict[ModelData, dict[str, float]]
+    hasher: ConfigHasher
+
+
+def prepare_inputs(
+    spec: SweepSpec, rundir: RunDir, state: pf.SweepState | None, final: bool, timings: dict[str, float]
+) -> Inputs:
+    t0 = time.time()
+    old_fingerprints = state.fingerprints if state else {}
+    datasets: dict[str, PreparedData] = {}
+    for ds in spec.datasets:
+        data = prepare(ds)
+        was = old_fingerprints.get(data.label)
+        if was and was != data.fingerprint:  # the trials done in this run dir trained on other data
+            raise EmbedtuneError(
+                f"the data of {data.label!r} changed since the sweep in {rundir} (fingerprint {was} -> "
+                f"{data.fingerprint}); use another --run-dir or --fresh"
+            )
+        datasets[data.label] = data
+        if final and spec.final.enabled:
+            check_depth(spec.final.eval, data, "final.eval.ks")
+    rundir.create()
+    rundir.save_spec(spec)
+    for data in datasets.values():
+        rundir.save_data(data)
+        log.info(
+            "data %s (%s): %s",
+            data.label,
+            data.fingerprint,
+            ", ".join(f"{k}={v}" for k, v in data.counts.items()),
+        )
+    triplets: dict[str, Triplets] = {}
+    if spec.train.hard_negatives:
+        for label, data in datasets.items():
+            triplets[label] = mine(data, spec.mining)
+            how = "mined" if triplets[label].mined else "loaded from cache"
+            log.info(
+                "hard negatives %s (%s, key %s): %s", label, how, triplets[label].key, triplets[label].counts
+            )
+    timings["prepare_s"] = time.time() - t0
+    base = base_metrics(spec, datasets, triplets, rundir)
+    timings["base_eval_s"] = time.time() - t0 - timings["prepare_s"]
+    hasher = ConfigHasher(
+        {k: v.fingerprint for k, v in datasets.items()},
+        spec.train.model_dump(),
+        {k: v.key for k, v in triplets.items()},
+    )
+    return Inputs(datasets, triplets, base, hasher)
+
+
+def base_metrics(
+    spec: SweepSpec, datasets: dict[str, PreparedData], triplets: dict[str, Triplets], rundir: RunDir
+) -> dict[ModelData, dict[str, float]]:
+    """Epoch-0 scores: every base model on every dataset, once (kept in the run dir by model,
+    dataset and data fingerprint)."""
+    from embedtune.models import load_model
+    from embedtune.train import build_evaluator, evaluator_metrics
+
+    stored = {
+        (r["model"], r["dataset"], r["fingerprint"]): r["metrics"]
+        for r in rundir.read_json(BASE_METRICS, []) or []
+        if isinstance(r, dict)
+    }
+    out: dict[ModelData, dict[str, float]] = {}
+    for model in spec.models:
+        st = None
+        for label, data in datasets.items():
+            key = (model, label, data.fingerprint)
+            if key not in stored:
+                if st is None:
+                    st = load_model(resolve_model(model))
+                    truncate(st, spec.train.max_seq_length)
+                stored[key] = evaluator_metrics(build_evaluator(data, triplets.get(label))(st))
+                log.info(
+                    "base %s on %s: %s=%.4f",
+                    model_label(model),
+                    label,
+                    spec.scheduler.metric,
+                    stored[key].get(spec.scheduler.metric, float("nan")),
+                )
+            out[ModelData(model, label)] = stored[key]
+    rundir.write_json(
+        BASE_METRICS,
+        [{"model": m, "dataset": d, "fingerprint": f, "metrics": v} for (m, d, f), v in stored.items()],
+    )
+    return out
