@@ -14,6 +14,7 @@ one process on the same data, medians over `--repeats` runs (default 3).
 | sweep_wall_over_trial_sum    | the trials phase's wall time               | the sum of trial times       |
 | epoch_axis_cost_ratio        | epochs [1,2,3] as one branch run           | three separate runs          |
 | epoch_axis_quality_p         | hit@10 of the branch run's best checkpoint | the separate runs' best (McNemar p) |
+| driver_cost_ratio            | driver us per trial result, 2,000 trials   | the same at 100 trials       |
 
 Writes `bench/results.json` (flat keys, plain numbers) and `bench/results.md`, prints the table and
 logs both to MLflow (experiment `embedtune-bench` in the benchmark sweep's SQLite store).
@@ -38,6 +39,9 @@ from typing import Any
 
 from embedtune import env
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_driver import bench_driver  # noqa: E402  (the driver's bookkeeping part)
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL_DATA = REPO.parent / "shared" / "data" / "medquad" / "medquad_pairs.jsonl.gz"
 BUDGET_S = 12 * 60  # issue: the default run within 12 minutes on this 2-core machine
@@ -57,6 +61,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "sweep_wall_over_trial_sum": ("<=", 0.6),
     "epoch_axis_cost_ratio": ("<=", 0.55),
     "epoch_axis_quality_p": (">=", 0.05),  # not different beyond noise
+    "driver_cost_ratio": ("<=", 1.5),  # bookkeeping per result does not grow with the sweep
 }
 
 
@@ -654,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["epoch-axis", "sweep"],
+        choices=["epoch-axis", "sweep", "driver"],
         help="only this part: its keys go to results-<part>.json/.md (results.json is a full run's)",
     )
     args = parser.parse_args(argv)
@@ -676,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
             return _finish(results, started, args)
         if args.only == "sweep":
             results |= bench_sweep_local(spec, args.work_dir / "sweep-local")
+            return _finish(results, started, args)
+        if args.only == "driver":
+            results |= bench_driver(args.work_dir / "driver")
             return _finish(results, started, args)
         if not args.skip_sweep:  # first, on a quiet machine: the number users feel
             results |= bench_sweep_local(spec, args.work_dir / "sweep-local")
@@ -699,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         results |= bench_throughput(spec, args.repeats, args.work_dir)
         results |= bench_epoch_axis(spec, args.work_dir)
         print(f"[bench] epoch axis: {results['epoch_axis_cost_ratio']:.2f}x the separate runs", flush=True)
+        results |= bench_driver(args.work_dir / "driver")
     except EmbedtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

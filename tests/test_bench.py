@@ -120,3 +120,16 @@ def test_epoch_axis_keys_on_tiny_data(tmp_path):
     assert sorted(out[f"epoch_axis_branch_{m}"]) == [1, 2]
     assert sorted(out[f"epoch_axis_separate_{m}"]) == ["1@1", "2@1", "2@2"]
     assert out["epoch_axis_n_queries"] == 30 and out["epoch_axis_branch_best_epoch"] in (1, 2)
+
+
+def test_driver_bookkeeping_part_counts_real_writes(tmp_path):
+    """The bookkeeping part feeds the driver's real callbacks against a real tracking server: every
+    trial ends as a FINISHED run (bench_driver raises otherwise) and the ratio is the two costs'."""
+    out = bench.bench_driver(tmp_path, sizes=(3, 9))
+    assert out["driver_us_per_result_3"] > 0 and out["driver_us_per_result_9"] > 0
+    assert out["driver_cost_ratio"] == pytest.approx(
+        out["driver_us_per_result_9"] / out["driver_us_per_result_3"]
+    )
+    # the cost is per result: seconds / (trials x epochs)
+    assert out["driver_us_per_result_9"] == pytest.approx(out["driver_seconds_9"] / (9 * 3) * 1e6)
+    assert json.loads((tmp_path / "run-9" / "trials.json").read_text()).__len__() == 9
