@@ -332,6 +332,8 @@ def test_rayjob_runs_the_sweep_and_shuts_down(rayjob, raycluster) -> None:
     # A stop reaches the sweep as Ctrl-C (its KeyboardInterrupt path), with time to close runs.
     assert runtime_env["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
     assert int(runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
+    # the memory probe waits for the first GPU worker (the cluster starts with none)
+    assert float(runtime_env["env_vars"]["EMBEDTUNE_PROBE_WAIT_S"]) >= 300
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
     assert submitter["image"] == _containers(raycluster["spec"])[0]["image"]
 

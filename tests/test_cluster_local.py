@@ -423,6 +423,8 @@ def test_job_runs_the_shipped_spec_on_autoscaled_gpu_workers(cluster: Cluster) -
     done = cluster.submit(REPO, "sweeps/cluster-local.yaml")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "sweep cluster-local: 2 trials (2 run now) in s3://embedtune/sweeps/cluster-local" in done.stdout
+    # the memory probe waited for the autoscaler's first GPU worker and ran there (no CUDA: logical GPUs)
+    assert "memory probe skipped: the GPU worker has no CUDA device" in done.stdout + done.stderr
     checked = _check_sweep(cluster, "cluster-local", configs=2, epochs=2)
     nodes = {node for rows in checked["epochs"].values() for _, node in rows}
     assert nodes and HEAD_NODE not in nodes  # GPU workers launched by the autoscaler took the trials
