@@ -111,6 +111,30 @@ class ProbeKey:
         )
 
 
+def gpu_cap_fraction(gpu_share: float) -> float | None:
+    """The fraction of its GPU a trial's process may allocate: its share, when it shares the device
+    with other trials (0 < share < 1); None (no cap) for a whole GPU or more, or no GPU."""
+    return gpu_share if 0 < gpu_share < 1 else None
+
+
+def cap_gpu_memory(gpu_share: float) -> float | None:
+    """Hold this process's CUDA caching allocator to its GPU share
+    (`torch.cuda.set_per_process_memory_fraction`), so a trial that outgrows its share fails with
+    an out-of-memory error of its own instead of starving the trials beside it on the device.
+    Returns the fraction set, or None (no CUDA, or no sharing)."""
+    fraction = gpu_cap_fraction(gpu_share)
+    if fraction is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    # Ray gives the trial one visible device (CUDA_VISIBLE_DEVICES): device 0 is its GPU.
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    log.debug("GPU memory of this process capped at %.0f%% of the device (its share)", fraction * 100)
+    return fraction
+
+
 def gpu_budget_bytes(device_total_bytes: int, fraction: float, margin: float = MARGIN) -> int:
     """Bytes a trial asking for `fraction` of a device (whole devices: one each) may use."""
     return int(device_total_bytes * min(fraction, 1.0) * (1 - margin))

@@ -190,6 +190,35 @@ def test_launcher_start_commands_parse_and_carry_the_env(launcher) -> None:
     assert worker["address"] == "10.0.0.1:6379" and not worker["head"]
 
 
+def test_launcher_keeps_the_mlflow_login_off_the_workers(launcher) -> None:
+    """The driver's MLflow login is the head's alone: the worker nodes' setup deletes every MLflow
+    secret the file mounts copied, their `ray start` sources none, and the head creates the
+    driver's own user with the project's script, whose arguments it accepts."""
+    import importlib.util
+
+    worker_setup = " ".join(launcher["worker_setup_commands"])
+    for name in ("mlflow_client.env", "mlflow_auth.ini", "mlflow_flask_secret_key"):
+        assert f"~/embedtune-secrets/{name}" in worker_setup and "rm -f" in worker_setup
+    assert not [
+        c
+        for c in launcher["worker_start_ray_commands"]
+        if "mlflow_client.env" in c or "MLFLOW_TRACKING_U" in c
+    ]
+    (create,) = [c for c in launcher["head_start_ray_commands"] if "mlflow_driver_user.py" in c]
+    words = shlex.split(create)
+    assert words[1] == "~/embedtune/cluster/mlflow_driver_user.py"
+    spec = importlib.util.spec_from_file_location("mlflow_driver_user", CLUSTER / "mlflow_driver_user.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parser().parse_args(words[2:])
+    assert args.client_env.name == "mlflow_client.env" and args.auth_ini.name == "mlflow_auth.ini"
+    assert args.tracking_uri == "http://127.0.0.1:5000" and args.wait > 0
+    order = [
+        i for i, c in enumerate(launcher["head_start_ray_commands"]) if "mlflow server" in c or c is create
+    ]
+    assert order == sorted(order) and len(order) == 2  # after the server is started
+
+
 def test_launcher_mlflow_server_command(launcher) -> None:
     cmd = next(c for c in launcher["head_start_ray_commands"] if "mlflow server" in c)
     params = _mlflow_server_params(
@@ -236,15 +265,21 @@ def test_raycluster_shape(raycluster) -> None:
         assert urlparse(env["MLFLOW_TRACKING_URI"]).netloc in _tracking_hosts()
         assert env["RAY_USAGE_STATS_ENABLED"] == "0"
         assert c["image"] == head["image"]
-    assert all(_env(w) == _env(head) for w in workers)
+    login = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    head_env_but_login = {k: v for k, v in _env(head).items() if k not in login}
+    assert all(_env(w) == head_env_but_login for w in workers)
     # No trials on the head (it runs the driver).
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     assert spec["authOptions"] == {"mode": "token", "secretName": "embedtune-ray-token"}
-    for c in [head, *workers]:  # the driver's MLflow login by reference to a Secret, never inline
-        login = {e["name"]: e for e in c["env"] if e["name"].startswith("MLFLOW_TRACKING_")}
-        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            assert login[name]["valueFrom"]["secretKeyRef"]["name"] == "embedtune-mlflow-client"
+    # the driver's MLflow login by reference to a Secret, never inline, and on the head only: the
+    # worker pods (trials) carry no MLflow credential, nor any Secret that holds one
+    head_login = {e["name"]: e for e in head["env"] if e["name"] in login}
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert head_login[name]["valueFrom"]["secretKeyRef"]["name"] == "embedtune-mlflow-client"
+    for w in workers:
+        assert not [e for e in w["env"] if e["name"] in login], w["env"]
+        assert "embedtune-mlflow-client" not in yaml.safe_dump(w) and "mlflow-auth" not in yaml.safe_dump(w)
 
 
 def test_raycluster_start_params_are_ray_start_flags(raycluster) -> None:
@@ -297,6 +332,8 @@ def test_rayjob_runs_the_sweep_and_shuts_down(rayjob, raycluster) -> None:
     # A stop reaches the sweep as Ctrl-C (its KeyboardInterrupt path), with time to close runs.
     assert runtime_env["env_vars"]["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
     assert int(runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
+    # the memory probe waits for the first GPU worker (the cluster starts with none)
+    assert float(runtime_env["env_vars"]["EMBEDTUNE_PROBE_WAIT_S"]) >= 300
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
     assert submitter["image"] == _containers(raycluster["spec"])[0]["image"]
 

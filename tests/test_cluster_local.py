@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "cluster" / "local" / "cluster_local.py"
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_NODE = "f" * 51 + "00000"  # the fake provider's head node id (workers: ...00001, ...00002)
+DRIVER_USER = "sweeper"  # the sweep driver's MLflow user (cluster/mlflow_driver_user.py)
 
 
 class Cluster:
@@ -62,6 +63,37 @@ class Cluster:
 
     def client_env(self) -> dict[str, str]:
         return {**os.environ, **self.env}
+
+    def admin_password(self) -> str:
+        return (self.state / "secrets" / "mlflow_admin_password").read_text().strip()
+
+    def mlflow_as(self, user: str, password: str, path: str, body: dict | None = None,
+                  method: str = "POST") -> tuple[int, dict]:  # fmt: skip
+        """(HTTP status, JSON answer) of one MLflow REST call with this basic-auth login."""
+        import base64
+
+        url = self.env["MLFLOW_TRACKING_URI"] + path
+        auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method,
+                                         headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"})  # fmt: skip
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                request, timeout=30
+            ) as resp:
+                return resp.status, json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as err:
+            return err.code, {}
+
+    def permission(self, user: str, resource_type: str, resource_id: str) -> str:
+        """`user`'s permission on one resource, as the tracking server's admin reads it."""
+        from urllib.parse import urlencode
+
+        query = urlencode({"username": user, "resource_type": resource_type, "resource_id": resource_id})
+        status, answer = self.mlflow_as("admin", self.admin_password(), f"/api/3.0/mlflow/users/permissions/get?{query}",
+                                        method="GET")  # fmt: skip
+        assert status == 200, (status, answer)
+        return answer["permission"]
 
     # -- jobs
     def submit(self, workdir: Path, spec: str, *extra: str, wait: bool = True, job_id: str | None = None,
@@ -296,13 +328,103 @@ def test_unauthenticated_job_submission_and_mlflow_writes_are_refused(
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+PROBE_JOB = """
+import json, os, sys
+import ray
+from ray import tune
+
+LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def seen(password):
+    # What this process and its raylet (the node's own environment) carry of the MLflow login.
+    with open(f"/proc/{os.getppid()}/environ", "rb") as fh:
+        raylet = dict(kv.split("=", 1) for kv in fh.read().decode().split("\\0") if "=" in kv)
+    return {"node": ray.get_runtime_context().get_node_id(),
+            "keys": sorted(k for k in os.environ if k in LOGIN),
+            "raylet_keys": sorted(k for k in raylet if k in LOGIN),
+            "leaked": sorted(k for k, v in {**os.environ, **raylet}.items() if password in v)}
+
+
+@ray.remote(num_gpus=1)
+def task(password):
+    return seen(password)
+
+
+def trial(config):
+    tune.report(seen(config["password"]))
+
+
+password = os.environ["MLFLOW_TRACKING_PASSWORD"]  # the driver, on the head, has the login
+ray.init()
+out = {"driver_user": os.environ["MLFLOW_TRACKING_USERNAME"], "task": ray.get(task.remote(password))}
+tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 1, "gpu": 1}), param_space={"password": password},
+                   run_config=tune.RunConfig(storage_path="s3://embedtune/probes", name=sys.argv[1]))
+result = tuner.fit()[0]
+out["trial"] = {k: result.metrics[k] for k in ("node", "keys", "raylet_keys", "leaked")}
+print("PROBE " + json.dumps(out))
+"""
+
+
+def test_worker_nodes_carry_no_mlflow_login_and_the_driver_user_writes_only_its_own(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Least privilege: the sweep driver's MLflow user can write its own experiments and gets a
+    real 403 from the real server on anyone else's; a task and a Tune trial on an autoscaled worker
+    node (and the node's raylet) have no MLflow login in their environment, while the job driver on
+    the head has it."""
+    user, password = cluster.env["MLFLOW_TRACKING_USERNAME"], cluster.env["MLFLOW_TRACKING_PASSWORD"]
+    assert user == DRIVER_USER
+    tag = uuid.uuid4().hex[:8]
+    status, made = cluster.mlflow_as("admin", cluster.admin_password(), "/api/2.0/mlflow/experiments/create",
+                                     {"name": f"someone-else-{tag}"})  # fmt: skip
+    assert status == 200, made
+    other = made["experiment_id"]
+    delete = "/api/2.0/mlflow/experiments/delete"
+    assert cluster.mlflow_as(user, password, delete, {"experiment_id": other})[0] == 403
+    assert (
+        cluster.mlflow_as(user, password, "/api/2.0/mlflow/runs/create", {"experiment_id": other})[0] == 403
+    )
+    status, own = cluster.mlflow_as(
+        user, password, "/api/2.0/mlflow/experiments/create", {"name": f"own-{tag}"}
+    )
+    assert (
+        status == 200
+        and cluster.mlflow_as(user, password, delete, {"experiment_id": own["experiment_id"]})[0] == 200
+    )
+    assert cluster.sql("SELECT lifecycle_stage FROM experiments WHERE experiment_id = %s", int(other)) == [
+        ("active",)
+    ]
+
+    (tmp_path / "probe.py").write_text(PROBE_JOB)
+    cmd = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(tmp_path), "--",
+           "python", "probe.py", f"probe-{tag}"]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env=cluster.client_env(), cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("PROBE ")]
+    probe = json.loads(line.removeprefix("PROBE "))
+    assert probe["driver_user"] == DRIVER_USER
+    for where in ("task", "trial"):
+        seen = probe[where]
+        assert seen["node"] != HEAD_NODE, probe  # on an autoscaled worker node
+        assert seen["keys"] == [] and seen["raylet_keys"] == [] and seen["leaked"] == [], probe
+    assert password not in done.stdout + done.stderr
+
+
 def test_job_runs_the_shipped_spec_on_autoscaled_gpu_workers(cluster: Cluster) -> None:
-    """The README's line, as a cluster user types it, from the repository root."""
+    """The README's line, as a cluster user types it, from the repository root, logged in to MLflow
+    as the driver's own user (what `env` prints), not the admin."""
     import psutil
 
+    assert cluster.env["MLFLOW_TRACKING_USERNAME"] == DRIVER_USER
+    assert cluster.admin_password() not in cluster.env.values()
     done = cluster.submit(REPO, "sweeps/cluster-local.yaml")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "sweep cluster-local: 2 trials (2 run now) in s3://embedtune/sweeps/cluster-local" in done.stdout
+    # the memory probe waited for the autoscaler's first GPU worker and ran there (no CUDA: logical GPUs)
+    assert "memory probe skipped: the GPU worker has no CUDA device" in done.stdout + done.stderr
     checked = _check_sweep(cluster, "cluster-local", configs=2, epochs=2)
     nodes = {node for rows in checked["epochs"].values() for _, node in rows}
     assert nodes and HEAD_NODE not in nodes  # GPU workers launched by the autoscaler took the trials
@@ -318,6 +440,10 @@ def test_job_runs_the_shipped_spec_on_autoscaled_gpu_workers(cluster: Cluster) -
     assert len([t for t in tables if t.endswith(".lance")]) >= 2  # the base model and the tuned one
     versions = cluster.sql("SELECT name, version FROM model_versions WHERE name = 'embedtune-cluster-local'")
     assert versions
+    # the driver user created the experiment and the registered model (the creator gets MANAGE)
+    exp = cluster.sql("SELECT experiment_id FROM experiments WHERE name = 'embedtune-cluster-local'")[0][0]
+    assert cluster.permission(DRIVER_USER, "experiment", str(exp)) == "MANAGE"
+    assert cluster.permission(DRIVER_USER, "registered_model", "embedtune-cluster-local") == "MANAGE"
     # every server of the cluster listens on loopback only
     ours = _cluster_pids(cluster)
     listening = [c for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in ours]

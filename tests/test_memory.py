@@ -128,3 +128,42 @@ def test_cached_mnrl_with_checkpointing_trains_and_reports_peaks_per_epoch(tmp_p
         assert 0 < metrics["train_loss"] < 10
         assert metrics["system/peak_rss_mb"] > 50
         assert ("system/peak_gpu_mem_mb" in metrics) == (result.device == "cuda")
+
+
+def test_a_trial_on_a_gpu_share_is_capped_at_that_share(monkeypatch) -> None:
+    """The decision: a share of a device is a cap, a whole device (or more) or no GPU is none; the
+    cap is set on the trial's one visible device only when CUDA is there."""
+    assert memory.gpu_cap_fraction(0.5) == 0.5 and memory.gpu_cap_fraction(0.25) == 0.25
+    assert memory.gpu_cap_fraction(1.0) is None and memory.gpu_cap_fraction(2) is None
+    assert memory.gpu_cap_fraction(0) is None
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memory.cap_gpu_memory(0.5) is None and calls == []  # no CUDA: nothing to cap
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert memory.cap_gpu_memory(1.0) is None and calls == []  # a whole GPU: no cap
+    assert memory.cap_gpu_memory(0.5) == 0.5 and calls == [(0.5, 0)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: needs a CUDA GPU")
+def test_the_cap_stops_an_allocation_beyond_the_share_on_a_real_gpu() -> None:
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert memory.cap_gpu_memory(0.25) == 0.25
+    try:
+        small = torch.empty(int(total * 0.15), dtype=torch.uint8, device="cuda")  # within the share
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int(total * 0.15), dtype=torch.uint8, device="cuda")  # 0.30 in all: beyond it
+        del small
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()
+
+
+def test_the_probe_waits_for_a_gpu_worker_on_an_autoscaling_cluster_unless_told() -> None:
+    assert pf.probe_wait_s(None, autoscaling=True) == pf.PROBE_WAIT_AUTOSCALING_S > 0  # default on
+    assert pf.probe_wait_s(None, autoscaling=False) == 0  # a fixed cluster: a GPU node will not come
+    assert pf.probe_wait_s("", autoscaling=True) == pf.PROBE_WAIT_AUTOSCALING_S
+    assert pf.probe_wait_s("0", autoscaling=True) == 0  # told not to wait
+    assert pf.probe_wait_s("120", autoscaling=False) == 120
+    with pytest.raises(EmbedtuneError, match=r"EMBEDTUNE_PROBE_WAIT_S='ten' is not a number of seconds"):
+        pf.probe_wait_s("ten", autoscaling=True)

@@ -28,6 +28,8 @@ from standin.common import (
     LOOPBACK,
     MARKER,
     MLFLOW_ADMIN,
+    MLFLOW_DRIVER,
+    MLFLOW_LOGIN_VARS,
     PG_DB_USER,
     REGION,
     SERVICES,
@@ -50,13 +52,14 @@ from standin.envs import (
     export_lines,
     job_runtime_env_file,
     mlflow_client_env,
+    mlflow_client_env_file,
     ray_client_env,
     s3_env,
 )
 from standin.faults import RESTARTABLE, cmd_kill_worker, cmd_restart, worker_raylets
 from standin.log import log
 from standin.mlflow_server import _check_mlflow_auth as _check_mlflow_auth
-from standin.mlflow_server import start_mlflow
+from standin.mlflow_server import ensure_driver_user, start_mlflow
 from standin.postgres import _check_reachable as _check_reachable
 from standin.postgres import _create_mlflow_databases as _create_mlflow_databases
 from standin.postgres import as_pg_user, pg_bindir, pg_os_user, pg_root, start_postgres, stop_postgres
@@ -72,11 +75,11 @@ from standin.state import State, locked
 _died = died  # its name in the single-file version
 
 __all__ = [
-    "BIN", "BOOTSTRAP", "BUCKET", "LOOPBACK", "MARKER", "MLFLOW_ADMIN", "PG_DB_USER", "REGION",
+    "BIN", "BOOTSTRAP", "BUCKET", "LOOPBACK", "MARKER", "MLFLOW_ADMIN", "MLFLOW_DRIVER", "MLFLOW_LOGIN_VARS", "PG_DB_USER", "REGION",
     "RESTARTABLE", "SCRIPT", "SERVICES", "WORKER_NODE_TYPE", "Fatal", "State", "alive", "as_pg_user",
     "autoscaler_config", "base_env", "basic_auth", "client_env", "cmd_down", "cmd_env",
     "cmd_kill_worker", "cmd_restart", "cmd_status", "cmd_up", "died", "export_lines", "free_port",
-    "http_status", "job_runtime_env_file", "locked", "log", "main", "mlflow_client_env",
+    "http_status", "job_runtime_env_file", "locked", "log", "main", "mlflow_client_env", "mlflow_client_env_file", "ensure_driver_user",
     "owned_processes", "pg_bindir", "pg_os_user", "pg_root", "port_is_free", "ray_client_env",
     "ray_node_env", "running", "s3_env", "secret", "spawn", "start_mlflow", "start_postgres",
     "start_ray", "start_s3", "stop_postgres", "stop_services", "summary", "wait_for",

@@ -260,6 +260,40 @@ def _local_cpus(spec: SweepSpec) -> float:
 # ---------------------------------------------------------------- GPU memory probe
 
 PROBE_WAIT_ENV = "EMBEDTUNE_PROBE_WAIT_S"  # on a cluster with no GPU node yet: seconds to wait for one
+# Default wait on a cluster whose autoscaler can add a GPU node: a cold GPU node (machine, image
+# pull, Ray start) takes minutes; the trials wait for the same node anyway.
+PROBE_WAIT_AUTOSCALING_S = 900.0
+
+
+def probe_wait_s(setting: str | None, autoscaling: bool) -> float:
+    """Seconds the memory probe waits for a GPU worker: EMBEDTUNE_PROBE_WAIT_S when set (0: do not
+    wait), else PROBE_WAIT_AUTOSCALING_S on an autoscaling cluster and 0 on a fixed one."""
+    if setting is not None and setting.strip():
+        try:
+            wait = float(setting)
+        except ValueError:
+            raise EmbedtuneError(
+                f"{PROBE_WAIT_ENV}={setting!r} is not a number of seconds (e.g. 600, or 0)"
+            ) from None
+        return max(wait, 0.0)
+    return PROBE_WAIT_AUTOSCALING_S if autoscaling else 0.0
+
+
+def _cluster_autoscales() -> bool:
+    """True when an autoscaler runs for the connected cluster: Ray's v1 monitor publishes its status
+    in the GCS key-value store, v2 marks itself there."""
+    try:
+        from ray._private import ray_constants
+        from ray.experimental import internal_kv
+
+        if internal_kv._internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):
+            return True
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return is_autoscaler_v2(fetch_from_server=True)
+    except Exception:  # noqa: BLE001 - an internal API of Ray: without it, the fixed-cluster default
+        log.debug("could not tell whether the Ray cluster autoscales", exc_info=True)
+        return False
 
 
 def probe_keys(spec: SweepSpec) -> list[memory.ProbeKey]:
@@ -314,8 +348,9 @@ def _probe_on_cluster(spec: SweepSpec, keys: list[memory.ProbeKey], address: str
 
     from embedtune import ray_env
 
-    wait_s = float(os.environ.get(PROBE_WAIT_ENV, "0") or 0)
+    setting = os.environ.get(PROBE_WAIT_ENV)
     with ray_env.session(address=address):
+        wait_s = probe_wait_s(setting, _cluster_autoscales())
         if ray.cluster_resources().get("GPU", 0) <= 0 and wait_s <= 0:
             log.info(
                 "memory probe skipped: no GPU node in the Ray cluster yet (set %s to wait for the autoscaler)",

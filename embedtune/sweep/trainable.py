@@ -20,6 +20,7 @@ from typing import Any
 
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
+from embedtune.memory import cap_gpu_memory
 from embedtune.negatives import Triplets
 from embedtune.records import ModelData
 from embedtune.specs import Resources, TrainConfig, TrainSettings
@@ -91,6 +92,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
         start_epoch = int(json.loads((local / "state.json").read_text())["epoch"])
         resume_dir = local / "model"
     base_score = payload.base_scores.get(ModelData(str(config["model"]), str(label)))
+    cap_gpu_memory(payload.resources.gpu)  # a trial sharing a GPU stays within its share
     started = time.time()
     proc = psutil.Process()
 

@@ -14,12 +14,17 @@ extra raylets exactly like ray.autoscaler._private.fake_multi_node.node_provider
    `FileNotFoundError` from `os.getcwd()` as soon as a second worker node starts.
 2. Worker raylets get `node_ip_address` from the provider config (127.0.0.1) instead of Ray's
    detection, which picks this machine's outward IP (and binds the node's servers there).
+3. `provider.worker_env_remove`: variables dropped from this process's environment (the
+   autoscaler's, a copy of the head's) before any worker node starts, so worker nodes and
+   everything they run lack them: the driver's MLflow login stays on the head, as on the real
+   clusters, where worker nodes never get the MLflow secret.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 
 import ray
 import ray._private.ray_constants as ray_constants
@@ -40,6 +45,9 @@ class LoopbackFakeMultiNodeProvider(FakeMultiNodeProvider):
         self._node_ip = provider_config.get("node_ip_address", "127.0.0.1")
         if not self._gcs_address:
             raise ValueError("provider.gcs_address is required (e.g. 127.0.0.1:<GCS port>)")
+        # This process (monitor.py) only starts worker nodes, which inherit its environment.
+        for name in provider_config.get("worker_env_remove", []):
+            os.environ.pop(name, None)
 
     def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
         # As FakeMultiNodeProvider._create_node_with_resources_and_labels in Ray 2.60, plus

@@ -41,9 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import BIN, BUCKET, MARKER, MLFLOW_ADMIN, REGION, SERVICES
+from .common import BIN, BUCKET, MARKER, MLFLOW_ADMIN, MLFLOW_DRIVER, REGION, SERVICES
 from .envs import export_lines, job_runtime_env_file
-from .faults import RESTARTABLE, cmd_kill_worker, cmd_restart
+from .faults import RESTARTABLE, cmd_kill_worker, cmd_replace_head, cmd_restart
 from .log import log
 from .mlflow_server import start_mlflow
 from .postgres import pg_os_user, start_postgres
@@ -107,12 +107,13 @@ def summary(state: State) -> str:
     lines = [
         "cluster-local is up:",
         f"  S3 endpoint     {s['s3']['endpoint']}  (bucket s3://{BUCKET}, region {REGION}, path-style)",
-        f"  MLflow          {s['mlflow']['url']}  (basic auth: user {MLFLOW_ADMIN}, password in {state.dir / 'secrets' / 'mlflow_admin_password'})",
+        f"  MLflow          {s['mlflow']['url']}  (basic auth: sweeps log in as {MLFLOW_DRIVER}, password in {state.dir / 'secrets' / 'mlflow_client.env'};",
+        f"                  the UI's admin: {MLFLOW_ADMIN}, password in {state.dir / 'secrets' / 'mlflow_admin_password'})",
         f"  Ray job API     {s['ray']['dashboard']}  (token auth: token in {state.dir / 'secrets' / 'ray_auth_token'})",
         f"  Ray GCS         {s['ray']['gcs']}",
         f"  PostgreSQL      {pg['dsn']}  (password via PGPASSFILE={state.dir / 'secrets' / 'pgpass'})",
         "",
-        "# the client environment (S3 keys, the MLflow login and the Ray token path; secrets stay in files):",
+        "# the client environment (S3 keys, the sweep driver's MLflow login, the Ray token path):",
         f'eval "$({env_cmd})"',
         "# submit the sweep:",
         f"{ray} job submit --working-dir . "
@@ -264,11 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         "kill-worker", parents=[common], help="SIGKILL a worker node's raylet (a lost node)"
     )
     kill.add_argument("--node-id", help="the node to kill (default: the first live worker)")
+    head = sub.add_parser("replace-head", parents=[common],
+                          help="lose the Ray head with its disk (SIGKILL, local state deleted), start a new one")  # fmt: skip
+    head.add_argument("--down-for", type=float, default=2, help="seconds without a head (default 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
     commands = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env, "restart": cmd_restart,
-                "kill-worker": cmd_kill_worker}  # fmt: skip
+                "kill-worker": cmd_kill_worker, "replace-head": cmd_replace_head}  # fmt: skip
     return commands[args.command](args)
 
 

@@ -23,7 +23,12 @@ BUCKET = "embedtune"
 REGION = "us-east-1"  # SeaweedFS accepts any region in SigV4; clients must agree on one
 MARKER = "EMBEDTUNE_CLUSTER_LOCAL"
 SERVICES = ("s3", "postgres", "mlflow", "ray")  # start order; stopped in reverse
-MLFLOW_ADMIN = "admin"
+MLFLOW_ADMIN = "admin"  # the tracking server's admin: only cluster_local itself logs in as it
+# The sweep driver's own MLflow user (cluster/mlflow_driver_user.py): READ on everything, MANAGE on
+# the experiments and registered models it creates; never on a worker node.
+MLFLOW_DRIVER = "sweeper"
+# What a worker node must not carry: MLflow logins (workers never write to MLflow).
+MLFLOW_LOGIN_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 PG_DB_USER = "mlflow"
 # The fake provider pins the head's node id (RAY_OVERRIDE_NODE_ID_FOR_TESTING under RAY_FAKE_CLUSTER).
 WORKER_NODE_TYPE = "ray.worker.gpu"

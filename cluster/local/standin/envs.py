@@ -8,7 +8,7 @@ import secrets
 import shlex
 from pathlib import Path
 
-from .common import LOOPBACK, MARKER, MLFLOW_ADMIN, REGION, write_private
+from .common import LOOPBACK, MARKER, MLFLOW_DRIVER, REGION, write_private
 from .state import State
 
 
@@ -49,12 +49,24 @@ def s3_env(state: State) -> dict[str, str]:
 
 
 def mlflow_client_env(state: State) -> dict[str, str]:
+    """The sweep driver's MLflow login (its own user, not the admin): the head's and a client's."""
     return {
         "MLFLOW_TRACKING_URI": f"http://{LOOPBACK}:{state.ports['mlflow']}",
-        "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
-        "MLFLOW_TRACKING_PASSWORD": state.secret("mlflow_admin_password"),
+        "MLFLOW_TRACKING_USERNAME": MLFLOW_DRIVER,
+        "MLFLOW_TRACKING_PASSWORD": state.secret("mlflow_driver_password"),
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
+
+
+def mlflow_client_env_file(state: State) -> Path:
+    """secrets/mlflow_client.env: the driver's login in the format of cluster/make-secrets.sh's file
+    (what cluster/mlflow_driver_user.py reads to create the user)."""
+    path = state.dir / "secrets" / "mlflow_client.env"
+    env = mlflow_client_env(state)
+    write_private(
+        path, "".join(f"{k}={env[k]}\n" for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
+    )
+    return path
 
 
 def ray_client_env(state: State) -> dict[str, str]:
@@ -71,9 +83,11 @@ def ray_client_env(state: State) -> dict[str, str]:
 
 def job_runtime_env_file(state: State) -> Path:
     """A `ray job submit --runtime-env` file (0600) carrying what the job's driver and trials need
-    when the nodes do not have it (`up --no-node-credentials`): S3 access and the MLflow login."""
+    when the nodes do not have it (`up --no-node-credentials`): S3 access. Not the MLflow login: a
+    job's runtime env reaches every task and trial, and only the driver (on the head, which always
+    has the login) writes to MLflow."""
     path = state.dir / "secrets" / "job_runtime_env.yaml"
-    env_vars = {**s3_env(state), **mlflow_client_env(state)}
+    env_vars = s3_env(state)
     write_private(path, json.dumps({"env_vars": env_vars}, indent=2) + "\n")  # JSON is YAML
     return path
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .common import (
@@ -19,7 +21,7 @@ from .common import (
     wait_for,
     write_private,
 )
-from .envs import base_env, s3_env
+from .envs import base_env, mlflow_client_env_file, s3_env
 from .log import log
 from .state import State
 
@@ -74,8 +76,27 @@ def start_mlflow(state: State) -> dict[str, Any]:
         "MLflow /health",
     )
     _check_mlflow_auth(url, admin_pw)
+    ensure_driver_user(state, url, auth_ini)
     log.info("mlflow: %s (basic auth on, artifacts -> s3://%s/mlartifacts)", url, BUCKET)
     return info
+
+
+# The production clusters' script, run as they run it (README, "Running on a Ray cluster").
+DRIVER_USER_SCRIPT = Path(__file__).resolve().parents[2] / "mlflow_driver_user.py"
+
+
+def ensure_driver_user(state: State, url: str, auth_ini: Path) -> None:
+    """The sweep driver's own user (secrets/mlflow_client.env), created by the admin: every sweep of
+    this cluster logs in as it, never as the admin."""
+    env = base_env(state, "mlflow")
+    cmd = [sys.executable, str(DRIVER_USER_SCRIPT), "--tracking-uri", url, "--auth-ini", str(auth_ini),
+           "--client-env", str(mlflow_client_env_file(state))]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"creating the MLflow driver user failed: {(done.stderr or done.stdout).strip()[-2000:]}"
+        )
+    log.info("%s", done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "driver user ready")
 
 
 def _check_mlflow_auth(url: str, admin_pw: str) -> None:

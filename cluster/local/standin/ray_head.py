@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import BIN, LOOPBACK, WORKER_NODE_TYPE, http_status, spawn, wait_for
+from .common import BIN, LOOPBACK, MLFLOW_LOGIN_VARS, WORKER_NODE_TYPE, http_status, spawn, wait_for
 from .envs import base_env, mlflow_client_env, s3_env
 from .log import log
 from .state import State
@@ -43,6 +43,9 @@ def autoscaler_config(state: State, args: argparse.Namespace) -> dict[str, Any]:
             # Without it the provider joins workers to <this machine's outward IP>:6379.
             "gcs_address": f"{LOOPBACK}:{state.ports['ray_gcs']}",
             "node_ip_address": LOOPBACK,
+            # Worker nodes are started by the autoscaler, which has the head's environment: it
+            # drops these first, so no worker node (raylet, trials) has the driver's MLflow login.
+            "worker_env_remove": list(MLFLOW_LOGIN_VARS),
         },
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0, "GPU": 0}, "node_config": {}, "max_workers": 0},
@@ -70,10 +73,34 @@ def autoscaler_config(state: State, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# What `up` was asked for the Ray part: kept in state.json, so a new head gets the same shape.
+RAY_ARGS = (
+    "head_cpus",
+    "worker_cpus",
+    "worker_gpus",
+    "max_workers",
+    "idle_timeout_minutes",
+    "node_credentials",
+)
+
+
+def head_tmp(state: State) -> Path:
+    return state.runtime_dir / "ray-tmp"
+
+
+def head_disk(state: State) -> list[Path]:
+    """The head machine's local state: Ray's temp dir (sessions, logs, job packages, spilled
+    objects), the Ray processes' HOME (~/.ray, ~/ray_results: Tune's staging dir, embedtune's
+    caches), their TMPDIR and the autoscaler config. Nothing of S3, PostgreSQL or MLflow."""
+    return [state.runtime_dir / "ray", head_tmp(state), state.dir / "ray"]
+
+
 def ray_node_env(state: State, args: argparse.Namespace) -> dict[str, str]:
     """Environment of the head and (inherited through the autoscaler) every worker node, and so of
     job drivers and trials: the cluster's own settings plus what the nodes of the production
-    cluster get from their instance profile / secrets (S3 access, the MLflow server)."""
+    cluster get from their instance profile / secrets: S3 access (unless `--no-node-credentials`)
+    and, on the head only, the driver's MLflow login (the autoscaler removes it before it starts a
+    worker node: `worker_env_remove` in autoscaler_config)."""
     home = state.dir / "ray" / "home"
     env = base_env(state, "ray")
     env.update(
@@ -81,6 +108,11 @@ def ray_node_env(state: State, args: argparse.Namespace) -> dict[str, str]:
             # Ray probes cloud metadata addresses at start unless ~/ray_bootstrap_config.yaml exists,
             # and writes ~/.ray: a private HOME holds the bootstrap config.
             "HOME": str(home),
+            # The head's own disk (on one machine, shared with its worker nodes): embedtune's caches
+            # (materialised models, mined negatives) and temp files, which `replace-head` deletes
+            # with Ray's temp dir, as a lost machine would take them.
+            "EMBEDTUNE_HOME": str(home / ".cache" / "embedtune"),
+            "TMPDIR": str(head_tmp(state)),
             "RAY_FAKE_CLUSTER": "1",
             "AUTOSCALER_UPDATE_INTERVAL_S": "2",
             "RAY_AUTH_MODE": "token",
@@ -97,7 +129,7 @@ def ray_node_env(state: State, args: argparse.Namespace) -> dict[str, str]:
     )
     if args.node_credentials:
         env.update(s3_env(state))
-        env.update(mlflow_client_env(state))
+    env.update(mlflow_client_env(state))  # job drivers run on the head: its login is theirs
     return env
 
 
@@ -105,6 +137,8 @@ def start_ray(state: State, args: argparse.Namespace) -> dict[str, Any]:
     root = state.dir / "ray"
     home = root / "home"
     home.mkdir(parents=True, exist_ok=True)
+    head_tmp(state).mkdir(parents=True, exist_ok=True)
+    state.data["ray_args"] = {k: getattr(args, k) for k in RAY_ARGS}
     (home / "ray_bootstrap_config.yaml").write_text(BOOTSTRAP)
     state.secret(
         "ray_auth_token", lambda: secrets.token_hex(32)
