@@ -88,7 +88,13 @@ def _code(exc: BaseException) -> tuple[str, int]:
 
 def _precondition_failed(exc: BaseException) -> bool:
     code, status = _code(exc)
-    return status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict")
+    return status == 412 or code == "PreconditionFailed"
+
+
+def _conflict(exc: BaseException) -> bool:
+    """AWS's 409: another conditional write on the key is in flight (retry, as the loser of a race)."""
+    code, status = _code(exc)
+    return status == 409 or code == "ConditionalRequestConflict"
 
 
 def _not_found(exc: BaseException) -> bool:
@@ -155,11 +161,14 @@ class S3Lease:
                 log.debug("lease %s taken", self.location)
                 return
             except Exception as exc:
-                if not _precondition_failed(exc):
+                if not (_precondition_failed(exc) or _conflict(exc)):
                     raise
             current = self._read()
-            if current is None:
-                continue  # released between our PUT and our read: try again at once
+            if current is None:  # released between our PUT and our read (or a write in flight)
+                if time.monotonic() > deadline:
+                    raise self._held({})
+                time.sleep(min(poll, 0.2))
+                continue
             etag, holder = current
             now = time.monotonic()
             if seen is None or seen[0] != etag:
@@ -170,7 +179,7 @@ class S3Lease:
                 try:
                     self.etag = self._put(IfMatch=etag)
                 except Exception as exc:
-                    if not _precondition_failed(exc):
+                    if not (_precondition_failed(exc) or _conflict(exc)):
                         raise
                     raise self._held(self._read_holder()) from None  # another driver took it first
                 log.warning(

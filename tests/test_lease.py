@@ -97,26 +97,32 @@ def _key() -> str:
     return f"s3://{BUCKET}/leases/{uuid.uuid4().hex}/lock.json"
 
 
-def _contend(location: str, ttl: float, wait: float, barrier, results) -> None:
-    """One contender (in its own process): take the lease at `location` once, report the outcome."""
-    lz = S3Lease(location, {"host": "test", "pid": os.getpid()}, ttl=ttl)
-    barrier.wait()
-    try:
-        lz.acquire(wait=wait, poll=0.2)
-        results.put((os.getpid(), "won", lz.owner["token"]))
-    except LeaseHeld as exc:
-        results.put((os.getpid(), "held", str(exc)))
-    except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
-        results.put((os.getpid(), "error", repr(exc)))
+def _contend(locations: list[str], ttl: float, wait: float, barrier, results) -> None:
+    """One contender (in its own process): take the lease at each location once, all contenders
+    released together by the barrier each round; report each outcome."""
+    for location in locations:
+        lz = S3Lease(location, {"host": "test", "pid": os.getpid()}, ttl=ttl)
+        barrier.wait()
+        try:
+            lz.acquire(wait=wait, poll=0.2)
+            results.put((location, os.getpid(), "won", lz.owner["token"]))
+        except LeaseHeld as exc:
+            results.put((location, os.getpid(), "held", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
+            results.put((location, os.getpid(), "error", repr(exc)))
 
 
-def _race(location: str, n: int, ttl: float, wait: float) -> list[tuple[int, str, str]]:
+def _race(locations: list[str], n: int, ttl: float, wait: float) -> dict[str, list[tuple[int, str, str]]]:
+    """{location: [(pid, outcome, token or message)]} of `n` processes racing for each location."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_contend, args=(location, ttl, wait, barrier, results)) for _ in range(n)]
+    procs = [ctx.Process(target=_contend, args=(locations, ttl, wait, barrier, results)) for _ in range(n)]
     for p in procs:
         p.start()
-    out = [results.get(timeout=120) for _ in procs]
+    out: dict[str, list[tuple[int, str, str]]] = {loc: [] for loc in locations}
+    for _ in range(n * len(locations)):
+        location, *rest = results.get(timeout=120)
+        out[location].append(tuple(rest))
     for p in procs:
         p.join(30)
     return out
@@ -128,9 +134,8 @@ def _holder(s3: S3, location: str) -> dict:
 
 
 def test_racing_processes_exactly_one_takes_a_free_lease(s3: S3) -> None:
-    for _ in range(3):  # a few rounds: a check-then-write lease lets several win in most of them
-        location = _key()
-        results = _race(location, n=6, ttl=30, wait=0)
+    # a few rounds: a check-then-write lease lets several win in most of them
+    for location, results in _race([_key() for _ in range(3)], n=6, ttl=30, wait=0).items():
         assert not [r for r in results if r[1] == "error"], results
         winners = [r for r in results if r[1] == "won"]
         assert len(winners) == 1, results
@@ -145,7 +150,7 @@ def test_racing_processes_exactly_one_takes_over_a_dead_lease(s3: S3) -> None:
     location = _key()
     dead = S3Lease(location, {"host": "gone", "pid": 1}, ttl=2)
     dead.acquire(wait=0)  # and never refreshed
-    results = _race(location, n=5, ttl=2, wait=30)
+    results = _race([location], n=5, ttl=2, wait=30)[location]
     assert not [r for r in results if r[1] == "error"], results
     winners = [r for r in results if r[1] == "won"]
     assert len(winners) == 1, results
@@ -318,3 +323,33 @@ def test_two_drivers_started_at_once_one_runs_the_other_stops_with_one_line(s3: 
         assert "Contents" not in bucket.list_objects_v2(Bucket=BUCKET, Prefix=f"sweeps/{name}/lock.json")
     finally:
         server.stop()
+
+
+def test_refresh_tells_a_lost_lease_from_a_transient_error() -> None:
+    """412 (someone else's ETag now) and 404 (deleted) mean lost; AWS's 409 (a concurrent
+    conditional write in flight) and 5xx are retried by the heartbeat."""
+    from botocore.exceptions import ClientError
+
+    def failing(status: int, code: str):
+        class Client:
+            def put_object(self, **kwargs):
+                raise ClientError(
+                    {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+                )
+
+            def get_object(self, **kwargs):
+                raise ClientError(
+                    {"Error": {"Code": "NoSuchKey"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject"
+                )
+
+        lz = S3Lease.__new__(S3Lease)
+        lz.location, lz.bucket, lz.key = "s3://b/run/lock.json", "b", "run/lock.json"
+        lz.owner, lz.ttl, lz.etag, lz._beats, lz.client = {}, 30.0, '"e"', 0, Client()
+        return lz
+
+    for status, code in ((412, "PreconditionFailed"), (404, "NoSuchKey")):
+        with pytest.raises(LeaseLost, match="lost its lease to nobody"):
+            failing(status, code).refresh()
+    for status, code in ((409, "ConditionalRequestConflict"), (503, "SlowDown")):
+        with pytest.raises(ClientError):
+            failing(status, code).refresh()
