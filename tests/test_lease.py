@@ -301,7 +301,10 @@ def test_two_drivers_started_at_once_one_runs_the_other_stops_with_one_line(s3: 
                     p.kill()
         codes = [p.returncode for p in procs]
         outs = [(tmp_path / f"driver{i}.out").read_text() for i in range(2)]
-        assert sorted(codes) == [0, 2], (codes, [o[-2000:] for o in outs], errs)
+        report = "\n".join(
+            f"driver {i}: exit {codes[i]}\n{outs[i][-2500:]}\n{errs[i][-2500:]}" for i in range(2)
+        )
+        assert sorted(codes) == [0, 2], report
         winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
         lines = errs[loser].strip().splitlines()
         run_dir = f"s3://{BUCKET}/sweeps/{name}"
