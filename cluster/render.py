@@ -12,7 +12,8 @@ What you apply is the rendered copy under cluster/rendered/, same relative paths
 Strict, so nothing half-filled is ever applied: a placeholder the site file does not define, an
 empty value, a name the templates do not use (a typo) or a value with `<...>` left in stops with
 one line and writes nothing. Only the braced form `${NAME}` is a placeholder: shell variables in the
-commands (`$HOME`, `$(cat ...)`, `${VAR:-default}`) pass through untouched. Standard library only.
+commands (`$HOME`, `$(cat ...)`, `${VAR:-default}`) pass through untouched, and `$${NAME}` renders as
+a literal `${NAME}` for a shell that needs the braces. Standard library only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 CLUSTER = Path(__file__).resolve().parent
 TEMPLATES = ("ray-cluster.yaml", "mlflow-server.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml")
-PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
+PLACEHOLDER = re.compile(r"(\$?)\$\{([A-Z][A-Z0-9_]*)\}")  # `$${NAME}`: a literal `${NAME}`
 LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 
 
@@ -60,7 +61,9 @@ def render_text(text: str, site: dict[str, str], where: str, site_path: Path) ->
     used: set[str] = set()
 
     def fill(match: re.Match) -> str:
-        name = match.group(1)
+        name = match.group(2)
+        if match.group(1):  # escaped: the shell's own ${NAME}
+            return match.group(0)[1:]
         line = text.count("\n", 0, match.start()) + 1
         if name not in site:
             raise SiteError(

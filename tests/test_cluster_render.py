@@ -30,7 +30,7 @@ def test_every_template_renders_with_the_sample_site_and_nothing_is_left_unfille
     assert files == sorted(render.TEMPLATES)
     for rel in files:
         text = (rendered / rel).read_text()
-        assert not re.search(r"\$\{[A-Z][A-Z0-9_]*\}", text), rel  # no placeholder left
+        assert not [n for n in SAMPLE_SITE if f"${{{n}}}" in text], rel  # no placeholder left
         for shipped in NOT_CHOSEN:
             assert shipped not in text, (rel, shipped)
         assert SAMPLE_SITE["BUCKET"] in text, rel  # every file that stores anything uses the site's bucket
@@ -57,6 +57,12 @@ def test_shell_variables_in_the_commands_pass_through(rendered: Path) -> None:
     template = (CLUSTER / "ray-cluster.yaml").read_text()
     for shell in ("$HOME/embedtune-secrets/ray_auth_token", "$RAY_HEAD_IP:6379", "$(cat $HOME/"):
         assert shell in template and shell in text, shell
+
+
+def test_an_escaped_placeholder_is_the_shells_own(tmp_path: Path) -> None:
+    site = render.read_site(write_site(tmp_path / "site.env"))
+    text, used = render.render_text("a: $${HOME}/x ${BUCKET} ${HOME:-/root} $HOME", site, "t.yaml", tmp_path)
+    assert text == f"a: ${{HOME}}/x {SAMPLE_SITE['BUCKET']} ${{HOME:-/root}} $HOME" and used == {"BUCKET"}
 
 
 @pytest.mark.parametrize(
@@ -92,7 +98,9 @@ def test_the_example_site_file_does_not_render_until_filled_in(tmp_path: Path) -
     example = render.read_site(CLUSTER / "site.env.example")
     used = set()
     for rel in render.TEMPLATES:
-        used |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)\}", (CLUSTER / rel).read_text()))
+        used |= {
+            m.group(2) for m in render.PLACEHOLDER.finditer((CLUSTER / rel).read_text()) if not m.group(1)
+        }
     assert set(example) == used
     for key in ("BUCKET", "REGION", "IMAGE", "INSTANCE_PROFILE_ARN", "ROLE_ARN"):
         assert example[key] == "", key
