@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/local
 
-.PHONY: setup sweep-local test test-fast lint bench mlflow-ui cluster-local cluster-local-down clean
+.PHONY: setup sweep-local test test-fast lint bench mlflow-ui cluster-local cluster-local-down cluster-render clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,12 @@ cluster-local: setup
 
 cluster-local-down:
 	$(PY) cluster/local/cluster_local.py down --state-dir $(CLUSTER_STATE)
+
+# A real cluster's files, filled from your site file (bucket, region, image, IAM ARNs, Secret names):
+# cp cluster/site.env.example cluster/site.env, fill it in, then apply what lands in cluster/rendered/.
+SITE ?= cluster/site.env
+cluster-render:
+	$(PYTHON) cluster/render.py --site $(SITE) --out cluster/rendered
 
 clean:
 	rm -rf $(VENV) .pytest_cache

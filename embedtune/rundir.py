@@ -28,7 +28,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from embedtune import storage
+from embedtune import lease, storage
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
 from embedtune.records import TrialRecord, dump_trials, load_trials
@@ -54,7 +53,7 @@ DATA = "data"
 REPORT = "report"
 LOCK = ".lock"
 LEASE = "lock.json"  # remote run dirs: a lease refreshed while the sweep runs
-LEASE_TTL_S = 30.0
+LEASE_TTL_S = lease.TTL_S
 
 
 def protected_path(path: Path) -> None:
@@ -290,8 +289,10 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run dir for one sweep at a time: a second sweep into it fails with one line.
-        Local: an OS file lock (released by the kernel when the holder dies). Remote: a lease file
-        refreshed every few seconds; one not refreshed for LEASE_TTL_S belongs to a dead driver."""
+        Local: an OS file lock (released by the kernel when the holder dies). Remote (S3): a lease
+        object taken and refreshed with conditional writes (embedtune/lease.py); one left unchanged
+        for LEASE_TTL_S belongs to a dead driver and is taken over; a driver that loses its lease
+        stops with one line."""
         with self._local_lock() if not self.remote else self._lease():
             yield
 
@@ -328,33 +329,6 @@ class RunDir:
 
     @contextlib.contextmanager
     def _lease(self) -> Iterator[None]:
-        me = self._owner()
-        deadline = time.time() + LEASE_TTL_S + 5
-        while True:
-            held = storage.read_json(self.uri(LEASE))
-            if not held or time.time() - float(held.get("beat", 0)) > LEASE_TTL_S:
-                break
-            if time.time() > deadline:
-                raise EmbedtuneError(
-                    f"run dir {self.location} is in use by pid {held.get('pid')} on {held.get('host')} "
-                    "(its lease is fresh): another sweep runs into it; wait for it to end or use another name"
-                )
-            time.sleep(2)
-        stop = threading.Event()
-
-        def beat() -> None:
-            while True:
-                storage.write_json(self.uri(LEASE), {**me, "beat": time.time()})
-                if stop.wait(LEASE_TTL_S / 3):
-                    return
-
-        beat_once = {**me, "beat": time.time()}
-        storage.write_json(self.uri(LEASE), beat_once)
-        thread = threading.Thread(target=beat, name="embedtune-lease", daemon=True)
-        thread.start()
-        try:
+        # Conditional writes on S3 (embedtune/lease.py): two drivers can never both hold it.
+        with lease.hold(self.uri(LEASE), self._owner(), ttl=LEASE_TTL_S):
             yield
-        finally:
-            stop.set()
-            thread.join(timeout=10)
-            storage.delete(self.uri(LEASE))

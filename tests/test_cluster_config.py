@@ -1,5 +1,7 @@
 """The cluster configs under cluster/ parse, agree with each other and with the sweep specs, and
-their commands are accepted by the real CLIs they call (ray start, mlflow server, embedtune)."""
+their commands are accepted by the real CLIs they call (ray start, mlflow server, embedtune). What is
+checked is what a user applies: the files rendered from a sample site file (`make cluster-render`,
+tests/cluster_site.py); tests/test_cluster_render.py checks the rendering and the schemas."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+from cluster_site import SAMPLE_SITE, render_sample
 
 from embedtune.specs import load_spec
 
@@ -21,6 +24,21 @@ GPU_SPECS = [p for p in SWEEPS if p.stem in ("gooaq", "squad")]
 
 def _load(path: Path):
     return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+SITE_STORAGE = f"s3://{SAMPLE_SITE['BUCKET']}/sweeps"  # what every rendered cluster file sets
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    """cluster/rendered/ as `make cluster-render` makes it from the sample site file."""
+    return render_sample(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture(autouse=True)
+def _cluster_storage(monkeypatch) -> None:
+    # The GPU specs take storage_path from $EMBEDTUNE_STORAGE (no default bucket): set as on a cluster.
+    monkeypatch.setenv("EMBEDTUNE_STORAGE", SITE_STORAGE)
 
 
 def _env(container: dict) -> dict[str, str]:
@@ -84,10 +102,11 @@ def test_every_sweep_spec_loads(path: Path, monkeypatch) -> None:
 
 # The environments the README documents for the cluster specs: what each target sets on its head.
 TARGETS = {
-    "kuberay": {},  # the specs' defaults: the in-cluster tracking service, the S3 bucket
+    # the specs' default tracking URI (the in-cluster service); the bucket from the pods' env
+    "kuberay": {"EMBEDTUNE_STORAGE": SITE_STORAGE},
     "ray-up": {
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
-        "EMBEDTUNE_STORAGE": "s3://embedtune-runs/sweeps",
+        "EMBEDTUNE_STORAGE": SITE_STORAGE,
     },
     "cluster-local": {
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:45678",
@@ -115,8 +134,19 @@ def test_cluster_specs_take_tracking_and_storage_from_each_target(
     spec = load_spec(path)
     expected_uri = TARGETS[target].get("MLFLOW_TRACKING_URI", "http://mlflow.embedtune.svc:5000")
     assert spec.mlflow.tracking_uri == expected_uri
-    default_store = "s3://embedtune/sweeps" if path.stem == "cluster-local" else "s3://embedtune-runs/sweeps"
-    assert spec.storage_path == TARGETS[target].get("EMBEDTUNE_STORAGE", default_store)
+    assert spec.storage_path == TARGETS[target]["EMBEDTUNE_STORAGE"]
+
+
+@pytest.mark.parametrize("path", GPU_SPECS, ids=[p.name for p in GPU_SPECS])
+def test_gpu_specs_name_no_bucket_of_their_own(path: Path, monkeypatch) -> None:
+    """No default bucket a user did not choose: without $EMBEDTUNE_STORAGE (every rendered cluster
+    file sets it from cluster/site.env) the spec stops with one line naming the variable."""
+    from embedtune.errors import EmbedtuneError
+
+    monkeypatch.delenv("EMBEDTUNE_STORAGE")
+    with pytest.raises(EmbedtuneError, match="EMBEDTUNE_STORAGE is not set") as info:
+        load_spec(path)
+    assert "\n" not in str(info.value)
 
 
 def test_gpu_specs_exist_and_share_storage_and_tracking() -> None:
@@ -133,8 +163,8 @@ def test_gpu_specs_exist_and_share_storage_and_tracking() -> None:
 
 
 @pytest.fixture(scope="module")
-def launcher() -> dict:
-    return _load(CLUSTER / "ray-cluster.yaml")
+def launcher(rendered) -> dict:
+    return _load(rendered / "ray-cluster.yaml")
 
 
 def test_launcher_config_passes_ray_schema(launcher) -> None:
@@ -180,7 +210,8 @@ def test_launcher_start_commands_parse_and_carry_the_env(launcher) -> None:
             and "RAY_AUTH_TOKEN_PATH=$HOME/embedtune-secrets/ray_auth_token" in cmd
         )
     # the driver runs on the head: the specs take its tracking server and storage from there
-    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in head_cmd and "EMBEDTUNE_STORAGE=s3://" in head_cmd
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in head_cmd
+    assert f"EMBEDTUNE_STORAGE={TARGETS['ray-up']['EMBEDTUNE_STORAGE']}" in head_cmd
     assert "mlflow_client.env" in head_cmd  # the driver's MLflow login, from the secrets folder
     head = _click_parses(start, _after(shlex.split(head_cmd), "ray", "start"))
     worker = _click_parses(
@@ -237,13 +268,13 @@ def test_launcher_mlflow_server_command(launcher) -> None:
 
 
 @pytest.fixture(scope="module")
-def raycluster() -> dict:
-    return _load(CLUSTER / "kuberay" / "raycluster.yaml")
+def raycluster(rendered) -> dict:
+    return _load(rendered / "kuberay" / "raycluster.yaml")
 
 
 @pytest.fixture(scope="module")
-def rayjob() -> dict:
-    return _load(CLUSTER / "kuberay" / "rayjob.yaml")
+def rayjob(rendered) -> dict:
+    return _load(rendered / "kuberay" / "rayjob.yaml")
 
 
 def _containers(spec: dict) -> tuple[dict, list[dict]]:
@@ -264,6 +295,7 @@ def test_raycluster_shape(raycluster) -> None:
         env = _env(c)
         assert urlparse(env["MLFLOW_TRACKING_URI"]).netloc in _tracking_hosts()
         assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+        assert env["EMBEDTUNE_STORAGE"] == TARGETS["kuberay"]["EMBEDTUNE_STORAGE"]  # the specs' storage_path
         assert c["image"] == head["image"]
     login = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
     head_env_but_login = {k: v for k, v in _env(head).items() if k not in login}
@@ -342,8 +374,8 @@ def test_rayjob_runs_the_sweep_and_shuts_down(rayjob, raycluster) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_docs() -> dict[str, dict]:
-    docs = [d for d in yaml.safe_load_all((CLUSTER / "mlflow-server.yaml").read_text()) if d]
+def mlflow_docs(rendered) -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all((rendered / "mlflow-server.yaml").read_text()) if d]
     return {d["kind"]: d for d in docs}
 
 
@@ -399,10 +431,10 @@ def test_mlflow_server_manifest(mlflow_docs) -> None:
 SECRETISH = ("PASSWORD", "SECRET", "TOKEN", "ACCESS_KEY")
 
 
-def test_no_secret_is_written_into_a_manifest() -> None:
+def test_no_secret_is_written_into_a_manifest(rendered) -> None:
     """Passwords, keys and tokens reach pods by reference (secretKeyRef / secretRef / a mounted
     Secret), never as a literal `value`."""
-    for path in [*(CLUSTER / "kuberay").glob("*.yaml"), CLUSTER / "mlflow-server.yaml"]:
+    for path in [*(rendered / "kuberay").glob("*.yaml"), rendered / "mlflow-server.yaml"]:
         text = path.read_text()
         for doc in yaml.safe_load_all(text):
             for env in _walk_env(doc):

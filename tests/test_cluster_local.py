@@ -11,6 +11,8 @@ with `ray job submit`, as the README tells a cluster user.
   worker node killed under a trial (retried on a new worker from its S3 checkpoint), the tracking
   server and the object store crashed and restarted mid-sweep. Each checks: child runs in
   PostgreSQL = the trial configs, epochs continuous per trial, checkpoints in the bucket;
+- the same sweep submitted twice at once: one job runs it, the other fails with one line (the
+  run dir's lease on S3);
 - unauthenticated job submission and MLflow writes are refused; every listening socket of the
   cluster is on 127.0.0.1, and `down` leaves no process behind.
 """
@@ -532,3 +534,27 @@ def test_object_store_restarted_mid_sweep_loses_nothing(cluster: Cluster, tmp_pa
         again = cluster.submit(workdir, "spec.yaml", "--no-final")
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     _check_sweep(cluster, "s3-restart", configs=2, epochs=3)
+
+
+def test_two_jobs_submitted_at_once_one_runs_the_other_stops_with_one_line(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The same sweep submitted twice at the same moment (a double click, a retrying CI): the run
+    dir's lease on S3 (conditional writes) lets exactly one driver run it; the other job fails with
+    one line naming the holder, and the sweep's records are one set."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workdir = _spec_dir(tmp_path, "twin-jobs")
+    ids = [f"twin-{i}-{uuid.uuid4().hex[:8]}" for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        submits = list(
+            pool.map(lambda j: cluster.submit(workdir, "spec.yaml", "--no-final", wait=False, job_id=j), ids)
+        )
+    assert all(s.returncode == 0 for s in submits), [s.stderr[-2000:] for s in submits]
+    statuses = {job: cluster.wait_job(job) for job in ids}
+    assert sorted(statuses.values()) == ["FAILED", "SUCCEEDED"], {j: cluster.logs(j)[-3000:] for j in ids}
+    loser = next(j for j, s in statuses.items() if s == "FAILED")
+    errors = [ln for ln in cluster.logs(loser).splitlines() if ln.startswith("embedtune: error:")]
+    assert len(errors) == 1, cluster.logs(loser)[-4000:]
+    assert "run dir s3://embedtune/sweeps/twin-jobs is in use by pid" in errors[0], errors
+    _check_sweep(cluster, "twin-jobs", configs=2, epochs=2)

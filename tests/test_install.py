@@ -52,6 +52,8 @@ def test_dockerfile_install_in_a_fresh_venv_resolves_every_shipped_model_offline
 ) -> None:
     # sweeps/cluster-local.yaml has no default tracking server (make cluster-local prints one)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:45678")
+    # sweeps/gooaq.yaml and squad.yaml take their bucket from the cluster (no default bucket)
+    monkeypatch.setenv("EMBEDTUNE_STORAGE", "s3://site-bucket/sweeps")
     build, venv = tmp_path / "image", tmp_path / "venv"
     build.mkdir()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
