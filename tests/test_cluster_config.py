@@ -218,6 +218,7 @@ def test_launcher_start_commands_parse_and_carry_the_env(launcher) -> None:
         start, _after(shlex.split(worker_cmd.replace("$RAY_HEAD_IP", "10.0.0.1")), "ray", "start")
     )
     assert head["head"] and head["port"] == 6379
+    assert head["dashboard_host"] == "127.0.0.1"  # reached through `ray dashboard` (SSH), never 0.0.0.0
     assert worker["address"] == "10.0.0.1:6379" and not worker["head"]
 
 
@@ -252,16 +253,46 @@ def test_launcher_keeps_the_mlflow_login_off_the_workers(launcher) -> None:
 
 def test_launcher_mlflow_server_command(launcher) -> None:
     cmd = next(c for c in launcher["head_start_ray_commands"] if "mlflow server" in c)
-    params = _mlflow_server_params(
-        _after(shlex.split(cmd.replace("(", " ").replace(")", " ")), "mlflow", "server")
-    )
+    args = _after(shlex.split(cmd.replace("(", " ").replace(")", " ")), "mlflow", "server")
+    params = _mlflow_server_params(args)
     assert params["serve_artifacts"] and params["artifacts_destination"].startswith("s3://")
-    assert params["backend_store_uri"].startswith("sqlite:////")
-    assert params["port"] == 5000
+    # the tracking database outlives the cluster: its URI (RDS) from the secrets folder, through
+    # the environment (so no password on a command line), never a SQLite file on the head
+    assert "--backend-store-uri" not in args and "sqlite" not in cmd
+    assert 'MLFLOW_BACKEND_STORE_URI="$(cat $HOME/embedtune-secrets/mlflow_backend_uri)"' in cmd
+    assert params["port"] == 5000 and params["host"] == "127.0.0.1"  # `ray attach -p 5000`, never 0.0.0.0
+    assert "pgrep" not in cmd  # it matched the shell running this very line (whose argv holds it)
     assert params["app_name"] == "basic-auth" and "MLFLOW_AUTH_CONFIG_PATH=$HOME/embedtune-secrets/" in cmd
     allowed = _allowed_hosts(params)
     assert _host_ok(allowed, "127.0.0.1:5000") and _host_ok(allowed, "localhost:5000")
     assert not _host_ok(allowed, "attacker.example.com")
+
+
+def test_make_secrets_wants_databases_outside_the_cluster(tmp_path: Path) -> None:
+    """cluster/make-secrets.sh writes the tracking and basic-auth database URIs it is given, and
+    without them stops with one line before writing anything."""
+    import os
+    import shutil
+    import subprocess
+
+    script = tmp_path / "cluster" / "make-secrets.sh"
+    script.parent.mkdir()
+    shutil.copy(CLUSTER / "make-secrets.sh", script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    bare = subprocess.run([str(script)], capture_output=True, text=True, env=env)
+    assert bare.returncode == 1 and "MLFLOW_BACKEND_URI" in bare.stderr and len(bare.stderr.splitlines()) == 1
+    assert not (script.parent / "secrets").exists()
+    db = "postgresql+psycopg2://u:p@db.example:5432"
+    env.update(MLFLOW_BACKEND_URI=f"{db}/mlflow", MLFLOW_AUTH_DB_URI=f"{db}/mlflow_auth")
+    subprocess.run([str(script)], capture_output=True, text=True, env=env, check=True)
+    secrets = script.parent / "secrets"
+    assert (secrets / "mlflow_backend_uri").read_text().strip() == f"{db}/mlflow"
+    assert f"database_uri = {db}/mlflow_auth" in (secrets / "mlflow_auth.ini").read_text()
+    assert {f.name for f in secrets.iterdir()} >= {
+        "ray_auth_token",
+        "mlflow_client.env",
+        "mlflow_flask_secret_key",
+    }
 
 
 # ------------------------------------------------------------------ KubeRay

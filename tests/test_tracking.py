@@ -288,3 +288,48 @@ def test_answers_is_false_only_for_a_store_that_is_away(tmp_path: Path, monkeypa
     monkeypatch.setattr(mlc, "client", broken)
     with pytest.raises(TypeError, match="a bug"):
         away.answers()
+
+
+def test_resume_without_its_parent_run_is_one_line(tmp_path: Path) -> None:
+    """A resume names the parent run the tracking database no longer has (a deleted run, a lost
+    database) in one EmbedtuneError, before any `update_run` on it: on a tracking server (the
+    cluster's case: MLflow's REST errors) and on SQLite."""
+    from embedtune.errors import EmbedtuneError
+
+    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "server-artifacts")
+    server.start(timeout=300)
+    try:
+        uri, exp, parent = _store(tmp_path, "gone", server.uri)
+        assert mlc.start_parent_run(uri, exp, parent, "p") == parent  # present: reopened
+        MlflowClient(uri).delete_run(parent)
+        with pytest.raises(EmbedtuneError, match=f"parent run {parent} is not in {uri} .*--fresh"):
+            mlc.start_parent_run(uri, exp, parent, "p")
+    finally:
+        server.kill()
+    sqlite = f"sqlite:///{tmp_path / 'new.db'}"  # a database that never had it
+    exp2 = mlc.ensure_experiment(sqlite, "gone", tmp_path / "art2")
+    with pytest.raises(EmbedtuneError, match=f"parent run {parent} is not in") as err:
+        mlc.start_parent_run(sqlite, exp2, parent, "p")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_resume_after_the_tracking_database_is_lost_ends_with_one_line(sweep_command) -> None:
+    """The CLI: a finished sweep, its tracking database gone (a head's SQLite lost with the head),
+    the same command again: exit 2 and one line naming the parent run, no traceback."""
+    import subprocess
+
+    from specs import tiny_spec
+
+    raw = tiny_spec(
+        "lostdb", models=["paraphrase-MiniLM-L3-v2"], search={"epochs": [1], "batch_size": [16], "lr": [5e-5]}
+    )
+    cmd, run_dir = sweep_command(raw)
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    parent = json.loads((run_dir / "sweep_state.json").read_text())["parent_run_id"]
+    (run_dir / "mlflow.db").unlink()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert f"parent run {parent} is not in" in again.stderr and "Traceback" not in again.stderr
+    assert len([line for line in again.stderr.splitlines() if line.startswith("embedtune: error:")]) == 1

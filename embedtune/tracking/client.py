@@ -148,10 +148,29 @@ def start_parent_run(tracking_uri: str, experiment_id: str, run_id: str | None, 
     """Create the sweep's parent run, or reopen `run_id` when resuming."""
     c = client(tracking_uri)
     if run_id:
+        _check_parent_exists(c, tracking_uri, run_id)
         c.update_run(run_id, status="RUNNING")
         return run_id
     run = c.create_run(experiment_id, run_name=name, tags={KIND_TAG: "sweep"})
     return run.info.run_id
+
+
+def _check_parent_exists(c, tracking_uri: str, run_id: str) -> None:
+    """A resume needs the parent run it recorded: one line when the tracking database lost it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        gone = c.get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        gone = True
+    if gone:
+        raise EmbedtuneError(
+            f"resume: the sweep's MLflow parent run {run_id} is not in {redact(tracking_uri)} (its tracking "
+            "database was lost or replaced, or the run was deleted): restore that database, or start the "
+            "sweep over with --fresh"
+        )
 
 
 def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
