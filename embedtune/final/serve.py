@@ -34,7 +34,11 @@ def data_specs(rundir: RunDir) -> dict[str, DataSpec]:
     """Dataset label -> its DataSpec, from the run's stored spec."""
     out: dict[str, DataSpec] = {}
     for raw in (rundir.read_json(SPEC) or {}).get("datasets") or []:
-        ds = DataSpec.model_validate(raw)
+        try:
+            ds = DataSpec.model_validate(raw)
+        except ValueError as exc:
+            log.warning("stored dataset spec %s is not readable (%s): serving its evaluated corpus", raw, exc)
+            continue
         out.setdefault(ds.label, ds)
     return out
 

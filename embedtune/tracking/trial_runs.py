@@ -110,7 +110,8 @@ class TrialRuns:
         params = {k: v for k, v in config.items() if not isinstance(v, dict | list)}
         mlc.log_params(self.tracking_uri, run_id, params)
         label = str(config.get("dataset"))
-        log_data_inputs(self.tracking_uri, run_id, label, self.lineage.get(label))
+        lineage = getattr(self, "lineage", {})  # a callback pickled by an older embedtune has none
+        log_data_inputs(self.tracking_uri, run_id, label, lineage.get(label))
         self.logged_epochs[trial_id] = self._steps(run_id)
         base = self.base_metrics.get(ModelData(str(config.get("model")), str(config.get("dataset"))), {})
         if base and 0 not in self._steps(run_id, next(iter(base))):
