@@ -66,6 +66,23 @@ def test_trial_runs_log_their_train_and_eval_data_once(tmp_path):
     assert lineage["qa"]["format"] == "hf" and lineage["qa"]["source"] == "org/qa"
 
 
+# ---------------------------------------------------------------- the whole corpus
+
+
+def test_the_whole_corpus_keeps_the_eval_ids_and_adds_every_other_answer():
+    from embedtune.data import load_pairs, prepare
+    from embedtune.serve import whole_corpus
+
+    spec = DataSpec(source="medquad-sample", name="medquad", max_pairs=120, eval_size=20)
+    data = prepare(spec)
+    whole = whole_corpus(data, spec)
+    assert {k: whole[k] for k in data.corpus} == data.corpus  # eval relevance still points right
+    everything = {a for _, a in load_pairs(spec.model_copy(update={"max_pairs": None}))[0]}
+    assert set(whole.values()) == everything | set(data.corpus.values())
+    assert len(whole) == len(set(whole.values())) > len(data.corpus)
+    assert whole_corpus(data, None) == data.corpus
+
+
 # ---------------------------------------------------------------- the embedding function
 
 

@@ -43,7 +43,7 @@ def data_specs(rundir: RunDir) -> dict[str, DataSpec]:
     return out
 
 
-def recommended(final, dataset: str) -> dict[str, Any] | None:
+def recommended(final: Any, dataset: str) -> dict[str, Any] | None:
     """The leaderboard row of the model to serve for `dataset`: its winner when the verdict is to
     fine-tune, else the best base model's row (vector search, no reranker, when there is one)."""
     winner = final.dataset_winners.get(dataset)
@@ -62,7 +62,7 @@ def recommended(final, dataset: str) -> dict[str, Any] | None:
     return rows.sort_values([metric, "model"], ascending=[False, True], kind="stable").iloc[0].to_dict()
 
 
-def vector_row(final, dataset: str, model: str) -> dict[str, Any] | None:
+def vector_row(final: Any, dataset: str, model: str) -> dict[str, Any] | None:
     """The leaderboard's (model, vector, no reranker) row on `dataset`: what the table reproduces."""
     board = final.leaderboard
     if board is None or board.empty:
@@ -84,7 +84,16 @@ def _number(value: Any) -> float | None:
     return out if out == out else None
 
 
-def _registered(final, row, spec, tracking_uri, parent, name, report_uri, data) -> dict[str, Any]:
+def _registered(
+    final: Any,
+    row: dict[str, Any],
+    spec: FinalSpec,
+    tracking_uri: str,
+    parent: str,
+    name: str,
+    report_uri: str,
+    data: PreparedData,
+) -> dict[str, Any]:
     """The registered version of a dataset's tuned winner (the run's champion's, or a new one), tagged."""
     reg = final.registered
     if not (
@@ -115,7 +124,7 @@ def _registered(final, row, spec, tracking_uri, parent, name, report_uri, data) 
 
 def serve_datasets(
     rundir: RunDir,
-    final,
+    final: Any,  # final.stage.FinalResult (stage imports this module)
     datasets: dict[str, PreparedData],
     spec: FinalSpec,
     tracking_uri: str | None,
