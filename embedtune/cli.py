@@ -126,7 +126,7 @@ def _show(renderable) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.rundir import REPORT, SPEC, STATE, RunDir
-    from embedtune.specs import SweepSpec, load_spec
+    from embedtune.specs import load_spec
     from embedtune.specs.load import with_overrides
     from embedtune.sweep import default_run_dir, run_sweep
     from embedtune.sweep.results import results_table
@@ -167,6 +167,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         # on the driver's machine, e.g. a cluster head), else the run dir's own file.
         report = rundir.uri(REPORT, "leaderboard.md") if rundir.remote else final.files.get("leaderboard_md")
         print(f"[embedtune] report: {report} (and leaderboard.html, plots/)")
+        for ds in sorted(final.served):
+            print(f"[embedtune] search it: embedtune search {result.location} 'a question' --dataset {ds}")
     tracking = redact(result.tracking_uri)
     if tracking.startswith(("http://", "https://")):
         run_url = f"{tracking.rstrip('/')}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}"
@@ -242,6 +244,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
     for ds, v in result.verdicts.items():
         print(f"[embedtune] should you fine-tune on {ds}? {v['verdict']}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from embedtune.serve import open_served, search, table_meta
+
+    tbl = open_served(args.location, args.dataset)
+    hits = search(tbl, args.question, args.k, args.hybrid)
+    if args.json:
+        print(json.dumps({"table": tbl.name, "model": table_meta(tbl).get("model"), "hits": hits}, indent=2))
+        return 0
+    print(
+        f"[embedtune] {tbl.name} ({table_meta(tbl).get('model')}), {'hybrid' if args.hybrid else 'vector'} search:"
+    )
+    for h in hits:
+        text = " ".join(h["text"].split())
+        print(f"{h['rank']:>3}  {h['score']:.4f}  {h['id']}  {text[:160]}{'...' if len(text) > 160 else ''}")
     return 0
 
 
@@ -333,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a sweep run directory or an `embedtune evaluate` --out directory")
     p.add_argument("--metric", choices=LEADERBOARD_METRICS, help="leaderboard metric (default: as built)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("search", help="search a run's served table by text with its recommended model")
+    p.add_argument(
+        "location", help="a sweep run directory, its LanceDB URI, or <lancedb>/serve (local or s3://)"
+    )
+    p.add_argument("question", help="the text to search for")
+    p.add_argument("--dataset", help="which dataset's table (default: the only one)")
+    p.add_argument("-k", type=int, default=5, help="answers to return (default: 5)")
+    p.add_argument("--hybrid", action="store_true", help="vector + full-text, fused (default: vector)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.set_defaults(func=_cmd_search)
     return parser
 
 

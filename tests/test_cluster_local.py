@@ -415,7 +415,42 @@ def test_worker_nodes_carry_no_mlflow_login_and_the_driver_user_writes_only_its_
     assert password not in done.stdout + done.stderr
 
 
-def test_job_runs_the_shipped_spec_on_autoscaled_gpu_workers(cluster: Cluster) -> None:
+def _check_served(c: Cluster, sweep: str, tmp_path: Path) -> None:
+    """The served table is on S3 and searched by text from a process that has only the S3 keys and
+    the MLflow login (and an empty EMBEDTUNE_HOME: a registry model is downloaded through the
+    tracking server): restricted to the evaluated corpus, its vector hit@10 over the held-out
+    questions is the leaderboard's (final.encode_backend: torch, the same encoder)."""
+    import io
+
+    import pandas as pd
+    from test_serve import fresh_search, hits_at_10
+
+    data = json.loads(c.read(f"sweeps/{sweep}/data/medquad.json"))
+    env = {k: v for k, v in c.env.items() if k.startswith(("AWS_", "MLFLOW_"))}
+    home = tmp_path / "laptop"
+    home.mkdir()
+    env |= {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": str(home), "EMBEDTUNE_HOME": str(home / "et"),
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost"}  # fmt: skip
+    qids = list(data["queries"])
+    got = fresh_search(f"s3://embedtune/sweeps/{sweep}/lancedb/serve", "medquad",
+                       [data["queries"][q] for q in qids], tmp_path, env=env, only_ids=list(data["corpus"]))  # fmt: skip
+    meta, (fn,) = got["meta"], got["functions"]
+    assert got["rows"] > len(data["corpus"])  # the whole corpus, not only the evaluated one
+    assert (
+        meta["embedtune.data_fingerprint"] == data["fingerprint"]
+        and fn["model"]["model"] == meta["embedtune.model"]
+    )
+    if meta["embedtune.kind"] == "tuned":  # a registered version, fetched through the tracking server
+        assert fn["model"]["model"].startswith("models:/embedtune-cluster-local/")
+        assert list((home / "et" / "served").glob("*/model/modules.json"))
+    board = pd.read_csv(io.BytesIO(c.read(f"sweeps/{sweep}/report/results.csv")))
+    row = board[(board["model"] == meta["embedtune.model_label"]) & (board["query_type"] == "vector")
+                & (board["reranker"] == "none")].iloc[0]  # fmt: skip
+    hits = hits_at_10(got["ranked"], [data["relevant"][q] for q in qids])
+    assert sum(hits) == round(row["hit_at_10"] * len(qids))  # the same count of questions answered
+
+
+def test_job_runs_the_shipped_spec_on_autoscaled_gpu_workers(cluster: Cluster, tmp_path: Path) -> None:
     """The README's line, as a cluster user types it, from the repository root, logged in to MLflow
     as the driver's own user (what `env` prints), not the admin."""
     import psutil
@@ -446,6 +481,7 @@ def test_job_runs_the_shipped_spec_on_autoscaled_gpu_workers(cluster: Cluster) -
     exp = cluster.sql("SELECT experiment_id FROM experiments WHERE name = 'embedtune-cluster-local'")[0][0]
     assert cluster.permission(DRIVER_USER, "experiment", str(exp)) == "MANAGE"
     assert cluster.permission(DRIVER_USER, "registered_model", "embedtune-cluster-local") == "MANAGE"
+    _check_served(cluster, "cluster-local", tmp_path)
     # every server of the cluster listens on loopback only
     ours = _cluster_pids(cluster)
     listening = [c for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in ours]

@@ -134,6 +134,13 @@ def finished_sweep(grid_sweep) -> FinishedSweep:
         if r.data.tags.get("embedtune.kind") == "trial"
     ]
     assert len(parents) == 1 and len(trials) == 4, [r.info.run_name for r in runs]
+    # Every trial run records its data as MLflow dataset inputs: digest = the data fingerprint.
+    fingerprint = json.loads((grid_sweep.run_dir / "data" / "medquad.json").read_text())["fingerprint"]
+    for r in runs:
+        if r.data.tags.get("embedtune.kind") == "trial":
+            inputs = client.get_run(r.info.run_id).inputs.dataset_inputs
+            got = {(i.dataset.name, i.dataset.digest) for i in inputs}
+            assert got == {("medquad/train", fingerprint), ("medquad/eval", fingerprint)}, got
     assert all(r.info.status == "FINISHED" for r in runs)
     return FinishedSweep(
         db,
@@ -258,6 +265,12 @@ def test_mlflow_ui_shows_sweep_runs_and_epoch_chart(
         expect(card.locator(".js-plotly-plot")).to_be_visible()
         expect(card.locator(".js-plotly-plot g.trace.scatter path.point")).to_have_count(longest.epochs + 1)
         page.screenshot(path=out / "mlflow-ui-metric.png")
+
+        # Its overview: the data it trained and was evaluated on (mlflow.log_input records).
+        page.goto(f"{mlflow_ui}/#/experiments/{sweep.experiment_id}/runs/{longest.run_id}")
+        for name in ("medquad/train", "medquad/eval"):
+            expect(page.get_by_text(name).first).to_be_visible()
+        page.screenshot(path=out / "mlflow-ui-datasets.png")
 
         # The egress gate is live: a request to another host is recorded and aborted (it could not
         # leave anyway: the name resolves nowhere).

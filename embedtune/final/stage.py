@@ -24,6 +24,7 @@ from embedtune.final.cross_encoder_train import train_reranker
 from embedtune.final.harm import do_no_harm
 from embedtune.final.pick import epoch_entries, pick_models
 from embedtune.final.registry import log_report, register_winner, standalone_run
+from embedtune.final.serve import serve_datasets
 from embedtune.models import resolve_model
 from embedtune.records import HarmCheck, ModelEntry, TrialRecord
 from embedtune.report import dataset_sources
@@ -47,6 +48,9 @@ class FinalResult:
     cross_encoders: dict[str, str] = field(default_factory=dict)
     verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset, see report.verdict
     dataset_winners: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: its best row
+    leaderboard: Any = None  # the report's leaderboard frame
+    metric: str = DEFAULT_SWEEP_METRIC  # the leaderboard metric
+    served: dict[str, Any] = field(default_factory=dict)  # per dataset: its served table (final.serve)
 
 
 def cross_encoders(
@@ -210,6 +214,8 @@ def evaluate_and_report(
         cross_encoders=cross,
         verdicts=report.verdicts,
         dataset_winners=report.dataset_winners,
+        leaderboard=report.leaderboard,
+        metric=report.metric,
     )
     if tracking_uri:
         parent = mlflow_parent_run_id or standalone_run(tracking_uri, rundir.path, rundir.path.name)
@@ -254,7 +260,7 @@ def run_final_stage(
     entries = pick_models(trials, base_models, spec.top_k, spec.metric, spec.mode, datasets=list(datasets))
     entries = {k: v for k, v in entries.items() if k in datasets}
     extra = epoch_entries(trials, entries, spec.metric, spec.mode) if spec.epoch_compare else None
-    return evaluate_and_report(
+    final = evaluate_and_report(
         rundir,
         entries,
         datasets,
@@ -267,3 +273,8 @@ def run_final_stage(
         sweep_name,
         sweep_metric,
     )
+    if spec.serve:
+        final.served = serve_datasets(
+            rundir, final, datasets, spec, tracking_uri, mlflow_parent_run_id, sweep_name
+        )
+    return final

@@ -89,6 +89,11 @@ class FinalSpec(Strict):
     registry: bool = Field(True, description="register the winner in the MLflow model registry")
     register_name: str | None = Field(None, description="None: embedtune-<sweep name>")
     alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
+    serve: bool = Field(
+        True,
+        description="after the report, write each dataset's served table (<lancedb_uri>/serve/<dataset>): "
+        "its whole corpus embedded with the recommended model, searchable by text (embedtune search)",
+    )
     probe_size: int = Field(200, ge=0, description="questions sampled for the 'should you fine-tune?' probe")
     ood: list[DataSpec] = Field(
         default_factory=list,

@@ -19,6 +19,7 @@ from embedtune.sweep.inputs import Inputs
 from embedtune.tracking import client as mlc
 from embedtune.tracking.callback import MlflowTrialCallback, replay_journal
 from embedtune.tracking.journal import Journal
+from embedtune.tracking.lineage import data_lineage
 from embedtune.tracking.trial_runs import TrialRuns
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def open_tracking(
         "epoch_metric": spec.scheduler.metric,
         "log_models": spec.mlflow.log_models,
         "hasher": inputs.hasher,
+        "lineage": data_lineage(spec.datasets, {k: v.fingerprint for k, v in inputs.datasets.items()}),
     }
     tracking = Tracking(tracking_uri, experiment_id, parent, runs_args, Journal(rundir))
     # Records an earlier run kept while the tracking server was away go in first.

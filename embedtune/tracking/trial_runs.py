@@ -18,6 +18,7 @@ from embedtune import storage
 from embedtune.models import model_label
 from embedtune.records import ModelData
 from embedtune.tracking import client as mlc
+from embedtune.tracking.lineage import log_data_inputs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class TrialRuns:
         epoch_metric: str,
         log_models: bool = True,
         hasher=None,
+        lineage: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -44,6 +46,7 @@ class TrialRuns:
         self.epoch_metric = epoch_metric
         self.log_models = log_models
         self.hasher = hasher
+        self.lineage = lineage or {}  # dataset label -> its data inputs (tracking.lineage)
         self.run_ids: dict[str, str] = {}
         self.logged_epochs: dict[str, set[int]] = {}
         self.unsure: set[str] = set()  # trials whose last write failed: ask the server what it has
@@ -111,6 +114,9 @@ class TrialRuns:
         # whatever it lacks is written now (params not there yet, step 0 when not logged).
         params = {k: v for k, v in config.items() if not isinstance(v, dict | list)}
         mlc.log_params(self.tracking_uri, run_id, params)
+        label = str(config.get("dataset"))
+        lineage = getattr(self, "lineage", {})  # a callback pickled by an older embedtune has none
+        log_data_inputs(self.tracking_uri, run_id, label, lineage.get(label))
         self.logged_epochs[trial_id] = self._steps(run_id)
         base = self.base_metrics.get(ModelData(str(config.get("model")), str(config.get("dataset"))), {})
         if base and 0 not in self._steps(run_id, next(iter(base))):
