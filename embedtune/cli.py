@@ -59,8 +59,9 @@ def _validated(model_cls, **values):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from embedtune.data import prepare
-    from embedtune.models import resolve_model
+    from embedtune.models import check_max_seq_length, resolve_model
     from embedtune.negatives import mine
+    from embedtune.rundir import check_train_overwrite
     from embedtune.specs import MiningSpec, TrainConfig
     from embedtune.train import train
 
@@ -78,9 +79,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EmbedtuneError(f"--out {out} is a file, not a directory; pick a new directory")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise EmbedtuneError(f"--out {out} exists and is not empty; pick a new directory or pass --overwrite")
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise EmbedtuneError(
+                f"--out {out} exists and is not empty; pick a new directory or pass --overwrite"
+            )
+        check_train_overwrite(out)  # the guard --fresh has: only what `embedtune train` wrote
     resolve_model(config.model)  # fail on an unknown model before loading any data
+    check_max_seq_length(config.model, config.max_seq_length, "--max-seq-length")
     if args.miner and not args.no_hard_negatives:
         resolve_model(args.miner)
     spec = _data_spec(args)
@@ -118,17 +124,28 @@ def _service_flags(args: argparse.Namespace) -> dict[str, str | None]:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.rundir import SPEC, STATE, RunDir
-    from embedtune.specs import SweepSpec, load_spec
+    from embedtune.specs import load_spec, parse_spec
     from embedtune.specs.load import with_overrides
     from embedtune.sweep import default_run_dir, run_sweep
     from embedtune.tracking.client import redact
 
     if args.resume:
+        if args.fresh:  # one continues the sweep in RUN_DIR, the other deletes it: never guess which
+            raise EmbedtuneError(
+                "--resume and --fresh contradict each other: --resume RUN_DIR continues the sweep stored "
+                "there, --fresh deletes it; pass one (to start over: embedtune sweep SPEC --run-dir RUN_DIR --fresh)"
+            )
         rundir = RunDir(args.resume)
         raw = rundir.read_json(SPEC)
         if not rundir.has(STATE) or not raw:
             raise EmbedtuneError(f"--resume {args.resume}: not a sweep run directory (no {STATE} / {SPEC})")
-        spec = with_overrides(SweepSpec.model_validate(raw), **_service_flags(args))
+        try:  # an older or edited spec.json: one line naming the file and the key, not a traceback
+            stored = parse_spec(raw, rundir.uri(SPEC))
+        except EmbedtuneError as exc:
+            raise EmbedtuneError(
+                f"--resume: {exc}; fix that key in the file, or run the sweep's YAML with --run-dir {args.resume}"
+            ) from None
+        spec = with_overrides(stored, **_service_flags(args))
         resume: bool | None = True
     else:
         if not args.spec:

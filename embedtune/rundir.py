@@ -40,6 +40,7 @@ from embedtune.errors import EmbedtuneError
 log = logging.getLogger(__name__)
 
 MARKER = ".embedtune-run"
+TRAIN_MARKER = ".embedtune-train"  # in what `embedtune train --out` wrote: `--overwrite` may replace it
 SPEC = "spec.json"
 STATE = "sweep_state.json"
 TRIALS = "trials.json"
@@ -52,9 +53,11 @@ LEASE = "lock.json"  # remote run dirs: a lease refreshed while the sweep runs
 LEASE_TTL_S = 30.0
 
 
-def protected_path(path: Path) -> None:
+def protected_path(
+    path: Path, flag: str = "--fresh", instead: str = "the --run-dir of a sweep (e.g. runs/<name>)"
+) -> None:
     """Refuse to delete `path` when it is `/`, $HOME, the checkout embedtune runs from or the
-    working directory, or a parent of one of them (EmbedtuneError naming which)."""
+    working directory, or a parent of one of them (EmbedtuneError naming `flag` and which)."""
     import embedtune
 
     target = Path(path).resolve()
@@ -67,10 +70,22 @@ def protected_path(path: Path) -> None:
     for what, where in keep.items():
         if target == where or target in where.parents:
             raise EmbedtuneError(
-                f"--fresh: refusing to delete {target}: it is {what}"
+                f"{flag}: refusing to delete {target}: it is {what}"
                 + ("" if target == where else f" or holds it ({where})")
-                + "; pass the --run-dir of a sweep (e.g. runs/<name>)"
+                + f"; pass {instead}"
             )
+
+
+def check_train_overwrite(out: Path) -> None:
+    """`embedtune train --out OUT --overwrite` replaces OUT whole: only a folder an earlier `embedtune
+    train` wrote (it holds TRAIN_MARKER), never `/`, $HOME, the checkout, the working directory or a
+    parent of one (`--out ..`, `--out ~/projects` must not delete a user's files)."""
+    protected_path(out, "--overwrite", "a new --out folder")
+    if not (Path(out) / TRAIN_MARKER).exists():
+        raise EmbedtuneError(
+            f"--overwrite: {Path(out).resolve()} was not written by `embedtune train` (no {TRAIN_MARKER} in "
+            "it), so it is not deleted; pick a new --out folder, or remove this one yourself"
+        )
 
 
 def _remote_children(location: str) -> list[str]:
