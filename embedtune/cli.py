@@ -60,8 +60,9 @@ def _validated(model_cls, **values):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from embedtune.data import prepare
-    from embedtune.models import resolve_model
+    from embedtune.models import check_max_seq_length, resolve_model
     from embedtune.negatives import mine
+    from embedtune.rundir import check_train_overwrite
     from embedtune.specs import MiningSpec, TrainConfig
     from embedtune.train import train
 
@@ -79,9 +80,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EmbedtuneError(f"--out {out} is a file, not a directory; pick a new directory")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise EmbedtuneError(f"--out {out} exists and is not empty; pick a new directory or pass --overwrite")
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise EmbedtuneError(
+                f"--out {out} exists and is not empty; pick a new directory or pass --overwrite"
+            )
+        check_train_overwrite(out)  # the guard --fresh has: only what `embedtune train` wrote
     resolve_model(config.model)  # fail on an unknown model before loading any data
+    check_max_seq_length(config.model, config.max_seq_length, "--max-seq-length")
     if args.miner and not args.no_hard_negatives:
         resolve_model(args.miner)
     spec = _data_spec(args)
@@ -133,8 +139,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.tracking.client import redact
 
     if args.resume:
+        if args.fresh:  # one continues the sweep in RUN_DIR, the other deletes it: never guess which
+            raise EmbedtuneError(
+                "--resume and --fresh contradict each other: --resume RUN_DIR continues the sweep stored "
+                "there, --fresh deletes it; pass one (to start over: embedtune sweep SPEC --run-dir RUN_DIR --fresh)"
+            )
         rundir = RunDir(args.resume)
-        stored = rundir.spec()
+        try:  # an older or edited spec.json: one line naming the file and the key, not a traceback
+            stored = rundir.spec()
+        except EmbedtuneError as exc:
+            raise EmbedtuneError(
+                f"--resume: {exc}; fix that key in the file, or run the sweep's YAML with --run-dir {args.resume}"
+            ) from None
         if not rundir.has(STATE) or stored is None:
             raise EmbedtuneError(f"--resume {args.resume}: not a sweep run directory (no {STATE} / {SPEC})")
         spec = with_overrides(stored, **_service_flags(args))

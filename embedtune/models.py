@@ -27,6 +27,7 @@ from pathlib import Path
 from embedtune import env
 from embedtune.cache import build_once
 from embedtune.errors import EmbedtuneError
+from embedtune.specs.base import model_label  # noqa: F401  (re-exported: one definition, in specs)
 
 log = logging.getLogger(__name__)
 
@@ -253,12 +254,6 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def model_label(ref: str) -> str:
-    """A short, filesystem-safe label for a model reference (for run names and table rows)."""
-    name = packaged_name(ref) or Path(ref.rstrip("/")).name or ref
-    return re.sub(r"[^\w.-]+", "_", name)
-
-
 # ---------------------------------------------------------------- local model folders
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".pth")
@@ -318,6 +313,42 @@ def load_model(model_path: str | Path, device: str | None = None):
         raise EmbedtuneError(
             f"model {model_path} failed to load as a sentence-transformers model: {type(exc).__name__}: {first}"
         ) from exc
+
+
+# Model types whose position ids start after the padding index: 2 positions fewer than configured.
+_OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "mpnet": 2, "camembert": 2, "longformer": 2}
+
+
+def position_limit(model_dir: Path) -> int | None:
+    """The most tokens the model's transformer can take (its config's max_position_embeddings, less
+    the padding offset of RoBERTa-like models); None when the folder does not say."""
+    root = Path(model_dir)
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        sub = next((m.get("path", "") for m in modules if m.get("type", "").endswith(".Transformer")), "")
+    except (OSError, ValueError, AttributeError):
+        sub = ""
+    try:
+        config = json.loads((root / sub / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    return limit - _OFFSET_POSITIONS.get(str(config.get("model_type", "")), 0)
+
+
+def check_max_seq_length(ref: str, value: int | None, key: str = "max_seq_length") -> None:
+    """Refuse, in one line naming the model, its limit and the value, a truncation length the model
+    cannot take (it would fail inside training with an index error, hours in)."""
+    if not value:
+        return
+    limit = position_limit(resolve_model(ref))
+    if limit is not None and value > limit:
+        raise EmbedtuneError(
+            f"{key}: {value} is above the position limit of model {ref!r} ({limit} tokens, from its "
+            f"max_position_embeddings): set {key} to {limit} or less"
+        )
 
 
 def truncate(model, max_seq_length: int | None) -> None:

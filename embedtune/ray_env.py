@@ -15,7 +15,9 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +88,50 @@ def _keep_loopback(address: str) -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """`ray.init` replaces the driver's SIGTERM handler twice: with its own Python one
+    (`sys.exit(15)`, no cleanup of ours) and with the C++ failure-signal handler of its core worker
+    (which prints `*** SIGTERM received ... PC: @` stack lines). The CLI's handler (SIGTERM treated
+    as Ctrl-C, so the sweep saves its state, closes its MLflow runs and frees its lock) is put back
+    after it; re-registering through `signal.signal` replaces the C++ one too."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def _ray_processes_in_own_group() -> Iterator[None]:
+    """Start the local Ray's processes (GCS, raylet, and through it the trial workers) in a process
+    group of their own. `timeout`, CI runners and terminals signal the driver's whole group: a SIGTERM
+    would otherwise kill the GCS under the driver, whose core worker then aborts the process a minute
+    later, before it has saved Tune's state, closed its MLflow runs or freed the run dir. The driver
+    stops them itself on the way out, and the kernel still ends them when it dies (Ray's
+    PR_SET_PDEATHSIG fate sharing). What Ray does on Windows, done here only where that fate sharing
+    exists."""
+    from ray._private import services, utils
+
+    if not utils.detect_fate_sharing_support():
+        yield
+        return
+    saved = services.ConsolePopen
+
+    class _OwnGroup(saved):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs.setdefault("process_group", 0)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = _OwnGroup
+    try:
+        yield
+    finally:
+        services.ConsolePopen = saved
+
+
 def init(
     address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None, **kwargs
 ) -> bool:
@@ -97,7 +143,7 @@ def init(
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        with _keep_loopback(address):
+        with _keep_loopback(address), _keep_sigterm_handler():
             ray.init(address=address, log_to_driver=True, **kwargs)
         return False
     remove_stale_dirs()
@@ -111,7 +157,7 @@ def init(
     _owned_dirs.extend([home, temp_dir])
     for made in (home, temp_dir):
         _mark_owned(made)
-    with patched_environ({"HOME": str(home)}):
+    with patched_environ({"HOME": str(home)}), _keep_sigterm_handler(), _ray_processes_in_own_group():
         ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,

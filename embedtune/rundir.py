@@ -40,10 +40,12 @@ from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
 from embedtune.records import TrialRecord, dump_trials, load_trials
 from embedtune.specs import SweepSpec
+from embedtune.specs.load import validation_error_line
 
 log = logging.getLogger(__name__)
 
 MARKER = ".embedtune-run"
+TRAIN_MARKER = ".embedtune-train"  # in what `embedtune train --out` wrote: `--overwrite` may replace it
 SPEC = "spec.json"
 STATE = "sweep_state.json"
 TRIALS = "trials.json"
@@ -56,9 +58,11 @@ LEASE = "lock.json"  # remote run dirs: a lease refreshed while the sweep runs
 LEASE_TTL_S = lease.TTL_S
 
 
-def protected_path(path: Path) -> None:
+def protected_path(
+    path: Path, flag: str = "--fresh", instead: str = "the --run-dir of a sweep (e.g. runs/<name>)"
+) -> None:
     """Refuse to delete `path` when it is `/`, $HOME, the checkout embedtune runs from or the
-    working directory, or a parent of one of them (EmbedtuneError naming which)."""
+    working directory, or a parent of one of them (EmbedtuneError naming `flag` and which)."""
     import embedtune
 
     target = Path(path).resolve()
@@ -71,10 +75,22 @@ def protected_path(path: Path) -> None:
     for what, where in keep.items():
         if target == where or target in where.parents:
             raise EmbedtuneError(
-                f"--fresh: refusing to delete {target}: it is {what}"
+                f"{flag}: refusing to delete {target}: it is {what}"
                 + ("" if target == where else f" or holds it ({where})")
-                + "; pass the --run-dir of a sweep (e.g. runs/<name>)"
+                + f"; pass {instead}"
             )
+
+
+def check_train_overwrite(out: Path) -> None:
+    """`embedtune train --out OUT --overwrite` replaces OUT whole: only a folder an earlier `embedtune
+    train` wrote (it holds TRAIN_MARKER), never `/`, $HOME, the checkout, the working directory or a
+    parent of one (`--out ..`, `--out ~/projects` must not delete a user's files)."""
+    protected_path(out, "--overwrite", "a new --out folder")
+    if not (Path(out) / TRAIN_MARKER).exists():
+        raise EmbedtuneError(
+            f"--overwrite: {Path(out).resolve()} was not written by `embedtune train` (no {TRAIN_MARKER} in "
+            "it), so it is not deleted; pick a new --out folder, or remove this one yourself"
+        )
 
 
 def _remote_children(location: str) -> list[str]:
@@ -240,12 +256,7 @@ class RunDir:
         try:
             return SweepSpec.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first["loc"]) or "spec"
-            raise EmbedtuneError(
-                f"{self.uri(SPEC)} is not a valid sweep spec ({where}: {first['msg']}); "
-                "use another --run-dir or --fresh"
-            ) from None
+            raise EmbedtuneError(validation_error_line(self.uri(SPEC), exc)) from None
 
     def save_spec(self, spec: SweepSpec) -> None:
         self.write_json(SPEC, spec.model_dump(mode="json"))

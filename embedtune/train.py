@@ -25,6 +25,7 @@ from embedtune.errors import EmbedtuneError
 from embedtune.memory import PeakMemory
 from embedtune.negatives import Triplets
 from embedtune.records import EpochPoint, best_point
+from embedtune.rundir import TRAIN_MARKER
 from embedtune.specs import TrainConfig
 from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC, IR_K
 
@@ -261,6 +262,7 @@ def _save(model, out_dir: Path, result: TrainResult) -> None:
     try:
         model.save(str(staging))
         (staging / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+        (staging / TRAIN_MARKER).write_text("written by embedtune train\n")  # --overwrite may replace it
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

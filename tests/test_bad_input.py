@@ -78,6 +78,15 @@ def _case(name: str, d: Path) -> tuple[str | dict, str]:
             "final": {"eval": {"ks": [1, 100]}},
         }
         return spec, "final.eval.ks: k=100 is larger than the corpus of d (40 documents)"
+    if name == "max_seq_length above the model's limit":
+        return {**GOOD, "train": {"max_seq_length": 600}}, (
+            "train.max_seq_length: 600 is above the position limit of model 'paraphrase-MiniLM-L3-v2' "
+            "(512 tokens, from its max_position_embeddings): set train.max_seq_length to 512 or less"
+        )
+    if name == "one model in two spellings":
+        return {**GOOD, "models": ["all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"]}, (
+            "models.0 'all-MiniLM-L6-v2' and models.1 'sentence-transformers/all-MiniLM-L6-v2' both get the label"
+        )
     if name == "dataset name leaving the run dir":
         return _with_data(source="medquad-sample", name="../../x"), "datasets.0: Value error, name '../../x'"
     raise KeyError(name)
@@ -99,6 +108,8 @@ KINDS = [
     "resources beyond the cluster",
     "k larger than the corpus",
     "dataset name leaving the run dir",
+    "max_seq_length above the model's limit",
+    "one model in two spellings",
 ]
 
 

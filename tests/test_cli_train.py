@@ -83,6 +83,10 @@ def bad_inputs(tmp_path_factory) -> dict[str, tuple[list[str], str]]:
         "unknown miner": (["--data", "medquad-sample", "--miner", "MiniLM"], "unknown model 'MiniLM'"),
         "non-UTF-8 data": (["--data", str(d / "latin1.csv")], "not UTF-8"),
         "unreadable data": (["--data", str(d / "garbage.parquet")], "cannot read"),
+        "max seq length above the model's limit": (
+            ["--data", "medquad-sample", "--max-seq-length", "1024"],
+            "--max-seq-length: 1024 is above the position limit of model 'all-MiniLM-L6-v2' (512 tokens",
+        ),
         "epochs < 1": (["--data", "medquad-sample", "--epochs", "0"], "--epochs"),
         "batch size < 2": (["--data", "medquad-sample", "--batch-size", "1"], "--batch-size"),
         "bad eval size": (["--data", "medquad-sample", "--eval-size", "0"], "eval_size"),
@@ -110,6 +114,7 @@ BAD = [
     "unknown miner",
     "non-UTF-8 data",
     "unreadable data",
+    "max seq length above the model's limit",
     "epochs < 1",
     "batch size < 2",
     "bad eval size",
@@ -158,6 +163,53 @@ def test_out_must_be_new_or_empty(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"embedtune: error: --out {a_file} is a file, not a directory; pick a new directory"
     ]
+
+
+@pytest.mark.parametrize("where", ["user-folder", "dot-dot", "home", "checkout"])
+def test_overwrite_replaces_only_what_train_wrote(where, tmp_path, monkeypatch, capsys):
+    """`--out X --overwrite` deletes X before writing the model: refused, in one line and before any
+    data work, for a folder `embedtune train` did not write (no marker) and, marker or not, for
+    `/`, $HOME, the checkout, the working directory and their parents (`--out ..`)."""
+    from embedtune.cli import main
+    from embedtune.rundir import TRAIN_MARKER
+
+    home = tmp_path / "home" / "me"
+    projects = home / "projects"
+    (projects / "thesis").mkdir(parents=True)
+    (projects / "thesis" / "draft.tex").write_text("years of work")
+    monkeypatch.setenv("HOME", str(home))
+    work = projects / "work"
+    work.mkdir()
+    monkeypatch.chdir(work if where == "dot-dot" else tmp_path)
+    target, said = {
+        "user-folder": (projects, f"no {TRAIN_MARKER} in it"),
+        "dot-dot": (Path(".."), "it is the working directory or holds it"),
+        "home": (home, "it is $HOME"),
+        "checkout": (Path(__file__).resolve().parent.parent, "it is the embedtune checkout"),
+    }[where]
+    if where in ("dot-dot", "home"):  # even a folder marked as train output is kept when it is one of these
+        (target / TRAIN_MARKER).write_text("planted")
+    assert main(["train", "--data", "medquad-sample", "--out", str(target), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("embedtune: error: --overwrite: ") and said in err[0], err
+    assert (projects / "thesis" / "draft.tex").read_text() == "years of work" and Path(__file__).exists()
+
+
+def test_overwrite_passes_a_folder_train_wrote(tmp_path, capsys):
+    """The guard lets through what `embedtune train` wrote (the next check, an unknown model, stops
+    this run before anything is deleted or trained)."""
+    from embedtune.cli import main
+    from embedtune.rundir import TRAIN_MARKER
+
+    earlier = tmp_path / "tuned"
+    earlier.mkdir()
+    (earlier / TRAIN_MARKER).write_text("written by embedtune train")
+    (earlier / "metrics.json").write_text("{}")
+    args = ["train", "--model", "no-such-model-xyz", "--data", "medquad-sample", "--out", str(earlier)]
+    assert main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" not in err and "no-such-model-xyz" in err, err
+    assert (earlier / "metrics.json").read_text() == "{}"
 
 
 def test_usage_errors_exit_2():

@@ -75,7 +75,8 @@ def test_wrong_password_stops_the_sweep_in_seconds_before_any_data_work(
 def test_right_password_passes_the_check(auth_server, monkeypatch) -> None:
     _login(monkeypatch, *ADMIN)
     mlc.check_access(auth_server.uri)  # no error
-    assert mlc.client(auth_server.uri).search_experiments(max_results=1) is not None
+    names = [e.name for e in mlc.client(auth_server.uri).search_experiments()]
+    assert "Default" in names  # the authenticated client reads the server's experiments
     _login(monkeypatch, ADMIN[0], "wrong")
     with pytest.raises(EmbedtuneError, match="refused the credentials"):
         mlc.check_access(auth_server.uri)

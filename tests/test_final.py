@@ -209,8 +209,17 @@ def test_final_stage_registers_the_winner(tmp_path, small_data):
     md = (run_dir / "report" / "leaderboard.md").read_text()
     assert "Should you fine-tune?" in md and "**Verdict:**" in md
     probe = json.loads((run_dir / "report" / "probe.json").read_text())
+    # one probe, of the base model (not the tuned checkpoint) on this data, at probe_size questions
+    assert list(probe) == [f"{small_data.label}|paraphrase-MiniLM-L3-v2|{small_data.fingerprint}|40|gap"]
     (entry,) = probe.values()
-    assert 0 < entry["eval_to_train_sim"] <= 1 and 0 <= entry["train_hit_at_10"] <= 1
+    assert entry["model_path"] == str(resolve_model("paraphrase-MiniLM-L3-v2"))
+    assert entry["n_eval"] == 40 and entry["n_train"] == 40
+    # hit@10 is a share of those questions, and the gap is train minus eval
+    for side in ("train", "eval"):
+        hits = entry[f"{side}_hit_at_10"] * entry[f"n_{side}"]
+        assert hits == pytest.approx(round(hits)), (side, entry)
+    assert entry["gap"] == pytest.approx(entry["train_hit_at_10"] - entry["eval_hit_at_10"])
+    assert entry["gap_lo"] <= entry["gap"] <= entry["gap_hi"]
     # every pass after training ran on final.encode_backend (auto: openvino on this CPU), with its cost
     import pandas as pd
 

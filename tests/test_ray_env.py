@@ -1,4 +1,5 @@
-"""ray_env: Ray started or joined on loopback only, with a private HOME (no Ray process needed)."""
+"""ray_env: Ray started or joined on loopback only, with a private HOME (no Ray process needed, but
+for the one test that starts a local Ray to check its signal handling)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,31 @@ def test_stale_dirs_of_dead_owners_are_removed_live_and_foreign_ones_kept(tmp_pa
     # foreign: no owner mark (another tool's, or a user's): never touched
     assert ray_env.remove_stale_dirs((tmp_path,)) == [stale]
     assert not stale.exists() and live.exists() and foreign.exists()
+
+
+@pytest.mark.slow
+def test_a_local_ray_leaves_the_drivers_sigterm_handler_and_runs_in_its_own_process_groups() -> None:
+    """`ray.init` installs its own SIGTERM handlers (exit without cleanup, stack lines): the driver's
+    is put back, so a real SIGTERM reaches it; Ray's processes are outside the driver's process group,
+    so `timeout`'s group signal does not kill them under the driver."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with ray_env.session(num_cpus=1) as started:
+            assert started
+            kids = psutil.Process().children(recursive=True)
+            assert kids and all(os.getpgid(k.pid) != os.getpgid(0) for k in kids)
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 10
+            while not got and time.time() < deadline:
+                time.sleep(0.05)
+            assert got == [signal.SIGTERM]  # handled by the driver's handler, the process lives on
+            assert all(k.is_running() for k in kids)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -709,4 +709,38 @@ def test_dataset_sources_from_the_stored_spec_and_a_broken_one_is_a_warning(tmp_
     rundir.write_json(SPEC, {**tiny_spec("s"), "models": []})
     with caplog.at_level("WARNING", logger="embedtune.report.build"):
         assert dataset_sources(rundir) == {}
-    assert "spec.json is not a valid sweep spec (models: " in caplog.text
+    assert "spec.json: models: " in caplog.text
+
+
+def test_full_grid_folds_full_text_rows_without_model_columns_and_numbers_rows_consecutively():
+    """Full-text rows are the same for every model: shown once, with no model's encoder, speed, size
+    or training in them, and the rows after the folded ones numbered on without a gap."""
+    from embedtune.report.render import TABLE, leaderboard_table
+
+    frame = results_frame()
+    fts = [
+        _row("medquad", m, base, kind, "fts", "none", 0.58, tid, ep)
+        for m, base, kind, tid, ep in [
+            ("mini", "mini", "base", None, None),
+            ("mini-ft-e2-t1", "mini", "tuned", "t1", 2),
+            ("mini-ft-e1-t2", "mini", "tuned", "t2", 1),
+            ("l3", "l3", "base", None, None),
+        ]
+    ]
+    frame = _with_costs(pd.concat([frame, pd.DataFrame(fts)], ignore_index=True))
+    board = leaderboard(frame, trials_list(), metric="hit_at_10")
+    rows = board[board["dataset"] == "medquad"]
+    assert len(rows) == 12 and (rows["query_type"] == "fts").sum() == 4
+    shown = leaderboard_table(rows, "hit_at_10").rows
+    cols = [c for c, _, _ in TABLE]
+    assert len(shown) == 9  # 8 model rows and one full-text row
+    assert [r[cols.index("rank")] for r in shown] == [str(i) for i in range(1, 10)]
+    (full_text,) = [r for r in shown if r[cols.index("query_type")] == "fts"]
+    assert full_text[cols.index("model")] == "full-text (any model)"
+    for col in ("encode_backend", "docs_per_s", "dim", "size_mb", "epochs", "training_s", "kind"):
+        assert full_text[cols.index(col)] == "—", (col, full_text)
+    assert full_text[cols.index("hit_at_10")].startswith("0.5800")
+    l3 = next(r for r in shown if r[cols.index("model")] == "l3")
+    assert [l3[cols.index(c)] for c in ("encode_backend", "docs_per_s", "dim", "size_mb")] == [
+        "openvino", "900", "384", "66.0"
+    ]  # fmt: skip

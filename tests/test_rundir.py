@@ -220,5 +220,57 @@ def test_typed_state_round_trips(tmp_path: Path, small_data) -> None:
     rd.save_data(small_data)
     assert Path(rd.data_file(small_data.label)).is_file() and rd.data(small_data.label) == small_data
     (rd.path / SPEC).write_text(json.dumps({**tiny_spec("typed"), "models": []}))
-    with pytest.raises(EmbedtuneError, match=r"spec.json is not a valid sweep spec \(models: "):
+    with pytest.raises(EmbedtuneError, match=r"spec.json: models: "):
         rd.spec()
+
+
+def _stored_sweep(tmp_path: Path, **edit) -> Path:
+    """A run dir as a sweep leaves it (spec.json, sweep_state.json), its spec edited by `edit`."""
+    from specs import tiny_spec
+
+    from embedtune.specs import parse_spec
+
+    run = tmp_path / "run"
+    rd = RunDir(run)
+    rd.create()
+    raw = parse_spec(tiny_spec("stored")).model_dump(mode="json")
+    for path, value in edit.items():
+        *parents, key = path.split("__")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    rd.write_json("spec.json", raw)
+    rd.write_json(STATE, {"spec_hash": "x", "parent_run_id": "p"})
+    return run
+
+
+@pytest.mark.parametrize(
+    ("edit", "names"),
+    [
+        ({"search__epochs": [0]}, "search.epochs: Value error, epochs must be a non-empty list"),
+        ({"train__old_setting": True}, "train.old_setting: unknown key"),  # a spec.json of another version
+    ],
+)
+def test_resume_with_a_bad_stored_spec_is_one_line(edit, names, tmp_path: Path, capsys) -> None:
+    from embedtune.cli import main
+
+    run = _stored_sweep(tmp_path, **edit)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["sweep", "--resume", str(run), "--no-final"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run / 'spec.json'}: {names}" in err[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
+
+
+def test_resume_with_fresh_is_refused_and_deletes_nothing(tmp_path: Path, capsys) -> None:
+    from embedtune.cli import main
+
+    run = _stored_sweep(tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["sweep", "--resume", str(run), "--fresh", "--no-final"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume and --fresh contradict each other" in err[0], err
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "spec.json").exists()

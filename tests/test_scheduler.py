@@ -85,8 +85,18 @@ def test_separate_mode_ranks_a_run_only_against_runs_of_its_length(tmp_path: Pat
 
 
 def test_branch_mode_keeps_one_asha_over_whole_configurations() -> None:
+    """Branch mode trains every configuration to the largest epoch count (6): a good run goes on to
+    epoch 6 (stopped there, not at 2), and a weak one is ranked against it at the same epoch."""
     scheduler = scheduler_for(_spec("branch"))
-    assert isinstance(scheduler, AsyncHyperBandScheduler) and scheduler._max_t == 6
+    scheduler.set_search_properties("score", "max")
+    good, weak = _trial("good", 6), _trial("weak", 6)
+    for trial in (good, weak):
+        scheduler.on_trial_add(None, trial)
+    decisions = [
+        scheduler.on_trial_result(None, good, {"epoch": e, "score": 0.70 + e / 100}) for e in range(1, 7)
+    ]
+    assert decisions == [CONTINUE] * 5 + [STOP]
+    assert scheduler.on_trial_result(None, weak, {"epoch": 1, "score": 0.40}) == STOP
 
 
 @pytest.mark.slow

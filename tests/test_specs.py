@@ -237,3 +237,28 @@ def test_labels_derived_from_sources_are_one_safe_path_component(source: str, la
     assert spec.label == label
     rd = RunDir(tmp_path / "run")
     assert Path(rd.data_file(spec.label)).parent == rd.path / "data"
+
+
+@pytest.mark.parametrize(
+    "models",
+    [
+        ["all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"],  # one model, two spellings
+        ["runs/a/model", "runs/b/model/"],  # two checkpoints, both folders named `model`
+    ],
+)
+def test_two_models_with_one_label_fail_at_load_naming_both(models: list[str]) -> None:
+    """Results, MLflow runs and report rows are keyed by a model's label: two entries sharing one
+    would be merged into one row, so the spec is refused, naming both entries."""
+    raw = dict(GOOD, models=["paraphrase-MiniLM-L3-v2", *models])
+    with pytest.raises(EmbedtuneError) as err:
+        parse_spec(raw, "spec.yaml")
+    message = str(err.value)
+    assert f"models.1 {models[0]!r} and models.2 {models[1]!r} both get the label" in message, message
+    assert "\n" not in message and message.startswith("spec.yaml: models: ")
+
+
+def test_models_with_distinct_labels_load() -> None:
+    spec = parse_spec(
+        dict(GOOD, models=["sentence-transformers/all-MiniLM-L6-v2", "runs/a/model", "runs/b/ckpt"])
+    )
+    assert len(spec.models) == 3

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from mlflow import MlflowClient
 from specs import tiny_spec
 
@@ -193,9 +194,10 @@ def _ray_processes_of(temp_dir: Path) -> list:
 
 @pytest.mark.slow
 def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path, sweep_command) -> None:
-    """Ctrl-C, then SIGKILL of the resumed driver, then the same command once more: finished
-    trials are not rerun, the unfinished one continues from its kept checkpoint, MLflow has one
-    run per trial with the right status, and the killed driver's Ray leaves nothing behind."""
+    """SIGTERM to the whole process group (what `timeout` and CI runners send; the CLI treats it as
+    Ctrl-C), then SIGKILL of the resumed driver, then the same command once more: finished trials
+    are not rerun, the unfinished one continues from its kept checkpoint, MLflow has one run per
+    trial with the right status, and the killed driver's Ray leaves nothing behind."""
     raw = tiny_spec(
         "resume",
         models=["paraphrase-MiniLM-L3-v2"],
@@ -207,13 +209,14 @@ def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path,
 
     def run_until(name: str, ready, sig: int) -> subprocess.Popen:
         log = open(tmp_path / f"{name}.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # its own process group, as under `timeout`: a group signal reaches Ray's processes too
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.time() + 300
             while time.time() < deadline and proc.poll() is None and not ready():
                 time.sleep(0.3)
             assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig)
             assert proc.wait(timeout=120) != 0
         finally:
             if proc.poll() is None:
@@ -229,15 +232,26 @@ def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path,
         TUNE_GLOBAL_CHECKPOINT_S), so what is there is what a killed driver's restore sees."""
         return lambda: (t := long_trial()) is not None and len(_epochs_reported(t)) >= at_least
 
-    # 1. Ctrl-C once the 5-epoch trial has reported (and checkpointed) its first epoch.
-    run_until("first", reported(1), signal.SIGINT)
+    # 1. SIGTERM once the 5-epoch trial has reported (and checkpointed) its first epoch: handled
+    # as Ctrl-C (not by Ray's own handlers, which exit without cleanup and print stack lines).
+    first = run_until("first", reported(1), signal.SIGTERM)
+    first_log = (tmp_path / "first.log").read_text()
+    assert first.returncode == 130, first_log[-3000:]
+    assert "embedtune: interrupted" in first_log and "SIGTERM received" not in first_log, first_log[-3000:]
     after_first = len(_epochs_reported(long_trial()))
     assert after_first < 3  # room for two more epochs before the SIGKILL
     state = json.loads((run_dir / "sweep_state.json").read_text())
     assert state["finished"] is False
     client = MlflowClient(state["tracking_uri"])
-    _, children = _children(client, "embedtune-resume")
-    assert all(c.info.status != "RUNNING" for c in children)  # interrupted runs are closed, not left RUNNING
+    parents, children = _children(client, "embedtune-resume")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    long_run = [c for c in children if c.data.params.get("epochs") == "5"]
+    assert [c.info.status for c in long_run] == ["KILLED"]  # the running trial's run is closed
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    assert not (run_dir / "lock.json").exists()  # the lock's owner record is gone ...
+    free = FileLock(str(run_dir / ".lock"), timeout=0)
+    free.acquire()  # ... and the lock is free (raises Timeout while a process holds it)
+    free.release()
 
     # 2. The same command resumes; SIGKILL it (no cleanup at all) after two more epochs.
     second = run_until("second", reported(after_first + 2), signal.SIGKILL)
@@ -257,8 +271,10 @@ def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path,
     kept = sorted(long_trial().glob("checkpoint_*"))
     assert kept and all((c / "model" / "model.safetensors").exists() for c in kept)  # checkpoints intact
 
-    # 3. Once more: it finishes, and removes the killed run's leftovers.
-    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    # 3. Once more, as `--resume RUN_DIR` (the spec read from the run dir): it finishes, and removes
+    # the killed run's leftovers.
+    resume_cmd = [*cmd[: cmd.index("sweep") + 1], "--resume", str(run_dir), "--no-final"]
+    third = subprocess.run(resume_cmd, capture_output=True, text=True, timeout=600, env=env)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "resuming sweep" in third.stdout
     assert not owned[0].exists()  # ... and its files go at the next start

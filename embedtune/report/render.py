@@ -115,16 +115,28 @@ def cell(r: dict[str, Any], col: str, kind: str, metric: str) -> str:
     return fmt(r.get(col), kind)
 
 
+# Columns that describe the embedding model (its training, its encoder's cost, its gain over its base):
+# a full-text row, shared by every model, has none of them.
+MODEL_COLUMNS = ("kind", "epochs", "best_epoch", "last_epoch", "DELTA", "vs_base", "training_s",
+                 "gpu_s_per_point", "encode_backend", "docs_per_s", "dim", "size_mb")  # fmt: skip
+NOT_APPLICABLE = "—"
+
+
 def leaderboard_table(rows, metric: str) -> Block:
-    """The full grid of one dataset; full-text rows once (they do not depend on the model)."""
+    """The full grid of one dataset; full-text rows once (they do not depend on the model), their
+    model columns "—", and the rows numbered 1, 2, 3, ... as shown (the folded ones leave no gap)."""
     from embedtune.report.plots import one_fts_row
 
     headers = [h if c != "DELTA" else f"Δ {metric}" for c, h, _ in TABLE]
     out = []
-    for r in one_fts_row(rows).to_dict("records"):
-        if r.get("query_type") == "fts":
-            r = {**r, "model": "full-text (any model)", "kind": "", "epochs": None}
-        out.append([cell(r, c, f, metric) for c, _, f in TABLE])
+    for number_shown, r in enumerate(one_fts_row(rows).to_dict("records"), start=1):
+        r = {**r, "rank": number_shown}
+        fts = r.get("query_type") == "fts"
+        if fts:
+            r["model"] = "full-text (any model)"
+        out.append(
+            [NOT_APPLICABLE if fts and c in MODEL_COLUMNS else cell(r, c, f, metric) for c, _, f in TABLE]
+        )
     return table(headers, out)
 
 

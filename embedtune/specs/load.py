@@ -25,7 +25,7 @@ from embedtune.errors import EmbedtuneError
 from embedtune.specs.sweep import SweepSpec
 
 
-def _format_error(source: str, exc: ValidationError) -> str:
+def validation_error_line(source: str, exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
         loc = ".".join(str(x) for x in err["loc"])
@@ -71,7 +71,7 @@ def parse_spec(raw: dict[str, Any], source: str = "sweep spec") -> SweepSpec:
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        raise EmbedtuneError(_format_error(source, exc)) from exc
+        raise EmbedtuneError(validation_error_line(source, exc)) from exc
 
 
 # Spec keys a command-line flag may set: flag name -> key path.
@@ -101,7 +101,7 @@ def with_overrides(spec: SweepSpec, source: str = "command line", **values: str 
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        raise EmbedtuneError(_format_error(source, exc)) from exc
+        raise EmbedtuneError(validation_error_line(source, exc)) from exc
 
 
 def load_spec(path: str | Path) -> SweepSpec:

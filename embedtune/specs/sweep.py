@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from embedtune.specs.base import Strict
+from embedtune.specs.base import Strict, model_label
 from embedtune.specs.data import DataSpec
 from embedtune.specs.evaluation import FinalSpec
 from embedtune.specs.metrics import (
@@ -197,6 +197,15 @@ class SweepSpec(Strict):
             raise ValueError("models must not repeat")
         if any(not m.strip() for m in v):
             raise ValueError("model references must not be empty")
+        seen: dict[str, int] = {}
+        for i, ref in enumerate(v):  # results are filed by label: two entries must not share one
+            j = seen.setdefault(model_label(ref), i)
+            if j != i:
+                raise ValueError(
+                    f"models.{j} {v[j]!r} and models.{i} {ref!r} both get the label {model_label(ref)!r} "
+                    "(runs, results and report rows are keyed by it): the same model twice? keep one; "
+                    "two different models? give their folders distinct names"
+                )
         return v
 
     @field_validator("metric")

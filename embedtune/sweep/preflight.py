@@ -14,7 +14,7 @@ from pathlib import Path
 from embedtune import memory, storage
 from embedtune.cache import stable_hash
 from embedtune.errors import EmbedtuneError
-from embedtune.models import resolve_model
+from embedtune.models import check_max_seq_length, resolve_model
 from embedtune.rundir import SPEC, STATE, RunDir
 from embedtune.specs import SweepSpec
 from embedtune.tracking import client as mlc
@@ -97,7 +97,10 @@ def check_run_dir(spec: SweepSpec, rundir: RunDir, state: SweepState | None, res
         raise EmbedtuneError(f"run dir {rundir} already holds this sweep; resume it or pass --fresh")
     if state.spec_hash == spec_hash(spec):
         return False
-    old = rundir.spec()  # one that does not validate raises, naming the file
+    try:
+        old = rundir.spec()
+    except EmbedtuneError as exc:  # an older or edited spec.json: one line naming the file and key
+        raise EmbedtuneError(f"{exc}; use another --run-dir or --fresh") from None
     problem = f"its {SPEC} is missing" if old is None else extension_problem(old, spec)
     if problem:
         raise EmbedtuneError(
@@ -247,10 +250,21 @@ def preflight(spec: SweepSpec, rundir: RunDir, state: SweepState | None, joins_c
         check_local_resources(spec)
     for model in spec.models:
         resolve_model(model)
+    check_seq_lengths(spec)
     tune_root = rundir.tune_storage(spec.storage_path, spec.name)
     if not storage.is_remote(tune_root):
         check_disk(spec, storage.local_path(tune_root), None if joins_cluster else _local_cpus(spec))
     return tracking_uri
+
+
+def check_seq_lengths(spec: SweepSpec) -> None:
+    """Every truncation length the sweep sets fits each model it applies to (refused here, naming the
+    model, its limit and the value, instead of an index error in a trial)."""
+    for model in spec.models:
+        check_max_seq_length(model, spec.train.max_seq_length, "train.max_seq_length")
+        check_max_seq_length(model, spec.final.eval.max_seq_length, "final.eval.max_seq_length")
+    if spec.train.hard_negatives:
+        check_max_seq_length(spec.mining.model, spec.mining.max_seq_length, "mining.max_seq_length")
 
 
 def _local_cpus(spec: SweepSpec) -> float:
