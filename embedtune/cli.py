@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from embedtune import env
+from embedtune import env, storage
 from embedtune.errors import EmbedtuneError
 from embedtune.specs.evaluation import EncodeBackend
 from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, LEADERBOARD_METRICS
@@ -375,6 +375,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("embedtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not storage.is_disk_full(exc):
+            raise
+        # A full disk where no stage said more (a checkpoint, a file a library wrote): one line still.
+        line = storage.disk_full_error(
+            storage.full_path(exc) or "the run",
+            "the run's files",
+            "move the run (--run-dir, storage_path) to a bigger disk",
+        )
+        print(f"embedtune: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from embedtune.env import patched_environ, verbose
 _owned_dirs: list[Path] = []
 # Marks a directory as made by the embedtune process (PID, start time) written inside.
 OWNER_FILE = "embedtune-owner"
+TEMP_ROOT = Path("/tmp")  # a private Ray's temp dir (short: Ray's socket paths are length-limited)
 TOKEN_FILE = "ray_auth_token"  # the private Ray's token, in its private HOME
 _AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 # The driver's Ray auth variables before `init` turned token auth on; put back by `shutdown`.
@@ -114,8 +115,7 @@ def init(
         if key not in ("HOME", "RAY_AUTH_MODE"):
             os.environ.setdefault(key, value)
     _token_auth_on(home)
-    # Short: Ray's socket paths are length-limited.
-    temp_dir = Path(tempfile.mkdtemp(prefix="etray-", dir="/tmp"))
+    temp_dir = Path(tempfile.mkdtemp(prefix="etray-", dir=TEMP_ROOT))
     _owned_dirs.extend([home, temp_dir])
     for made in (home, temp_dir):
         _mark_owned(made)
