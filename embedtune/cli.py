@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 from embedtune import env, storage
+from embedtune.credentials import check_source, redact, s3_keys_to_env
 from embedtune.errors import EmbedtuneError
 from embedtune.specs.evaluation import EncodeBackend
 from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, LEADERBOARD_METRICS
@@ -34,6 +35,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _data_spec(args: argparse.Namespace):
     from embedtune.data import parse_data_arg
 
+    check_source(args.data, "--data")
     return parse_data_arg(
         args.data,
         question_column=args.question_column,
@@ -121,10 +123,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.specs import SweepSpec, load_spec
     from embedtune.specs.load import with_overrides
     from embedtune.sweep import default_run_dir, run_sweep
-    from embedtune.tracking.client import redact
+    from embedtune.sweep.preflight import without_secrets
 
     if args.resume:
-        rundir = RunDir(args.resume)
+        rundir = RunDir(s3_keys_to_env(args.resume, "--resume"))
         raw = rundir.read_json(SPEC)
         if not rundir.has(STATE) or not raw:
             raise EmbedtuneError(f"--resume {args.resume}: not a sweep run directory (no {STATE} / {SPEC})")
@@ -133,8 +135,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     else:
         if not args.spec:
             raise EmbedtuneError("give a sweep spec (e.g. sweeps/local.yaml) or --resume RUN_DIR")
-        spec = with_overrides(load_spec(args.spec), **_service_flags(args))
-        rundir = RunDir(default_run_dir(spec, args.run_dir))
+        spec = without_secrets(with_overrides(load_spec(args.spec), **_service_flags(args)))
+        rundir = RunDir(default_run_dir(spec, s3_keys_to_env(args.run_dir, "--run-dir")))
         resume = None
         if args.fresh:
             rundir.clear_for_fresh()  # only an embedtune run dir, never $HOME, `/` or the checkout
@@ -188,7 +190,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         eval=eval_spec,
         cross_encoder=args.cross_encoder,
         leaderboard_metric=args.metric,
-        lancedb_uri=args.lancedb,
+        lancedb_uri=s3_keys_to_env(args.lancedb, "--lancedb"),
         probe_size=args.probe_size,
         register_name=args.register_name,
         encode_backend=args.encode_backend,
@@ -370,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except EmbedtuneError as exc:
-        print(f"embedtune: error: {exc}", file=sys.stderr)
+        print(
+            f"embedtune: error: {redact(str(exc))}", file=sys.stderr
+        )  # a value quoted back: no secret in it
         return 2
     except KeyboardInterrupt:
         print("embedtune: interrupted", file=sys.stderr)

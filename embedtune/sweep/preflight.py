@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embedtune import memory, ray_env, storage
+from embedtune import credentials, memory, ray_env, storage
 from embedtune.cache import stable_hash
 from embedtune.errors import EmbedtuneError
 from embedtune.models import resolve_model
@@ -267,12 +267,29 @@ def tracking_uri_for(spec: SweepSpec, rundir: RunDir, state: SweepState | None) 
 
 def without_secrets(spec: SweepSpec) -> SweepSpec:
     """`spec` as it may be written to the run dir and hashed: a password in mlflow.tracking_uri
-    moves to the environment (see `tracking.client.keep_secret_in_env`)."""
+    moves to the environment (see `tracking.client.keep_secret_in_env`), an S3 key pair in
+    storage_path or final.lancedb_uri to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (see
+    `credentials.s3_keys_to_env`); any other credential there or in a dataset source is refused."""
+    for i, data in enumerate(spec.datasets):
+        credentials.check_source(data.source, f"datasets.{i}.source")
+    pairs = {credentials.s3_keys_of(u) for u in (spec.storage_path, spec.final.lancedb_uri)} - {None}
+    if len(pairs) > 1:
+        raise EmbedtuneError(
+            "storage_path and final.lancedb_uri carry different S3 keys: a run uses one S3 login; give it once, "
+            "or through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        )
     uri = spec.mlflow.tracking_uri
     clean = mlc.keep_secret_in_env(uri) if uri else uri
-    if clean == uri:
-        return spec
-    return spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": clean})})
+    update: dict = {}
+    if clean != uri:
+        update["mlflow"] = spec.mlflow.model_copy(update={"tracking_uri": clean})
+    storage_path = credentials.s3_keys_to_env(spec.storage_path, "storage_path")
+    if storage_path != spec.storage_path:
+        update["storage_path"] = storage_path
+    lancedb_uri = credentials.s3_keys_to_env(spec.final.lancedb_uri, "final.lancedb_uri")
+    if lancedb_uri != spec.final.lancedb_uri:
+        update["final"] = spec.final.model_copy(update={"lancedb_uri": lancedb_uri})
+    return spec.model_copy(update=update) if update else spec
 
 
 def preflight(spec: SweepSpec, rundir: RunDir, state: SweepState | None, joins_cluster: bool) -> str:
