@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from embedtune import env
+from embedtune import env, storage
+from embedtune.credentials import check_source, redact, s3_keys_to_env
 from embedtune.errors import EmbedtuneError
 from embedtune.specs.evaluation import EncodeBackend
 from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, LEADERBOARD_METRICS
@@ -35,6 +36,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _data_spec(args: argparse.Namespace):
     from embedtune.data import parse_data_arg
 
+    check_source(args.data, "--data")
     return parse_data_arg(
         args.data,
         question_column=args.question_column,
@@ -135,6 +137,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.specs import load_spec
     from embedtune.specs.load import with_overrides
     from embedtune.sweep import default_run_dir, run_sweep
+    from embedtune.sweep.preflight import without_secrets
     from embedtune.sweep.results import results_table
     from embedtune.tracking.client import redact
 
@@ -144,7 +147,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                 "--resume and --fresh contradict each other: --resume RUN_DIR continues the sweep stored "
                 "there, --fresh deletes it; pass one (to start over: embedtune sweep SPEC --run-dir RUN_DIR --fresh)"
             )
-        rundir = RunDir(args.resume)
+        rundir = RunDir(s3_keys_to_env(args.resume, "--resume"))
         try:  # an older or edited spec.json: one line naming the file and the key, not a traceback
             stored = rundir.spec()
         except EmbedtuneError as exc:
@@ -158,8 +161,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     else:
         if not args.spec:
             raise EmbedtuneError("give a sweep spec (e.g. sweeps/local.yaml) or --resume RUN_DIR")
-        spec = with_overrides(load_spec(args.spec), **_service_flags(args))
-        rundir = RunDir(default_run_dir(spec, args.run_dir))
+        spec = without_secrets(with_overrides(load_spec(args.spec), **_service_flags(args)))
+        rundir = RunDir(default_run_dir(spec, s3_keys_to_env(args.run_dir, "--run-dir")))
         resume = None
         if args.fresh:
             rundir.clear_for_fresh()  # only an embedtune run dir, never $HOME, `/` or the checkout
@@ -229,7 +232,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         eval=eval_spec,
         cross_encoder=args.cross_encoder,
         leaderboard_metric=args.metric,
-        lancedb_uri=args.lancedb,
+        lancedb_uri=s3_keys_to_env(args.lancedb, "--lancedb"),
         probe_size=args.probe_size,
         register_name=args.register_name,
         encode_backend=args.encode_backend,
@@ -439,11 +442,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except EmbedtuneError as exc:
-        print(f"embedtune: error: {exc}", file=sys.stderr)
+        print(
+            f"embedtune: error: {redact(str(exc))}", file=sys.stderr
+        )  # a value quoted back: no secret in it
         return 2
     except KeyboardInterrupt:
         print("embedtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not storage.is_disk_full(exc):
+            raise
+        # A full disk where no stage said more (a checkpoint, a file a library wrote): one line still.
+        line = storage.disk_full_error(
+            storage.full_path(exc) or "the run",
+            "the run's files",
+            "move the run (--run-dir, storage_path) to a bigger disk",
+        )
+        print(f"embedtune: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from embedtune import storage
 from embedtune.cache import lock_for
@@ -239,27 +240,43 @@ def build_table(
             "max_seq_length": encoder.max_seq_length or "",
             "encode_backend": backend,
         }
-        tbl = db.create_table(name, schema=_schema(dim, meta), mode="overwrite")
         label = model_label or label_of(str(model_path))
-        bar = tqdm(
-            total=len(ids), desc=f"embedding {data.label} with {label}", unit="doc", disable=not progress
-        )
-        encode_s = 0.0
         try:
-            for lo in range(0, len(ids), chunk_rows):
-                chunk_ids, chunk_texts = ids[lo : lo + chunk_rows], texts[lo : lo + chunk_rows]
-                t = time.perf_counter()
-                vecs = encoder.encode(chunk_texts, batch_size=batch_size)
-                encode_s += time.perf_counter() - t
-                tbl.add(_batch(chunk_ids, chunk_texts, vecs, dim))
-                bar.update(len(chunk_ids))
-        finally:
-            bar.close()
-        _create_indexes(tbl, want_index)
-        tbl.tags.create(COMPLETE_TAG, tbl.version)
+            tbl, encode_s = _ingest(db, name, _schema(dim, meta), ids, texts, encoder, batch_size, chunk_rows,
+                                    tqdm(total=len(ids), desc=f"embedding {data.label} with {label}", unit="doc",
+                                         disable=not progress))  # fmt: skip
+            _create_indexes(tbl, want_index)
+            tbl.tags.create(COMPLETE_TAG, tbl.version)
+        except Exception as exc:
+            if not storage.is_disk_full(exc):
+                raise
+            with contextlib.suppress(Exception):  # untagged, so never trusted; dropped to free the space
+                db.drop_table(name)
+            raise storage.disk_full_error(
+                db_uri, f"LanceDB table {name} (not kept)",
+                "point final.lancedb_uri (embedtune evaluate: --lancedb) at a bigger disk",
+            ) from None  # fmt: skip
         return IndexedTable(
             db_uri, name, tbl.count_rows(), dim, False, index_type, time.perf_counter() - start, encode_s
         )
+
+
+def _ingest(db, name: str, schema, ids: list[str], texts: list[str], encoder, batch_size: int,
+            chunk_rows: int, bar) -> tuple[Any, float]:  # fmt: skip
+    """Create table `name` and add the encoded corpus in chunks; returns it and the encode seconds."""
+    tbl = db.create_table(name, schema=schema, mode="overwrite")
+    encode_s = 0.0
+    try:
+        for lo in range(0, len(ids), chunk_rows):
+            chunk_ids, chunk_texts = ids[lo : lo + chunk_rows], texts[lo : lo + chunk_rows]
+            t = time.perf_counter()
+            vecs = encoder.encode(chunk_texts, batch_size=batch_size)
+            encode_s += time.perf_counter() - t
+            tbl.add(_batch(chunk_ids, chunk_texts, vecs, schema.field("vector").type.list_size))
+            bar.update(len(chunk_ids))
+    finally:
+        bar.close()
+    return tbl, encode_s
 
 
 def _create_indexes(tbl, vector_index: bool) -> None:

@@ -4,9 +4,11 @@ At start the Ray head asks cloud metadata addresses (169.254.169.254, metadata.g
 which cloud it runs on, even with usage stats disabled, unless `~/ray_bootstrap_config.yaml`
 exists; Ray 2.60 also writes `~/.ray/auth_token` for a new local cluster. So a local cluster is
 started with HOME pointing at a private directory that holds a bootstrap config (so the probe is
-skipped and nothing lands in the user's home), token auth off, usage stats off, a private temp
-dir, and every address on 127.0.0.1. Only what this process started is shut down, and the
-directories it made are removed with it.
+skipped and nothing lands in the user's home), usage stats off, a private temp dir, and every
+address on 127.0.0.1. Loopback is not private: any local user could connect to the Ray and run
+code as this one, so token auth is on, with a fresh token that only this run has (a 0600 file in
+the private HOME, whose folder is 0700). Only what this process started is shut down, and the
+directories it made (the token with them) are removed with it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -27,6 +30,11 @@ from embedtune.env import patched_environ, verbose
 _owned_dirs: list[Path] = []
 # Marks a directory as made by the embedtune process (PID, start time) written inside.
 OWNER_FILE = "embedtune-owner"
+TEMP_ROOT = Path("/tmp")  # a private Ray's temp dir (short: Ray's socket paths are length-limited)
+TOKEN_FILE = "ray_auth_token"  # the private Ray's token, in its private HOME
+_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# The driver's Ray auth variables before `init` turned token auth on; put back by `shutdown`.
+_saved_auth: list[dict[str, str | None]] = []
 
 BOOTSTRAP = "# written by embedtune: marks a manually started cluster so Ray skips cloud detection\nprovider:\n  type: local\n"
 
@@ -150,14 +158,19 @@ def init(
     home = private_home()
     # Set for the whole driver too: worker processes inherit it, and Tune reads ~/ray_bootstrap_config.yaml.
     for key, value in ray_process_env(home).items():
-        if key != "HOME":
+        if key not in ("HOME", "RAY_AUTH_MODE"):
             os.environ.setdefault(key, value)
-    # Short: Ray's socket paths are length-limited.
-    temp_dir = Path(tempfile.mkdtemp(prefix="etray-", dir="/tmp"))
+    _token_auth_on(home)
+    temp_dir = Path(tempfile.mkdtemp(prefix="etray-", dir=TEMP_ROOT))
     _owned_dirs.extend([home, temp_dir])
     for made in (home, temp_dir):
         _mark_owned(made)
-    with patched_environ({"HOME": str(home)}), _keep_sigterm_handler(), _ray_processes_in_own_group():
+    with (
+        patched_environ({"HOME": str(home)}),
+        _undo_on_error(),
+        _keep_sigterm_handler(),
+        _ray_processes_in_own_group(),
+    ):
         ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
@@ -172,6 +185,49 @@ def init(
             **kwargs,
         )
     return True
+
+
+@contextlib.contextmanager
+def _undo_on_error() -> Iterator[None]:
+    """A private Ray that failed to start leaves nothing: its dirs and the auth variables go."""
+    try:
+        yield
+    except BaseException:
+        shutdown()
+        raise
+
+
+def _reload_auth_config() -> None:
+    """Make this process's Ray see the current RAY_AUTH_* variables: its config and token are
+    cached at first use (a driver may start several private Rays, or join a cluster after one).
+    The config first: a draining gRPC thread that reloads the token must see the mode it matches."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _token_auth_on(home: Path) -> None:
+    """Token auth for the private Ray: a new random token in `home` (0600), named by
+    RAY_AUTH_TOKEN_PATH for this driver and every Ray process it starts (they inherit it)."""
+    token = home / TOKEN_FILE
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    _saved_auth.append({k: os.environ.get(k) for k in _AUTH_VARS})
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # a user's token for another cluster would win over the file
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    _reload_auth_config()
+
+
+def _token_auth_restore() -> None:
+    while _saved_auth:
+        for key, value in _saved_auth.pop().items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reload_auth_config()
 
 
 def _mark_owned(path: Path) -> None:
@@ -211,6 +267,7 @@ def shutdown() -> None:
     import ray
 
     ray.shutdown()
+    _token_auth_restore()  # before the token file goes with the private HOME
     while _owned_dirs:
         shutil.rmtree(_owned_dirs.pop(), ignore_errors=True)
 

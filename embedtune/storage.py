@@ -11,6 +11,7 @@ takes the endpoint and credentials of S3-compatible stores from the environment 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from embedtune.errors import EmbedtuneError
 
 
 def is_remote(location: str | Path) -> bool:
@@ -42,6 +45,42 @@ def _fs(location: str):
     return fs.FileSystem.from_uri(location)
 
 
+# ---------------------------------------------------------------- a full disk
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it came from, says the disk is full: an OSError with ENOSPC,
+    or a library's error that carries it in its text (LanceDB / Arrow: "No space left on device
+    (os error 28)")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def full_path(exc: BaseException | None) -> str | None:
+    """The file an OSError in `exc`'s chain names, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.filename:
+            return str(exc.filename)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_error(where: str | Path, what: str, fix: str) -> EmbedtuneError:
+    """The one line for a disk that filled while writing `what` at `where`."""
+    return EmbedtuneError(
+        f"no space left on the disk of {where} while writing {what}; free space there or {fix}"
+    )
+
+
 # ---------------------------------------------------------------- local atomic writes
 
 
@@ -63,8 +102,10 @@ def write_local_atomic(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)  # the old file (if any) stays whole
+        if is_disk_full(exc):
+            raise disk_full_error(path.parent, path.name, "give --run-dir a bigger disk") from exc
         raise
     _fsync_dir(path.parent)
 

@@ -4,6 +4,7 @@ the right one passes. (`/health` answers without a login, so it could not tell t
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 from pathlib import Path
@@ -80,3 +81,166 @@ def test_right_password_passes_the_check(auth_server, monkeypatch) -> None:
     _login(monkeypatch, ADMIN[0], "wrong")
     with pytest.raises(EmbedtuneError, match="refused the credentials"):
         mlc.check_access(auth_server.uri)
+
+
+SECRET = "PLANTED-s3cret%2F4242"  # URL-encoded '/' inside, as AWS secret keys often have
+
+
+def test_s3_keys_in_storage_and_lancedb_uris_move_to_the_environment(monkeypatch) -> None:
+    """`s3://KEY:SECRET@bucket/...` in storage_path and final.lancedb_uri (the form pyarrow takes):
+    the spec that is stored and hashed keeps `s3://bucket/...`, the key pair is in AWS_ACCESS_KEY_ID
+    / AWS_SECRET_ACCESS_KEY (decoded), where pyarrow, Tune and LanceDB read it."""
+    from embedtune.specs import parse_spec
+    from embedtune.sweep import preflight as pf
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    spec = parse_spec({
+        "name": "keys", "models": ["paraphrase-MiniLM-L3-v2"], "datasets": [{"source": "medquad-sample"}],
+        "storage_path": f"s3://etKEY:{SECRET}@embedtune/sweeps",
+        "final": {"lancedb_uri": f"s3://etKEY:{SECRET}@embedtune/lancedb"},
+    })  # fmt: skip
+    clean = pf.without_secrets(spec)
+    assert (
+        clean.storage_path == "s3://embedtune/sweeps" and clean.final.lancedb_uri == "s3://embedtune/lancedb"
+    )
+    assert "PLANTED" not in clean.model_dump_json() and "etKEY" not in clean.model_dump_json()
+    assert (
+        os.environ["AWS_ACCESS_KEY_ID"] == "etKEY"
+        and os.environ["AWS_SECRET_ACCESS_KEY"] == "PLANTED-s3cret/4242"
+    )
+    assert pf.spec_hash(clean) == pf.spec_hash(pf.without_secrets(clean))  # a resume without the keys matches
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("storage_path", f"gs://user:{SECRET}@bucket/sweeps"),
+        ("storage_path", f"s3://bucket/sweeps?secret_key={SECRET}"),
+        ("lancedb_uri", f"s3://embedtune/db?X-Amz-Signature={SECRET}"),
+        ("source", f"https://user:{SECRET}@example.org/qa.csv"),
+        ("two_logins", None),
+    ],
+)
+def test_credentials_that_cannot_be_moved_stop_the_sweep_in_one_line(
+    key: str, value: str | None, tmp_path: Path, capsys
+) -> None:
+    """Any other credential in storage_path, final.lancedb_uri or a dataset source (a password on
+    another scheme, a secret query parameter, a source URL) is refused before anything is written,
+    in one line that names the field and never shows the secret."""
+    from embedtune.cli import main
+
+    raw = {"name": "creds", "models": ["paraphrase-MiniLM-L3-v2"], "ray": {"num_gpus": 0},
+           "datasets": [{"name": "medquad", "source": "medquad-sample", "max_pairs": 60, "eval_size": 10}]}  # fmt: skip
+    if key == "storage_path":
+        raw["storage_path"] = value
+    elif key == "lancedb_uri":
+        raw["final"] = {"lancedb_uri": value}
+    elif key == "source":
+        raw["datasets"][0]["source"] = value
+    else:
+        raw["storage_path"] = f"s3://one:{SECRET}@embedtune/sweeps"
+        raw["final"] = {"lancedb_uri": f"s3://two:{SECRET}@embedtune/db"}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    assert main(["sweep", str(spec_file), "--run-dir", str(run_dir)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    want = {"storage_path": "storage_path ", "lancedb_uri": "final.lancedb_uri ", "source": "datasets.0.source ",
+            "two_logins": "storage_path and final.lancedb_uri carry different S3 keys"}[key]  # fmt: skip
+    assert len(err) == 1 and err[0].startswith(f"embedtune: error: {want}"), err
+    assert "PLANTED" not in captured.err + captured.out
+    assert not run_dir.exists()
+
+
+@pytest.fixture
+def seaweed_s3(tmp_path: Path, monkeypatch):
+    """A real S3 (SeaweedFS, started as `make cluster-local` starts it) on loopback; yields
+    (access key, secret key). Only the endpoint is in this process's environment, not the keys."""
+    import shutil
+    import signal
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster" / "local"))
+    import cluster_local as cl
+
+    state = cl.State(tmp_path / "s3-state")
+    state.data.update(cluster_id="creds-test", runtime_dir=str(tmp_path / "s3-run"))
+    (tmp_path / "s3-run" / "tmp").mkdir(parents=True)
+    info = cl.start_s3(state)
+    env = cl.s3_env(state)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key in (
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "AWS_EC2_METADATA_DISABLED",
+        "AWS_ALLOW_HTTP",
+    ):
+        monkeypatch.setenv(key, env[key])
+    try:
+        yield env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], cl
+    finally:
+        os.killpg(info["sid"], signal.SIGKILL)
+        for sock in cl.weed_grpc_sockets(state):
+            sock.unlink(missing_ok=True)
+        shutil.rmtree(tmp_path / "s3-run", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_s3_keys_given_in_the_uris_are_nowhere_at_rest(
+    seaweed_s3, tmp_path: Path, capfd, monkeypatch
+) -> None:
+    """A sweep whose only S3 login is the one in `storage_path` / `final.lancedb_uri`
+    (`s3://KEY:SECRET@embedtune/...`, real SeaweedFS): it runs (so the keys did reach pyarrow,
+    Tune and the trial processes, through the environment), and the secret key is in no object of
+    the bucket (spec.json, sweep_state.json, trials.json, Tune's experiment state and pickles,
+    checkpoints), no file of the local work folder, and no line of output."""
+    import uuid
+
+    from servers import MlflowServer
+    from specs import tiny_spec
+
+    from embedtune.rundir import RunDir
+    from embedtune.specs import parse_spec
+    from embedtune.sweep import default_run_dir, run_sweep
+    from embedtune.sweep.preflight import without_secrets
+
+    key, secret, cl = seaweed_s3
+    prefix = f"creds-{uuid.uuid4().hex[:8]}"
+    server = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}", artifacts=tmp_path / "mlflow-artifacts")
+    server.start()
+    raw = tiny_spec(
+        "secret-keys",
+        models=["paraphrase-MiniLM-L3-v2"],
+        search={"epochs": [1], "batch_size": [16]},
+        storage_path=f"s3://{key}:{secret}@embedtune/{prefix}",
+        mlflow={"tracking_uri": server.uri, "experiment": prefix},
+        final={"enabled": False, "lancedb_uri": f"s3://{key}:{secret}@embedtune/{prefix}-lancedb"},
+    )
+    try:
+        spec = without_secrets(parse_spec(raw))  # as the CLI does, before the run dir is named
+        rundir = RunDir(default_run_dir(spec, None))
+        result = run_sweep(spec, rundir, final=False)
+    finally:
+        server.kill()
+    assert [t.status for t in result.trials] == ["FINISHED"]
+    assert rundir.location == f"s3://embedtune/{prefix}/secret-keys"
+    s3 = cl._s3_client({**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret})
+    objects = [o["Key"] for o in s3.list_objects_v2(Bucket="embedtune", Prefix=prefix)["Contents"]]
+    names = {k.rsplit("/", 1)[-1] for k in objects}
+    assert {"spec.json", "sweep_state.json", "trials.json"} <= names, names
+    assert any(n.startswith("experiment_state") for n in names) and any("checkpoint" in k for k in objects)
+    leaked = [
+        k for k in objects if secret.encode() in s3.get_object(Bucket="embedtune", Key=k)["Body"].read()
+    ]
+    assert leaked == []
+    local = [f for f in rundir.path.rglob("*") if f.is_file()]
+    assert local and [f for f in local if secret.encode() in f.read_bytes()] == []
+    out = capfd.readouterr()
+    assert secret not in out.out + out.err
+    import shutil
+
+    shutil.rmtree(rundir.path, ignore_errors=True)  # the local work folder lives under EMBEDTUNE_HOME

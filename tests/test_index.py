@@ -158,3 +158,46 @@ def test_forced_vector_index(small, tmp_path):
     assert built.vector_index == "IVF_HNSW_SQ"
     indexed = {i.columns[0]: i.index_type for i in built.open().list_indices()}
     assert indexed["vector"] == "IvfHnswSq" and indexed["text"] == "FTS"
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_ingest_ends_in_one_line_and_leaves_no_table(tmp_path):
+    """`embedtune evaluate` ingests into LanceDB on a real 8 MiB disk (a tmpfs) filled to the brim
+    but 256 KiB, less than the corpus's embeddings: the run ends with one line naming the LanceDB
+    path and the fix, leaves no table (a half-written one is dropped) and no report. With the space
+    given back, the same command builds the table whole and writes the report."""
+    import sys
+
+    from small_disk import on_small_disk
+
+    disk, out = tmp_path / "disk", tmp_path / "eval"
+    run = [sys.executable, "-m", "embedtune.cli", "evaluate", "--models", "paraphrase-MiniLM-L3-v2",
+           "--data", "medquad-sample", "--max-pairs", "200", "--eval-size", "30", "--out", str(out),
+           "--lancedb", str(disk / "lancedb"), "--query-types", "vector", "--rerankers", "none",
+           "--cross-encoder", "none", "--encode-backend", "torch"]  # fmt: skip
+    t = tmp_path
+    script = (
+        f'leave_free 256K; "$@" 2> {t}/first.err; echo $? > {t}/first.rc; ls -a {disk} > {t}/first.ls; '
+        f"ls -a {out} > {t}/first-out.ls; "
+        f"mkdir -p {disk}/lancedb; cp -a {disk}/lancedb {t}/first-db; rm {disk}/.filler; "
+        f'"$@" 2> {t}/second.err; echo $? > {t}/second.rc; cp -a {disk}/lancedb {t}/second-db'
+    )
+    done = on_small_disk(disk, "8m", script, run, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = (t / "first.err").read_text()
+    errors = [ln for ln in first.splitlines() if ln.startswith("embedtune: error:")]
+    assert (t / "first.rc").read_text().strip() == "2" and "Traceback" not in first, first[-3000:]
+    assert len(errors) == 1 and first.strip().splitlines()[-1] == errors[0], first[-3000:]
+    assert errors[0].startswith(f"embedtune: error: no space left on the disk of {disk}/lancedb while writing "
+                                "LanceDB table medquad-sample__"), errors  # fmt: skip
+    assert errors[0].endswith("(not kept); free space there or point final.lancedb_uri "
+                              "(embedtune evaluate: --lancedb) at a bigger disk"), errors  # fmt: skip
+    assert (t / "first.ls").read_text().split() == [".", "..", ".filler", "lancedb"]  # the ingest began
+    assert list(lancedb.connect(str(t / "first-db")).table_names()) == []  # nothing a rerun could trust
+    left = (t / "first-out.ls").read_text().split()
+    assert "data" in left and not [n for n in left if "report" in n], left  # no report, not even half
+
+    assert (t / "second.rc").read_text().strip() == "0", (t / "second.err").read_text()[-3000:]
+    (name,) = lancedb.connect(str(t / "second-db")).table_names()
+    assert is_complete(lancedb.connect(str(t / "second-db")).open_table(name))
+    assert (out / "report" / "leaderboard.md").is_file()

@@ -4,25 +4,46 @@ folder swaps, and the same calls on object storage (tests/test_cluster_local.py 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
-
-import pytest
 
 from embedtune import storage
 
 
-def test_atomic_write_leaves_old_or_new_never_half(tmp_path: Path, monkeypatch) -> None:
-    target = tmp_path / "state.json"
-    storage.write_json(target, {"v": 1})
-    # a writer that dies mid-write (here: fsync raises) leaves the old file and no temp file
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left")))
-    with pytest.raises(OSError, match="No space"):
-        storage.write_json(target, {"v": 2, "pad": "x" * 100_000})
-    monkeypatch.undo()
-    assert json.loads(target.read_text()) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+def test_a_write_onto_a_full_disk_leaves_the_old_file_and_one_line(tmp_path: Path) -> None:
+    """The state file sits on a real 1 MiB disk (a tmpfs) filled to the brim after its first write:
+    the next write fails with one line naming the folder and the fix, and leaves the old file whole
+    and no temp file behind."""
+    from small_disk import on_small_disk
+
+    disk = tmp_path / "disk"
+    script = tmp_path / "write.py"
+    script.write_text(
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from embedtune import storage\n"
+        "from embedtune.errors import EmbedtuneError\n"
+        "target = Path(sys.argv[1]) / 'state.json'\n"
+        "if sys.argv[2] == 'first':\n"
+        "    storage.write_json(target, {'v': 1})\n"
+        "    sys.exit(0)\n"
+        "try:\n"
+        "    storage.write_json(target, {'v': 2, 'pad': 'x' * 100_000})\n"
+        "except EmbedtuneError as exc:\n"
+        "    print('ERROR', exc)\n"
+        "print('FILES', json.dumps(sorted(p.name for p in target.parent.iterdir())))\n"
+        "print('STATE', target.read_text().replace(chr(10), ' '))\n"
+    )
+    run = f"python {script} {disk}"
+    done = on_small_disk(disk, "1m", f"{run} first && fill_to_brim && {run} second", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    assert lines["ERROR"] == (
+        f"no space left on the disk of {disk} while writing state.json; free space there or give "
+        "--run-dir a bigger disk"
+    ), done.stdout
+    assert json.loads(lines["FILES"]) == [".filler", "state.json"]  # no temp file left
+    assert json.loads(lines["STATE"]) == {"v": 1}  # the old file, whole
 
 
 def test_concurrent_writers_use_unique_temp_files(tmp_path: Path) -> None:

@@ -333,3 +333,118 @@ def test_resume_after_the_tracking_database_is_lost_ends_with_one_line(sweep_com
     assert again.returncode == 2, again.stderr[-3000:]
     assert f"parent run {parent} is not in" in again.stderr and "Traceback" not in again.stderr
     assert len([line for line in again.stderr.splitlines() if line.startswith("embedtune: error:")]) == 1
+
+
+class ReplyDroppingProxy:
+    """A loopback HTTP proxy in front of a real tracking server that, for the first `drops` requests
+    whose path contains `path`, forwards the request, reads the server's whole answer (so the server
+    has committed the write) and then closes the client's connection without sending it: the reply
+    lost on the way back. Everything else is passed through unchanged."""
+
+    def __init__(self, upstream_port: int, path: str, drops: int = 1) -> None:
+        import socket
+        import threading
+
+        self.upstream_port, self.path, self.drops = upstream_port, path, drops
+        self.dropped: list[str] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read_request(conn) -> bytes | None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            key, _, value = line.partition(b":")
+            if key.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(body) < length:
+            body += conn.recv(65536)
+        return head + b"\r\n\r\n" + body
+
+    def _handle(self, conn) -> None:
+        import http.client
+
+        with conn:
+            while True:
+                raw = self._read_request(conn)
+                if raw is None:
+                    return
+                head, _, body = raw.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+                headers.pop("Connection", None)
+                upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+                upstream.request(method, target, body=body, headers=headers)
+                resp = upstream.getresponse()
+                payload = resp.read()  # the server has answered: the write is committed
+                upstream.close()
+                if self.path in target and len(self.dropped) < self.drops:
+                    self.dropped.append(target)
+                    return  # the reply never reaches the client
+                out = [f"HTTP/1.1 {resp.status} {resp.reason}"]
+                out += [
+                    f"{k}: {v}"
+                    for k, v in resp.getheaders()
+                    if k.lower() not in {"transfer-encoding", "content-length", "connection"}
+                ]
+                out += [f"Content-Length: {len(payload)}", "Connection: keep-alive"]
+                conn.sendall(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + payload)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("retries", ["2", "0"])
+def test_a_lost_create_run_reply_leaves_one_run_per_trial(
+    retries: str, tmp_path: Path, mlflow_server, monkeypatch
+) -> None:
+    """The tracking server commits a trial's run but its reply is lost (a real server behind a proxy
+    that drops the connection after the server answered create_run). With MLflow's own retries the
+    client sends create_run again (a second run, same trial tag); without them the op is kept and
+    replayed later. Either way the trial ends with exactly one run, holding all its records."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", retries)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    _, exp, parent = _store(tmp_path, f"lost-reply-{retries}", mlflow_server.uri)
+    proxy = ReplyDroppingProxy(mlflow_server.port, "/runs/create")
+    try:
+        rundir = RunDir(tmp_path / "run")
+        cb = _callback(
+            proxy.uri, exp, parent, {ModelData("m", "d"): {"ir_recall_at_10": 0.5}}, rundir=rundir,
+            retry_every_s=0,
+        )  # fmt: skip
+        t = _trial("t1", 2, 2, config_hash="h1")
+        cb.on_trial_start(0, [], t)
+        for epoch, value in ((1, 0.6), (2, 0.7)):
+            cb.on_trial_result(0, [], t, {"epoch": epoch, "ir_recall_at_10": value})
+        cb.on_trial_complete(0, [], t)
+        assert proxy.dropped and "/runs/create" in proxy.dropped[0]  # the fault hit create_run
+        assert cb.pending == [] and not rundir.has(JOURNAL)
+    finally:
+        proxy.close()
+    client = MlflowClient(mlflow_server.uri)
+    children = _children(client, f"lost-reply-{retries}")
+    assert len(children) == 1, [(c.info.run_id, c.info.status) for c in children]
+    run = client.get_run(children[0].info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[mlc.TRIAL_TAG] == "t1"
+    history = client.get_metric_history(run.info.run_id, "ir_recall_at_10")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.6), (2, 0.7)]

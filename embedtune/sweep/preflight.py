@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embedtune import memory, storage
+from embedtune import credentials, memory, ray_env, storage
 from embedtune.cache import stable_hash
 from embedtune.errors import EmbedtuneError
 from embedtune.models import check_max_seq_length, resolve_model
@@ -209,6 +209,48 @@ def check_disk(spec: SweepSpec, where: Path, cpus: float | None = None) -> None:
         )
 
 
+def _existing(path: Path) -> Path:
+    probe = Path(path).resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_local_staging(spec: SweepSpec, rundir: RunDir, joins_cluster: bool, ray_tmp: Path) -> None:
+    """With the Tune storage on object storage, what still lands on this machine's disk, refused
+    in one line when it cannot fit: the final stage's local copies of the checkpoints it evaluates
+    (in the run dir's local work folder) and, on a private local Ray, each running trial's
+    checkpoint staged in Ray's temp dir (`ray_tmp`) before it is uploaded (the one written and the
+    one restored). A cluster's worker disks are not seen from here (README)."""
+    model = max(_folder_bytes(resolve_model(m)) for m in spec.models)
+    per_pair = (
+        len(spec.search.epochs) if spec.final.epoch_compare and isinstance(spec.search.epochs, list) else 1
+    )
+    copies = len(spec.models) * len(spec.datasets) * per_pair + spec.final.top_k
+    needs = {rundir.path: (model * copies, f"{copies} checkpoint copies for the final stage")}
+    if not joins_cluster:
+        trials = planned_trials(spec)
+        running = min(
+            trials, spec.max_concurrent_trials or trials, max(1, int(_local_cpus(spec) // spec.resources.cpu))
+        )
+        needs[ray_tmp] = (model * 2 * running, f"{running} running trial(s) x 2 staged checkpoints")
+    by_disk: dict[int, list[tuple[Path, int, str]]] = {}
+    for where, (need, how) in needs.items():
+        by_disk.setdefault(os.stat(_existing(where)).st_dev, []).append((where, need, how))
+    for parts in by_disk.values():
+        need = sum(n for _, n, _ in parts)
+        free = shutil.disk_usage(_existing(parts[0][0])).free
+        if need > free:
+            where = " and ".join(str(w) for w, _, _ in parts)
+            how = " + ".join(h for _, _, h in parts)
+            raise EmbedtuneError(
+                f"not enough local disk at {where} (the Tune storage is remote, but checkpoints pass through "
+                f"here): about {need / 2**30:.2f} GiB needed ({how}, x {model / 2**20:.0f} MiB per model), "
+                f"{free / 2**30:.2f} GiB free; free space there (a private Ray stages in /tmp), or set EMBEDTUNE_HOME "
+                "(the run's local work folder) to a bigger disk"
+            )
+
+
 def tracking_uri_for(spec: SweepSpec, rundir: RunDir, state: SweepState | None) -> str:
     """A resumed sweep keeps its store; else the spec's, MLflow's own env var, or SQLite in the run dir.
     Returned as it may be stored: without its password (moved to $MLFLOW_TRACKING_PASSWORD)."""
@@ -220,12 +262,29 @@ def tracking_uri_for(spec: SweepSpec, rundir: RunDir, state: SweepState | None) 
 
 def without_secrets(spec: SweepSpec) -> SweepSpec:
     """`spec` as it may be written to the run dir and hashed: a password in mlflow.tracking_uri
-    moves to the environment (see `tracking.client.keep_secret_in_env`)."""
+    moves to the environment (see `tracking.client.keep_secret_in_env`), an S3 key pair in
+    storage_path or final.lancedb_uri to AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (see
+    `credentials.s3_keys_to_env`); any other credential there or in a dataset source is refused."""
+    for i, data in enumerate(spec.datasets):
+        credentials.check_source(data.source, f"datasets.{i}.source")
+    pairs = {credentials.s3_keys_of(u) for u in (spec.storage_path, spec.final.lancedb_uri)} - {None}
+    if len(pairs) > 1:
+        raise EmbedtuneError(
+            "storage_path and final.lancedb_uri carry different S3 keys: a run uses one S3 login; give it once, "
+            "or through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        )
     uri = spec.mlflow.tracking_uri
     clean = mlc.keep_secret_in_env(uri) if uri else uri
-    if clean == uri:
-        return spec
-    return spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": clean})})
+    update: dict = {}
+    if clean != uri:
+        update["mlflow"] = spec.mlflow.model_copy(update={"tracking_uri": clean})
+    storage_path = credentials.s3_keys_to_env(spec.storage_path, "storage_path")
+    if storage_path != spec.storage_path:
+        update["storage_path"] = storage_path
+    lancedb_uri = credentials.s3_keys_to_env(spec.final.lancedb_uri, "final.lancedb_uri")
+    if lancedb_uri != spec.final.lancedb_uri:
+        update["final"] = spec.final.model_copy(update={"lancedb_uri": lancedb_uri})
+    return spec.model_copy(update=update) if update else spec
 
 
 def preflight(spec: SweepSpec, rundir: RunDir, state: SweepState | None, joins_cluster: bool) -> str:
@@ -254,6 +313,8 @@ def preflight(spec: SweepSpec, rundir: RunDir, state: SweepState | None, joins_c
     tune_root = rundir.tune_storage(spec.storage_path, spec.name)
     if not storage.is_remote(tune_root):
         check_disk(spec, storage.local_path(tune_root), None if joins_cluster else _local_cpus(spec))
+    else:
+        check_local_staging(spec, rundir, joins_cluster, ray_env.TEMP_ROOT)
     return tracking_uri
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from embedtune import env
+from embedtune.credentials import URI_PASSWORD, redact
 from embedtune.errors import EmbedtuneError
 
 TRIAL_TAG = "embedtune.trial_id"
@@ -23,19 +23,8 @@ CONFIG_TAG = "embedtune.config_hash"
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "embedtune.kind"
 
-# Credentials that can ride in a URI: `scheme://user:password@host` and secret query parameters
-# (`?token=`, `&X-Amz-Signature=`, ...). Never logged as MLflow params, never printed.
-_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s\"']+):[^@/\s\"']+@")
-_URI_SECRET_PARAM = re.compile(
-    r"(?i)(?P<head>[?&][\w.-]*(?:token|password|passwd|secret|signature|credential|api[_-]?key|access[_-]?key)"
-    r"[\w.-]*=)[^&\s\"']+"
-)
-
-
-def redact(text: str) -> str:
-    """`text` with URI passwords and secret query parameters replaced by `***`."""
-    text = _URI_PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
-    return _URI_SECRET_PARAM.sub(lambda m: f"{m['head']}***", text)
+# Credentials that can ride in a URI are never logged as MLflow params, never printed.
+_URI_PASSWORD = URI_PASSWORD
 
 
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"

@@ -60,13 +60,24 @@ class TrialRuns:
         return members(config) if members else [self.config_hash(config)]
 
     def find_existing(self, trial_id: str) -> str | None:
+        """The trial's run, if the server has one. A create_run whose reply was lost (committed, then
+        the connection dropped) and that was sent again (MLflow's HTTP retries, or a replay) leaves
+        two runs with the trial's tag: the oldest is kept and the others are deleted."""
         runs = mlc.child_runs(
             self.tracking_uri,
             self.experiment_id,
             self.parent_run_id,
             f"tags.`{mlc.TRIAL_TAG}` = '{trial_id}'",
         )
-        return runs[0].info.run_id if runs else None
+        if not runs:
+            return None
+        keep, *extra = sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        for run in extra:
+            log.info(
+                "deleting duplicate run %s of trial %s (a create_run sent twice)", run.info.run_id, trial_id
+            )
+            mlc.client(self.tracking_uri).delete_run(run.info.run_id)
+        return keep.info.run_id
 
     def answers(self) -> bool:
         """Whether the tracking store answers now (a cheap read). A server that is away is an
@@ -109,7 +120,8 @@ class TrialRuns:
             if digest:
                 self._drop_stale(digest)
                 tags[mlc.CONFIG_TAG] = digest
-            run_id = c.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            created = c.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            run_id = self.find_existing(trial_id) or created  # the one run, should the create have gone twice
         # A found run may have been created just before an outage cut off its params and step 0:
         # whatever it lacks is written now (params not there yet, step 0 when not logged).
         params = {k: v for k, v in config.items() if not isinstance(v, dict | list)}
