@@ -63,13 +63,11 @@ def protected_path(
 ) -> None:
     """Refuse to delete `path` when it is `/`, $HOME, the checkout embedtune runs from or the
     working directory, or a parent of one of them (EmbedtuneError naming `flag` and which)."""
-    import embedtune
-
     target = Path(path).resolve()
     keep = {
         "/": Path("/"),
         "$HOME": Path.home().resolve(),
-        "the embedtune checkout": Path(embedtune.__file__).resolve().parent.parent,
+        "the embedtune checkout": Path(__file__).resolve().parent.parent,  # embedtune/rundir.py
         "the working directory": Path.cwd().resolve(),
     }
     for what, where in keep.items():
