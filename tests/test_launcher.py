@@ -45,10 +45,11 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "cluster" / "local"))
 import cluster_local as cl  # noqa: E402  (the cluster-local server parts: S3, PostgreSQL)
+from cluster_site import SAMPLE_SITE, render_sample  # noqa: E402  (what `make cluster-render` writes)
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
-BUCKET = "embedtune-runs"  # the shipped file's bucket
+BUCKET = SAMPLE_SITE["BUCKET"]  # the site file's bucket, rendered into the launcher file
 SWEEP = "launcher-test"
 SHARED_PORTS = (5000, 6379, 8076, 8265)  # fixed by the shipped file
 
@@ -236,9 +237,10 @@ class Node:
         _run(["userdel", "--remove", self.user])
 
 
-def _launcher_config(node: Node) -> dict:
-    """The shipped file with only provider, auth, docker and node types replaced."""
-    cfg = yaml.safe_load((REPO / "cluster" / "ray-cluster.yaml").read_text())
+def _launcher_config(node: Node, tmp: Path) -> dict:
+    """The shipped file as a user applies it (rendered with a site file, `make cluster-render`), with
+    only provider, auth, docker and node types replaced."""
+    cfg = yaml.safe_load((render_sample(tmp) / "ray-cluster.yaml").read_text())
     cfg["provider"] = {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
     cfg["auth"] = {
         "ssh_user": node.user,
@@ -308,7 +310,7 @@ def launched():
         assert made.returncode == 0, made.stderr
         (checkout / "sweeps" / f"{SWEEP}.yaml").write_text(yaml.safe_dump(_spec()))
         config = tmp / "ray-cluster.yaml"
-        config.write_text(yaml.safe_dump(_launcher_config(node)))
+        config.write_text(yaml.safe_dump(_launcher_config(node, tmp)))
         client_env = {
             k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_", "PYTHONPATH"))
         }
