@@ -182,12 +182,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if final is not None:
         for ds, v in sorted((final.verdicts or {}).items()):
             print(f"[embedtune] {ds}: {v['verdict']}")
-        # Where the user can read it: on the storage for a remote run dir (the local file is a cache
-        # on the driver's machine, e.g. a cluster head), else the run dir's own file.
-        report = rundir.uri(REPORT, "leaderboard.md") if rundir.remote else final.files.get("leaderboard_md")
-        print(f"[embedtune] report: {report} (and leaderboard.html, plots/)")
         for ds in sorted(final.served):
             print(f"[embedtune] search it: embedtune search {result.location} 'a question' --dataset {ds}")
+        # The last two lines: where the user reads it: on the storage for a remote run dir (the local
+        # file is a cache on the driver's machine, e.g. a cluster head), else the run dir's own file.
+        report = rundir.uri(REPORT, "leaderboard.md") if rundir.remote else final.files.get("leaderboard_md")
+        print(f"[embedtune] report: {report} (and leaderboard.html, plots/)")
     tracking = redact(result.tracking_uri)
     if tracking.startswith(("http://", "https://")):
         run_url = f"{tracking.rstrip('/')}/#/experiments/{result.experiment_id}/runs/{result.parent_run_id}"
