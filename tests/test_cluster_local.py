@@ -59,6 +59,10 @@ class Cluster:
         self.dsn = info["services"]["postgres"]["dsn"]
         self.dashboard = info["services"]["ray"]["dashboard"]
 
+    def refresh(self) -> None:
+        """Read the addresses again (a replaced head may listen on new ports)."""
+        self.__init__(self.state)
+
     def script(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         cmd = [sys.executable, str(SCRIPT), *args, "--state-dir", str(self.state)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
@@ -594,3 +598,31 @@ def test_two_jobs_submitted_at_once_one_runs_the_other_stops_with_one_line(
     assert len(errors) == 1, cluster.logs(loser)[-4000:]
     assert "run dir s3://embedtune/sweeps/twin-jobs is in use by pid" in errors[0], errors
     _check_sweep(cluster, "twin-jobs", configs=2, epochs=2)
+
+
+def test_head_lost_with_its_disk_a_new_head_completes_the_resubmitted_job(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The Ray head dies mid-sweep and its disk with it (Ray's temp dir and job packages, Tune's
+    staging dir, embedtune's caches: `cluster_local.py replace-head`); a new head starts against the
+    same S3, PostgreSQL and MLflow, knowing no job, and the same job submitted again completes from
+    S3: one FINISHED run per trial, every epoch reported once."""
+    workdir = _spec_dir(
+        tmp_path, "head-loss", search={"epochs": [3], "lr": [5.0e-5, 1.0e-4], "batch_size": [16]}
+    )
+    job = f"head-{uuid.uuid4().hex[:8]}"
+    assert cluster.submit(workdir, "spec.yaml", "--no-final", wait=False, job_id=job).returncode == 0
+    _wait_epoch(cluster, "head-loss", 1)
+    models = cluster.state / "ray" / "home" / ".cache" / "embedtune" / "models"  # the head's cache
+    temp_dir = Path(json.loads((cluster.state / "state.json").read_text())["services"]["ray"]["temp_dir"])
+    sessions = list(temp_dir.glob("session_2*"))  # Ray's session: logs, job packages, Tune's staging dir
+    assert models.is_dir() and sessions
+    cluster.script("replace-head", "--down-for", "2", timeout=400)
+    cluster.refresh()
+    assert not models.exists() and not [s for s in sessions if s.exists()]
+    assert job not in {j.submission_id for j in cluster.jobs().list_jobs()}  # the new head knows no job
+    assert json.loads(cluster.read("sweeps/head-loss/sweep_state.json"))["finished"] is False
+    again = cluster.submit(workdir, "spec.yaml", "--no-final")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert "resuming sweep from s3://embedtune/sweeps/head-loss/tune" in again.stdout
+    _check_sweep(cluster, "head-loss", configs=2, epochs=3)

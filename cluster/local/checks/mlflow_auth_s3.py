@@ -75,7 +75,7 @@ def main() -> int:
     for name, u, p, want in (
         ("no credentials", None, None, 401),
         ("wrong password", user, "nope", 401),
-        ("admin", user, password, 200),
+        (f"the env's login ({user})", user, password, 200),
     ):
         got = rest_status(url, u, p)
         ok &= got == want

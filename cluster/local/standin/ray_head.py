@@ -121,6 +121,10 @@ def ray_node_env(state: State, args: argparse.Namespace) -> dict[str, str]:
             # when the autoscaler starts worker raylets (node IP detection); on loopback it must not.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "TOKENIZERS_PARALLELISM": "false",
+            # Ray's memory monitor kills workers when the *machine* is at 95%: every node here shares
+            # one machine with whatever else runs on it (seen: a job driver killed for other
+            # processes' memory). Off; the kernel's OOM killer still guards the machine.
+            "RAY_memory_monitor_refresh_ms": "0",
             # Job entrypoints (`python ...`, `embedtune sweep ...`) resolve through PATH: the venv first.
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             # For the autoscaler (monitor.py) to import the node provider.
