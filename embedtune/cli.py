@@ -197,6 +197,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             f"[embedtune] MLflow: {tracking} (experiment {spec.experiment}); "
             f"`make mlflow-ui RUN_DIR={result.run_dir}` to browse"
         )
+    print(f"[embedtune] time: {result.clock.line()}")
     return 0
 
 

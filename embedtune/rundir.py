@@ -284,6 +284,14 @@ class RunDir:
             storage.upload_dir(self.report_dir, self.uri(REPORT))
         return self.report_dir
 
+    def update_report(self, files: dict[str, bytes]) -> None:
+        """Replace some files of the existing report (name -> content), each atomically (and in the
+        remote run dir): for what is known only once the report is built, such as the run's times."""
+        for name, data in files.items():
+            storage.write_local_atomic(self.report_dir / name, data)
+            if self.remote:
+                storage.write_bytes(self.uri(REPORT, name), data)
+
     def pull_report(self) -> None:
         """Fetch the stored report of a remote run dir into the local work folder."""
         old = self.path / f".{REPORT}.old"

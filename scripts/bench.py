@@ -546,7 +546,10 @@ def bench_sweep_local(spec, run_dir: Path) -> dict[str, Any]:
         "sweep_local_epochs": sum(
             max(x.epochs_done for x in result.trials if x.run_trial_id == r) for r in runs
         ),  # epochs trained
+        # Every stage's wall time (embedtune.clock): preflight_s, data_s, mining_s, base_scores_s,
+        # tracking_s, trials_s, final_s and final/<part>_s, total_s; a skipped stage is 0.
         "sweep_local_phases": {k: round(v, 1) for k, v in result.timings.items()},
+        "sweep_local_skipped": result.clock.skipped,
         "sweep_wall_over_trial_sum": result.timings.get("trials_s", t) / trial_sum if trial_sum else None,
         "trial_peak_rss_mb": max(rss) if rss else None,
         "sweep_disk_mb": _du_mb(run_dir),

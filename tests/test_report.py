@@ -204,6 +204,34 @@ def test_build_report_writes_files_and_rebuilds(tmp_path):
     assert pd.read_csv(rebuilt.files["leaderboard_csv"]).equals(csv)
 
 
+def test_time_line_is_stamped_on_a_built_report_once_and_survives_rebuild(tmp_path):
+    from embedtune.clock import time_line
+    from embedtune.report import report_with_timings
+
+    trials = trials_list()
+    _save_trials(tmp_path, trials)
+    rundir = RunDir(tmp_path)
+    rep = build_report(rundir, trials, results_frame(), {}, metric="hit_at_10")
+    assert "**Time:**" not in rep.files["leaderboard_md"].read_text()  # not timed (yet): no line
+    first = {"total_s": 70.0, "stages": {"data": 10.0, "trials": 50.0}, "skipped": {}}
+    later = {
+        "total_s": 75.0,
+        "stages": {"data": 10.0, "trials": 0.0, "final": 60.0},
+        "skipped": {"trials": "done"},
+    }
+    for timings in (first, later):  # stamped again: one line, the later one
+        report_with_timings(rundir, rep.blocks, timings)
+    md = rep.files["leaderboard_md"].read_text().splitlines()
+    lines = [x for x in md if x.startswith("**Time:**")]
+    assert lines == [f"**Time:** {time_line(later)}"] == [md[md.index("## Summary") + 2]]
+    assert "1 min 15 s — data 10 s, final stage 1 min 0 s; other 5.0 s; skipped: trials (done)" in lines[0]
+    assert f"<p><b>Time:</b> {time_line(later)}</p>" in rep.files["leaderboard_html"].read_text()
+    meta = json.loads(rep.files["meta"].read_text())
+    assert meta["timings"] == later and meta["metric"] == "hit_at_10"  # the rest of meta.json kept
+    rebuilt = rebuild_report(tmp_path)
+    assert lines[0] in rebuilt.files["leaderboard_md"].read_text().splitlines()
+
+
 # encode cost per model (as evaluate_models reports it): the L3 base is 3x faster than MiniLM
 COSTS = {
     "mini": ("openvino", 300.0, 384, 86.4),

@@ -341,7 +341,9 @@ def test_poisoned_trial_fails_alone_and_failed_final_stage_is_redone(tmp_path: P
     duration = trials["paraphrase-MiniLM-L3-v2"]["duration_s"]
 
     monkeypatch.setattr(embedtune.final, "run_final_stage", real_final)
+    started = time.perf_counter()
     result = run_sweep(spec, tmp_path / "run")
+    wall = time.perf_counter() - started
     assert result.resumed and result.final is not None and result.final.files["leaderboard_md"].exists()
     by_model = {t.model: t for t in result.trials}
     assert by_model["paraphrase-MiniLM-L3-v2"].duration_s == duration  # the finished trial was not rerun
@@ -354,6 +356,49 @@ def test_poisoned_trial_fails_alone_and_failed_final_stage_is_redone(tmp_path: P
     assert set(board[board["kind"] == "base"]["model"]) == {"all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"}
     parents, children = _children(client, spec.experiment)
     assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 2  # one run per config
+    _check_timings(result, parents[0], client, wall, tmp_path)
+
+
+def _check_timings(result, parent, client: MlflowClient, wall: float, tmp_path: Path) -> None:
+    """Where the time went: every stage in meta.json and on the parent run, measured wall time that
+    adds up to (most of) the run's total, which is the run's own wall time; the summary says it."""
+    from embedtune.clock import time_line
+
+    timings = json.loads(result.final.files["meta"].read_text())["timings"]
+    stages, total = timings["stages"], timings["total_s"]
+    top = {"preflight", "data", "mining", "base_scores", "tracking", "trials", "final"}
+    parts = {"final/cross_encoder", "final/scoring/medquad", "final/epochs", "final/harm", "final/report"}
+    assert set(stages) == top | parts | {"final/registry", "final/served"}
+    assert all(isinstance(v, float) and v >= 0 for v in stages.values()), stages
+    # What did not run says why (0 s); what ran took time. A measure of only part of the run (or of
+    # a stage counted twice) fails the sums: the stages cover at least 80% of the total, never more.
+    assert timings["skipped"] == {
+        "final/cross_encoder": "none trained",
+        "final/epochs": "no other epoch count",
+        "final/harm": "no final.ood",
+        "final/registry": "final.registry off",
+    }
+    assert all(stages[k] == 0 for k in timings["skipped"])
+    assert all(stages[k] > 0 for k in set(stages) - set(timings["skipped"]))
+    assert 0.8 * total <= sum(stages[k] for k in top) <= total <= wall
+    assert total >= 0.85 * wall  # the total is the run's, not one stage's
+    final_parts = sum(v for k, v in stages.items() if k.startswith("final/"))
+    assert 0.8 * stages["final"] <= final_parts <= stages["final"]
+    assert stages["trials"] > stages["final/report"]  # a trial trained: the slowest stage here
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    for k, v in stages.items():
+        assert metrics[f"time/{k}_s"] == pytest.approx(v), k
+    assert metrics["time/total_s"] == pytest.approx(total, abs=5.0)
+    assert result.timings["trials_s"] == stages["trials"] and result.timings["final_s"] == stages["final"]
+    # The summary's line, at the top of both pages and in the parent run's copy of the report.
+    line = f"**Time:** {time_line(timings)}"
+    md = result.final.files["leaderboard_md"].read_text().splitlines()
+    assert md[md.index("## Summary") + 2] == line
+    assert "skipped: cross-encoder (none trained)" in line and "final stage" in line
+    html = result.final.files["leaderboard_html"].read_text()
+    assert "<p><b>Time:</b> " + time_line(timings) + "</p>" in html
+    logged = Path(client.download_artifacts(parent.info.run_id, "report/leaderboard.md", str(tmp_path)))
+    assert line in logged.read_text().splitlines()
 
 
 @pytest.mark.slow
@@ -420,6 +465,9 @@ def test_grown_grid_runs_only_new_configs_and_rerun_runs_none(tmp_path: Path) ->
 
     third = run_sweep(grown, run, final=False)  # the same grown spec again: nothing to run
     assert third.launched == 0 and third.experiments == ["tune", "tune-2"]
+    assert third.clock.skipped == {"trials": "all done before", "final": "--no-final"}
+    assert third.timings["trials_s"] == 0 == third.timings["final_s"] and third.timings["data_s"] > 0
+    assert "skipped: trials (all done before), final stage (--no-final)" in third.clock.line()
     assert not (run / "tune-3").exists()
     assert json.loads((run / "trials.json").read_text()) == trials
     assert len(_children(client, grown.experiment)[1]) == 3

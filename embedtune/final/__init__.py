@@ -3,6 +3,6 @@ report), `cross_encoder_train` (a cross-encoder reranker trained offline) and `c
 (is it better than the bi-encoder's own ordering?), `harm` (the do-no-harm check on out-of-domain
 data) and `registry` (MLflow)."""
 
-from embedtune.final.stage import FinalResult, evaluate_and_report, run_final_stage
+from embedtune.final.stage import FinalResult, evaluate_and_report, run_final_stage, stamp_timings
 
-__all__ = ["FinalResult", "evaluate_and_report", "run_final_stage"]
+__all__ = ["FinalResult", "evaluate_and_report", "run_final_stage", "stamp_timings"]

@@ -56,6 +56,13 @@ def log_report(tracking_uri: str, run_id: str, report) -> None:
         c.set_tag(run_id, "embedtune.harm", ", ".join(flagged) or "none")
 
 
+def log_report_files(tracking_uri: str, run_id: str, paths: list[Path]) -> None:
+    """Log (again) files of the report folder to `run_id`'s `report/` artifacts."""
+    c = mlc.client(tracking_uri)
+    for path in paths:
+        c.log_artifact(run_id, str(path), artifact_path="report")
+
+
 def register_winner(
     tracking_uri: str, parent_run_id: str, winner: dict[str, Any], name: str, alias: str, metric: str
 ) -> dict[str, Any]:

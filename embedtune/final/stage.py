@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from embedtune import storage
+from embedtune.clock import StageClock
 from embedtune.data import PreparedData, resolve_source
 from embedtune.errors import EmbedtuneError
 from embedtune.final.cross_encoder_gate import GateResult, gate_cross_encoder, held_back_questions
 from embedtune.final.cross_encoder_train import train_reranker
 from embedtune.final.harm import do_no_harm
 from embedtune.final.pick import epoch_entries, pick_models
-from embedtune.final.registry import log_report, register_winner, standalone_run
+from embedtune.final.registry import log_report, log_report_files, register_winner, standalone_run
 from embedtune.final.serve import serve_datasets
 from embedtune.models import resolve_model
 from embedtune.records import HarmCheck, ModelEntry, TrialRecord
-from embedtune.report import dataset_sources
+from embedtune.report import dataset_sources, report_with_timings
 from embedtune.rundir import RunDir
 from embedtune.specs import FinalSpec, MiningSpec, RerankerTrainConfig
 from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC
@@ -51,6 +52,7 @@ class FinalResult:
     leaderboard: Any = None  # the report's leaderboard frame
     metric: str = DEFAULT_SWEEP_METRIC  # the leaderboard metric
     served: dict[str, Any] = field(default_factory=dict)  # per dataset: its served table (final.serve)
+    blocks: list = field(default_factory=list)  # the report page (report.render), to stamp the times on
 
 
 def cross_encoders(
@@ -129,10 +131,11 @@ def evaluate_and_report(
     epoch_models: dict[str, list[ModelEntry]] | None = None,
     sweep_name: str | None = None,
     sweep_metric: str = DEFAULT_SWEEP_METRIC,
+    clock: StageClock | None = None,
 ) -> FinalResult:
     """Evaluate `entries` per dataset (and `epoch_models`, see `epoch_entries`, on vector search
     only), build the report, log and register. Shared by the sweep's final stage and
-    `embedtune evaluate`."""
+    `embedtune evaluate`. Each part is timed as a `final/...` stage of `clock`."""
     import pandas as pd
 
     from embedtune.evaluate import evaluate_models
@@ -147,7 +150,11 @@ def evaluate_and_report(
     bases = {
         label: next((e.path for e in models if e.kind == "base"), None) for label, models in entries.items()
     }
-    cross, gates = cross_encoders(spec, datasets, triplets, {k: v for k, v in bases.items() if v})
+    clock = clock or StageClock()
+    with clock.stage("final/cross_encoder"):
+        cross, gates = cross_encoders(spec, datasets, triplets, {k: v for k, v in bases.items() if v})
+    if spec.cross_encoder != "train" or "cross-encoder" not in spec.eval.rerankers:
+        clock.skip("final/cross_encoder", "none trained")
     no_ce = spec.eval.model_copy(
         update={"rerankers": [r for r in spec.eval.rerankers if r != "cross-encoder"]}
     )
@@ -158,53 +165,72 @@ def evaluate_and_report(
             raise EmbedtuneError(
                 f"no prepared data for dataset {label!r} (expected {rundir.data_file(label)})"
             )
-        models = resolved[label] = local_models(models, rundir.checkpoints)
-        log.info("evaluating %d model(s) on %s: %s", len(models), label, ", ".join(m.label for m in models))
-        eval_spec = spec.eval if label in cross else no_ce
-        frames.append(
-            evaluate_models(
-                models,
-                datasets[label],
-                eval_spec,
-                db_uri,
-                cross_encoder_path=cross.get(label),
-                encode_backend=spec.encode_backend,
+        with clock.stage(f"final/scoring/{label}"):  # the ingest into LanceDB and the search
+            models = resolved[label] = local_models(models, rundir.checkpoints)
+            log.info(
+                "evaluating %d model(s) on %s: %s", len(models), label, ", ".join(m.label for m in models)
             )
-        )
-        extra = local_models((epoch_models or {}).get(label, []), rundir.checkpoints)
-        if extra:
-            log.info("epoch comparison on %s (vector search): %s", label, ", ".join(m.label for m in extra))
-            vector_only = spec.eval.model_copy(update={"query_types": ["vector"], "rerankers": ["none"]})
+            eval_spec = spec.eval if label in cross else no_ce
             frames.append(
                 evaluate_models(
-                    extra,
+                    models,
                     datasets[label],
-                    vector_only,
+                    eval_spec,
                     db_uri,
-                    progress=False,
+                    cross_encoder_path=cross.get(label),
                     encode_backend=spec.encode_backend,
                 )
             )
-            resolved[label] = [*models, *extra]
+        if not (epoch_models or {}).get(label):
+            continue
+        with clock.stage("final/epochs"):
+            extra = local_models(epoch_models[label], rundir.checkpoints)
+            if extra:
+                log.info(
+                    "epoch comparison on %s (vector search): %s", label, ", ".join(m.label for m in extra)
+                )
+                vector_only = spec.eval.model_copy(update={"query_types": ["vector"], "rerankers": ["none"]})
+                frames.append(
+                    evaluate_models(
+                        extra,
+                        datasets[label],
+                        vector_only,
+                        db_uri,
+                        progress=False,
+                        encode_backend=spec.encode_backend,
+                    )
+                )
+                resolved[label] = [*models, *extra]
+    if not clock.ran("final/epochs"):
+        clock.skip(
+            "final/epochs", "no other epoch count" if epoch_models is not None else "final.epoch_compare off"
+        )
     results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     harm = HarmCheck(metric=spec.leaderboard_metric, alpha=spec.harm_alpha)
     if spec.ood and not results.empty:
-        try:
-            harm = do_no_harm(results, trials, resolved, spec, db_uri, dataset_sources(rundir))
-        except Exception as exc:  # the leaderboard must not be lost to the extra check
-            log.warning("do-no-harm check failed (%s: %s); report without it", type(exc).__name__, exc)
-    report = build_report(
-        rundir,
-        trials,
-        results,
-        datasets,
-        metric=spec.leaderboard_metric,
-        sweep_metric=sweep_metric,
-        probe_size=spec.probe_size,
-        harm=harm,
-        gates=gates,
-        encode_backend=spec.encode_backend,
-    )
+        with clock.stage("final/harm"):
+            try:
+                harm = do_no_harm(results, trials, resolved, spec, db_uri, dataset_sources(rundir))
+            except Exception as exc:  # the leaderboard must not be lost to the extra check
+                log.warning("do-no-harm check failed (%s: %s); report without it", type(exc).__name__, exc)
+    else:
+        clock.skip("final/harm", "no final.ood" if not spec.ood else "nothing evaluated")
+    with clock.stage("final/report"):
+        report = build_report(
+            rundir,
+            trials,
+            results,
+            datasets,
+            metric=spec.leaderboard_metric,
+            sweep_metric=sweep_metric,
+            probe_size=spec.probe_size,
+            harm=harm,
+            gates=gates,
+            encode_backend=spec.encode_backend,
+        )
+        if tracking_uri:
+            parent = mlflow_parent_run_id or standalone_run(tracking_uri, rundir.path, rundir.path.name)
+            log_report(tracking_uri, parent, report)
     final = FinalResult(
         report.report_dir,
         report.files["results"],
@@ -216,11 +242,13 @@ def evaluate_and_report(
         dataset_winners=report.dataset_winners,
         leaderboard=report.leaderboard,
         metric=report.metric,
+        blocks=report.blocks,
     )
-    if tracking_uri:
-        parent = mlflow_parent_run_id or standalone_run(tracking_uri, rundir.path, rundir.path.name)
-        log_report(tracking_uri, parent, report)
-        if spec.registry and report.winner and report.winner.get("kind") == "tuned":
+    registers = bool(
+        tracking_uri and spec.registry and report.winner and report.winner.get("kind") == "tuned"
+    )
+    with clock.stage("final/registry"):
+        if registers:
             name = spec.register_name or f"embedtune-{sweep_name or rundir.path.name}"
             final.registered = register_winner(
                 tracking_uri, parent, report.winner, name, spec.alias, spec.leaderboard_metric
@@ -232,8 +260,17 @@ def evaluate_and_report(
                 final.registered["version"],
                 spec.alias,
             )
-        elif spec.registry:
+        elif tracking_uri and spec.registry:
             log.info("no tuned model was evaluated: nothing registered")
+    if not registers:
+        why = (
+            "final.registry off"
+            if not spec.registry
+            else "no tracking URI"
+            if not tracking_uri
+            else "no tuned winner"
+        )
+        clock.skip("final/registry", why)
     return final
 
 
@@ -249,10 +286,12 @@ def run_final_stage(
     max_seq_length: int | None = None,
     sweep_name: str | None = None,
     sweep_metric: str = DEFAULT_SWEEP_METRIC,
+    clock: StageClock | None = None,
 ) -> FinalResult:
     """Pick (see `pick_models`), evaluate in LanceDB, report, log to the parent run, register the winner.
     `max_seq_length` (the sweep's training truncation) applies to every model unless `spec.eval`
     sets its own, so the base models are not scored on longer inputs than the tuned ones."""
+    clock = clock or StageClock()
     if max_seq_length and spec.eval.max_seq_length is None:
         spec = spec.model_copy(
             update={"eval": spec.eval.model_copy(update={"max_seq_length": max_seq_length})}
@@ -272,9 +311,26 @@ def run_final_stage(
         extra,
         sweep_name,
         sweep_metric,
+        clock,
     )
     if spec.serve:
-        final.served = serve_datasets(
-            rundir, final, datasets, spec, tracking_uri, mlflow_parent_run_id, sweep_name
-        )
+        with clock.stage("final/served"):
+            final.served = serve_datasets(
+                rundir, final, datasets, spec, tracking_uri, mlflow_parent_run_id, sweep_name
+            )
+    else:
+        clock.skip("final/served", "final.serve off")
     return final
+
+
+def stamp_timings(
+    rundir: RunDir, final: FinalResult, timings: dict[str, Any], tracking_uri: str | None, run_id: str | None
+) -> None:
+    """Put the run's times (`StageClock.to_dict()`) into its report once every stage is done: the
+    time line at the top of the leaderboard pages and `timings` in meta.json, on disk, in a remote
+    run dir and in the MLflow run's `report/` artifacts."""
+    if not final.blocks:
+        return
+    files = report_with_timings(rundir, final.blocks, timings)
+    if tracking_uri and run_id:
+        log_report_files(tracking_uri, run_id, [final.report_dir / name for name in files])

@@ -15,6 +15,12 @@
 A report is built in a staging folder and replaces the old one as a whole (`RunDir.write_report`).
 """
 
-from embedtune.report.build import ReportResult, build_report, dataset_sources, rebuild_report
+from embedtune.report.build import (
+    ReportResult,
+    build_report,
+    dataset_sources,
+    rebuild_report,
+    report_with_timings,
+)
 
-__all__ = ["ReportResult", "build_report", "dataset_sources", "rebuild_report"]
+__all__ = ["ReportResult", "build_report", "dataset_sources", "rebuild_report", "report_with_timings"]

@@ -5,6 +5,7 @@ docstring). The report is built in a staging folder and replaces the old one as 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from embedtune.report.epochs import epoch_advice, overfitting_flags
 from embedtune.report.leaderboard import leaderboard, pick_winner
 from embedtune.report.plots import COST_PLOT, plot_best, plot_cost, plot_epochs
 from embedtune.report.probe import probe_all
-from embedtune.report.render import page_blocks, render
+from embedtune.report.render import page_blocks, render, with_time_line
 from embedtune.report.verdict import should_fine_tune
 from embedtune.rundir import RunDir
 from embedtune.specs import SweepSpec
@@ -39,6 +40,7 @@ class ReportResult:
     verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
     flags: list[dict[str, Any]] = field(default_factory=list)
     harm: HarmCheck = field(default_factory=HarmCheck)
+    blocks: list = field(default_factory=list)  # the page (render.Block), rendered as md and html
 
     @property
     def paths(self) -> list[Path]:
@@ -93,9 +95,11 @@ def build_report(
     sources: dict[str, list[str]] | None = None,
     gates: list | None = None,
     encode_backend: str = "torch",
+    timings: dict[str, Any] | None = None,
 ) -> ReportResult:
     """Write the leaderboard (md, csv, html), plots and the stored inputs as `rundir`'s report.
-    `encode_backend`: what the probe encodes with (the final stage passes `final.encode_backend`)."""
+    `encode_backend`: what the probe encodes with (the final stage passes `final.encode_backend`);
+    `timings`: the run's times (`clock.StageClock.to_dict()`), a line of the summary when given."""
     if gates is None:  # a rebuild: the gates the run stored
         gate_rows = store.load_json(rundir.report_file(store.META_FILE), {}).get("reranker_gates", [])
     else:
@@ -153,6 +157,9 @@ def build_report(
         "epoch_advice": epochs,
         "reranker_gates": gate_rows,
     }
+    if timings:
+        meta["timings"] = timings
+    page: list = []
 
     def build(folder: Path) -> None:
         plots_dir = folder / "plots"
@@ -166,8 +173,9 @@ def build_report(
         store.save_results(folder, results)
         board.to_csv(folder / names["leaderboard_csv"], index=False)
         blocks = page_blocks(
-            board, metric, winner, verdicts, flags, plots, epochs, harm, dataset_winners, gate_rows
+            board, metric, winner, verdicts, flags, plots, epochs, harm, dataset_winners, gate_rows, timings
         )
+        page[:] = blocks
         (folder / names["leaderboard_md"]).write_text(render(blocks, "md"))
         (folder / names["leaderboard_html"]).write_text(render(blocks, "html"))
         store.write_json(folder / names["meta"], meta)
@@ -179,8 +187,23 @@ def build_report(
     files = {k: report_dir / v for k, v in names.items()}
     plots = [report_dir / "plots" / n for n in plot_names]
     return ReportResult(
-        report_dir, files, plots, winner, metric, board, dataset_winners, verdicts, flags, harm
+        report_dir, files, plots, winner, metric, board, dataset_winners, verdicts, flags, harm, page
     )
+
+
+def report_with_timings(rundir: RunDir, blocks: list, timings: dict[str, Any]) -> list[str]:
+    """Stamp the run's times on its built report (`blocks`: its page): the summary's time line in
+    leaderboard.md/html and `timings` in meta.json. The names of the files rewritten."""
+    meta = store.load_json(rundir.report_file(store.META_FILE), {})
+    meta["timings"] = timings
+    page = with_time_line(blocks, timings)
+    files = {
+        "leaderboard.md": render(page, "md").encode(),
+        "leaderboard.html": render(page, "html").encode(),
+        store.META_FILE: json.dumps(meta, indent=2, default=str).encode(),
+    }
+    rundir.update_report(files)
+    return list(files)
 
 
 def rebuild_report(rundir: RunDir | str | Path, metric: str | None = None) -> ReportResult:
@@ -210,4 +233,5 @@ def rebuild_report(rundir: RunDir | str | Path, metric: str | None = None) -> Re
         probe_size=int(meta.get("probe_size", 200)),
         harm=store.load_harm(rundir.report_dir),
         encode_backend=meta.get("encode_backend", "torch"),
+        timings=meta.get("timings"),
     )

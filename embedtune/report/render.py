@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedtune.clock import time_line
 from embedtune.records import HarmCheck, HarmRow, number
 from embedtune.report.epochs import EPOCH_NOTE
 from embedtune.report.fmt import fmt, fmt_p, pct
@@ -374,6 +375,7 @@ def page_blocks(
     harm: HarmCheck,
     dataset_winners=None,
     gates=None,
+    timings: dict[str, Any] | None = None,
 ) -> list[Block]:
     blocks = [heading("embedtune leaderboard", 1)]
     blocks += summary_blocks(board, metric, dataset_winners, verdicts, epochs, harm, gates)
@@ -386,7 +388,21 @@ def page_blocks(
     if plots:
         blocks.append(heading("Plots"))
         blocks += [Block("image", p.stem, src=f"plots/{p.name}") for p in plots]
-    return blocks
+    return with_time_line(blocks, timings)
+
+
+TIME_LABEL = "**Time:**"
+
+
+def with_time_line(blocks: list[Block], timings: dict[str, Any] | None) -> list[Block]:
+    """`blocks` with the run's time line (`clock.time_line` of `timings`) first in the summary, in
+    place of an older one; without `timings`, without one."""
+    out = [b for b in blocks if not (b.kind == "para" and b.text.startswith(TIME_LABEL))]
+    if not timings:
+        return out
+    at = next((i + 1 for i, b in enumerate(out) if b.kind == "heading" and b.text == "Summary"), 1)
+    out.insert(at, para(f"{TIME_LABEL} {time_line(timings)}"))
+    return out
 
 
 # ---------------------------------------------------------------- rendering

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from embedtune import storage
+from embedtune.clock import StageClock
 from embedtune.records import TrialRecord
 from embedtune.rundir import RunDir
 from embedtune.specs import SweepSpec
@@ -56,10 +56,11 @@ class SweepResult:
     experiment_id: str
     resumed: bool = False
     final: Any = None
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # "<stage>_s" and "total_s" (StageClock.flat)
     launched: int = 0  # trials of the Tune experiments this call ran or resumed
     experiments: list[str] = field(default_factory=list)  # Tune experiments of the run dir
     location: str = ""  # the run dir as given: a folder or a URI
+    clock: StageClock = field(default_factory=StageClock)  # where the time went (`clock.line()`)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -92,37 +93,39 @@ def _run(
     ray_address: str | None,
     on_trials: Callable[[list[TrialRecord]], None] | None = None,
 ):
-    timings: dict[str, float] = {}
-    t0 = time.time()
+    clock = StageClock()  # each stage's wall time: meta.json, the parent run, the report's summary
     # 1. preflight
-    stored = pf.SweepState.load(rundir)
-    extending = pf.check_run_dir(spec, rundir, stored, resume)
-    joins = bool(ray_address or spec.ray.address or os.environ.get("RAY_ADDRESS"))
-    tracking_uri = pf.preflight(spec, rundir, stored, joins)
-    pf.check_gpu_memory(spec, ray_address or spec.ray.address)  # before data work; skipped without a GPU
-    # 2. prepare
-    inputs = prepare_inputs(spec, rundir, stored, final, timings)
+    with clock.stage("preflight"):
+        stored = pf.SweepState.load(rundir)
+        extending = pf.check_run_dir(spec, rundir, stored, resume)
+        joins = bool(ray_address or spec.ray.address or os.environ.get("RAY_ADDRESS"))
+        tracking_uri = pf.preflight(spec, rundir, stored, joins)
+        pf.check_gpu_memory(spec, ray_address or spec.ray.address)  # before data work; skipped without a GPU
+    # 2. prepare (data, mining, base_scores)
+    inputs = prepare_inputs(spec, rundir, stored, final, clock)
     # 3. tracking
-    tracking = open_tracking(spec, rundir, stored, tracking_uri, inputs, extending)
-    state = pf.SweepState(
-        spec_hash=pf.spec_hash(spec),
-        parent_run_id=tracking.parent,
-        experiment_id=tracking.experiment_id,
-        tracking_uri=tracking_uri,
-        storage=spec.storage_path or rundir.location,
-        finished=False,
-        trials_done=bool(stored.trials_done or stored.finished) if stored else False,
-        experiments=list(stored.experiments) if stored else [],
-        fingerprints={**(stored.fingerprints if stored else {}), **inputs.hasher.fingerprints},
-    )
-    state.save(rundir)
+    with clock.stage("tracking"):
+        tracking = open_tracking(spec, rundir, stored, tracking_uri, inputs, extending)
+        state = pf.SweepState(
+            spec_hash=pf.spec_hash(spec),
+            parent_run_id=tracking.parent,
+            experiment_id=tracking.experiment_id,
+            tracking_uri=tracking_uri,
+            storage=spec.storage_path or rundir.location,
+            finished=False,
+            trials_done=bool(stored.trials_done or stored.finished) if stored else False,
+            experiments=list(stored.experiments) if stored else [],
+            fingerprints={**(stored.fingerprints if stored else {}), **inputs.hasher.fingerprints},
+        )
+        state.save(rundir)
     # 4. trials (records of earlier runs in this dir first)
-    records = merge_records([], rundir.trials())
-    step = TrialsStep(spec, rundir, state, inputs, tracking, records)
-    t1 = time.time()
-    step.run(ray_address)
-    timings["trials_s"] = time.time() - t1
-    step.link_runs()
+    with clock.stage("trials"):
+        records = merge_records([], rundir.trials())
+        step = TrialsStep(spec, rundir, state, inputs, tracking, records)
+        ran = step.run(ray_address)
+        step.link_runs()
+    if not ran:
+        clock.skip("trials", "all done before")
     if on_trials is not None:
         on_trials(step.records)
     result = SweepResult(
@@ -133,18 +136,25 @@ def _run(
         tracking.experiment_id,
         bool(stored),
         None,
-        timings,
+        {},
         step.launched,
         state.experiments,
         rundir.location,
+        clock,
     )
     # 5. final stage
     if final and spec.final.enabled:
-        t2 = time.time()
-        result.final = final_stage(spec, rundir, step.records, inputs, tracking)
-        timings["final_s"] = time.time() - t2
-    timings["total_s"] = time.time() - t0
-    mlc.log_metrics(tracking_uri, tracking.parent, {f"timing.{k}": v for k, v in timings.items()}, step=0)
+        with clock.stage("final"):
+            result.final = final_stage(spec, rundir, step.records, inputs, tracking, clock)
+    else:
+        clock.skip("final", "--no-final" if not final else "final.enabled off")
+    result.timings = clock.flat()
+    mlc.log_metrics(tracking_uri, tracking.parent, clock.metrics(), step=0)
+    if result.final is not None:  # the report's summary line and meta.json, now that all is timed
+        from embedtune.final import stamp_timings
+
+        stamp_timings(rundir, result.final, clock.to_dict(), tracking_uri, tracking.parent)
+    log.info("sweep %s took %s", spec.name, clock.line())
     mlc.finish_run(tracking_uri, tracking.parent, "FINISHED")
     state.finished = True
     state.save(rundir)
@@ -152,7 +162,12 @@ def _run(
 
 
 def final_stage(
-    spec: SweepSpec, rundir: RunDir, trials: list[TrialRecord], inputs: Inputs, tracking: Tracking
+    spec: SweepSpec,
+    rundir: RunDir,
+    trials: list[TrialRecord],
+    inputs: Inputs,
+    tracking: Tracking,
+    clock: StageClock | None = None,
 ):
     """Step 5: the final stage; the sweep's parent run never stays RUNNING if it fails, and rerunning
     the same command redoes only this stage."""
@@ -171,6 +186,7 @@ def final_stage(
             max_seq_length=spec.train.max_seq_length,
             sweep_name=spec.name,
             sweep_metric=spec.scheduler.metric,
+            clock=clock,
         )
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
+from embedtune.clock import StageClock
 from embedtune.data import PreparedData, prepare
 from embedtune.errors import EmbedtuneError
 from embedtune.evaluate import check_depth
@@ -32,9 +32,35 @@ class Inputs:
 
 
 def prepare_inputs(
-    spec: SweepSpec, rundir: RunDir, state: pf.SweepState | None, final: bool, timings: dict[str, float]
+    spec: SweepSpec, rundir: RunDir, state: pf.SweepState | None, final: bool, clock: StageClock
 ) -> Inputs:
-    t0 = time.time()
+    """The data, the hard negatives and the base scores, each timed as its stage of `clock`."""
+    with clock.stage("data"):
+        datasets = prepare_datasets(spec, rundir, state, final)
+    triplets: dict[str, Triplets] = {}
+    with clock.stage("mining"):
+        for label, data in datasets.items() if spec.train.hard_negatives else ():
+            triplets[label] = mine(data, spec.mining)
+            how = "mined" if triplets[label].mined else "loaded from cache"
+            log.info(
+                "hard negatives %s (%s, key %s): %s", label, how, triplets[label].key, triplets[label].counts
+            )
+    if not spec.train.hard_negatives:
+        clock.skip("mining", "train.hard_negatives off")
+    with clock.stage("base_scores"):
+        base = base_metrics(spec, datasets, triplets, rundir)
+    hasher = ConfigHasher(
+        {k: v.fingerprint for k, v in datasets.items()},
+        spec.train.model_dump(),
+        {k: v.key for k, v in triplets.items()},
+    )
+    return Inputs(datasets, triplets, base, hasher)
+
+
+def prepare_datasets(
+    spec: SweepSpec, rundir: RunDir, state: pf.SweepState | None, final: bool
+) -> dict[str, PreparedData]:
+    """Every dataset split (refused when its data changed under the run dir's trials), stored."""
     old_fingerprints = state.fingerprints if state else {}
     datasets: dict[str, PreparedData] = {}
     for ds in spec.datasets:
@@ -58,23 +84,7 @@ def prepare_inputs(
             data.fingerprint,
             ", ".join(f"{k}={v}" for k, v in data.counts.items()),
         )
-    triplets: dict[str, Triplets] = {}
-    if spec.train.hard_negatives:
-        for label, data in datasets.items():
-            triplets[label] = mine(data, spec.mining)
-            how = "mined" if triplets[label].mined else "loaded from cache"
-            log.info(
-                "hard negatives %s (%s, key %s): %s", label, how, triplets[label].key, triplets[label].counts
-            )
-    timings["prepare_s"] = time.time() - t0
-    base = base_metrics(spec, datasets, triplets, rundir)
-    timings["base_eval_s"] = time.time() - t0 - timings["prepare_s"]
-    hasher = ConfigHasher(
-        {k: v.fingerprint for k, v in datasets.items()},
-        spec.train.model_dump(),
-        {k: v.key for k, v in triplets.items()},
-    )
-    return Inputs(datasets, triplets, base, hasher)
+    return datasets
 
 
 def base_metrics(

@@ -132,7 +132,8 @@ class TrialsStep:
         self.launched += len({r.run_trial_id for r in new})
         self.save(new)
 
-    def run(self, ray_address: str | None) -> None:
+    def run(self, ray_address: str | None) -> bool:
+        """Resume and extend the run dir's Tune experiments; False when there was nothing to run."""
         from ray import tune
 
         from embedtune import ray_env
@@ -152,7 +153,7 @@ class TrialsStep:
                 n_todo,
             )
         if not (restore_path or n_todo):
-            return
+            return False
         state.trials_done = False
         state.save(self.rundir)
         # Disconnects from a joined cluster, or stops the private local Ray and removes its files.
@@ -176,6 +177,7 @@ class TrialsStep:
         replayed = replay_journal(self.tracking.callback(), spec.mlflow.outage_wait_s)
         if replayed:
             log.info("replayed %d kept MLflow record(s)", replayed)
+        return True
 
     def _close_interrupted(self) -> None:
         t = self.tracking
