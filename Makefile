@@ -34,7 +34,7 @@ sweep-local: setup
 # Everything but the registry tests in a loopback-only network namespace (scripts/netns.sh); the
 # install test needs pip's registry, so it runs after, outside the namespace.
 test: setup
-	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs --durations=15 -m "not registry"
+	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs --durations=25 -m "not registry"
 	EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs -m registry
 
 test-fast: setup
