@@ -294,7 +294,11 @@ class RunDir:
 
         def beat() -> None:
             while True:
-                storage.write_json(self.uri(LEASE), {**me, "beat": time.time()})
+                try:
+                    storage.write_json(self.uri(LEASE), {**me, "beat": time.time()})
+                except Exception as exc:  # an object-store outage must not end the heartbeat for good
+                    log.warning("object store: could not refresh the lease %s (%s); retrying", self.uri(LEASE),
+                                f"{type(exc).__name__}: {exc}".splitlines()[0][:200])  # fmt: skip
                 if stop.wait(LEASE_TTL_S / 3):
                     return
 

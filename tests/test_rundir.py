@@ -195,3 +195,55 @@ def test_fresh_empties_a_run_dir_it_made(tmp_path: Path) -> None:
     rd.clear_for_fresh()
     assert rd.path.is_dir() and not [p for p in rd.path.iterdir() if p.name != ".lock"]
     RunDir(tmp_path / "never-made").clear_for_fresh()  # nothing there: nothing to do
+
+
+@pytest.mark.slow
+def test_the_lease_on_s3_outlives_an_object_store_outage(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A sweep's lease on its S3 run dir while the object store (real SeaweedFS) is down for two
+    heartbeats: each failed PUT is logged (naming the lease and the error), the heartbeat goes on,
+    and once S3 is back the lease is fresh again and a second sweep is still refused."""
+    import logging
+    import time
+
+    from servers import SeaweedS3
+
+    from embedtune import rundir as rd
+    from embedtune import storage
+
+    s3 = SeaweedS3(tmp_path / "s3")
+    s3.start()
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(rd, "LEASE_TTL_S", 6.0)  # a beat every 2 s
+    caplog.set_level(logging.WARNING, logger="embedtune.rundir")
+    run = rd.RunDir("s3://embedtune/lease-outage", work=tmp_path / "work")
+    try:
+        with run.lock():
+            s3.kill()
+
+            def failed() -> list[str]:
+                return [
+                    r.getMessage() for r in caplog.records if "could not refresh the lease" in r.getMessage()
+                ]
+
+            deadline = time.time() + 90
+            while len(failed()) < 2 and time.time() < deadline:  # two beats or more fail
+                time.sleep(0.5)
+            assert len(failed()) >= 2, failed()
+            assert failed()[0].startswith(
+                "object store: could not refresh the lease s3://embedtune/lease-outage/lock.json ("
+            ), failed()
+            s3.start()
+            deadline = time.time() + 90
+            while time.time() < deadline:  # a beat after the restart: the heartbeat survived the outage
+                beat = storage.read_json(run.uri(rd.LEASE))
+                if time.time() - beat["beat"] < 3:
+                    break
+                time.sleep(0.5)
+            assert time.time() - beat["beat"] < 3, beat
+            with pytest.raises(EmbedtuneError, match="is in use"):
+                with rd.RunDir("s3://embedtune/lease-outage", work=tmp_path / "work2").lock():
+                    pass
+        assert storage.read_json(run.uri(rd.LEASE)) is None
+    finally:
+        s3.stop()
