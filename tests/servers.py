@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -114,3 +115,41 @@ class MlflowServer:
             os.killpg(self.proc.pid, sig)
             self.proc.wait(timeout=20)
         self.proc = None
+
+
+class SeaweedS3:
+    """SeaweedFS's S3 gateway on loopback, started as `make cluster-local` starts it (its
+    `start_s3`), with a bucket `embedtune`; `kill()` crashes it, `start()` brings it back on the same
+    ports and data."""
+
+    def __init__(self, where: Path) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster" / "local"))
+        import cluster_local
+
+        self.cl = cluster_local
+        self.state = cluster_local.State(where / "state")
+        self.state.data.update(cluster_id=f"tests-{os.getpid()}", runtime_dir=str(where / "run"))
+        (where / "run" / "tmp").mkdir(parents=True, exist_ok=True)
+        self.info: dict | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.cl.s3_env(self.state)
+
+    def client(self):
+        return self.cl._s3_client(self.env)
+
+    def start(self) -> None:
+        self.info = self.cl.start_s3(self.state)
+
+    def kill(self) -> None:
+        if self.info is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.info["sid"], signal.SIGKILL)
+            self.info = None
+            time.sleep(1)
+
+    def stop(self) -> None:
+        self.kill()
+        for sock in self.cl.weed_grpc_sockets(self.state):
+            sock.unlink(missing_ok=True)

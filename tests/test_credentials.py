@@ -156,37 +156,21 @@ def test_credentials_that_cannot_be_moved_stop_the_sweep_in_one_line(
 
 @pytest.fixture
 def seaweed_s3(tmp_path: Path, monkeypatch):
-    """A real S3 (SeaweedFS, started as `make cluster-local` starts it) on loopback; yields
-    (access key, secret key). Only the endpoint is in this process's environment, not the keys."""
-    import shutil
-    import signal
-    import sys
+    """A real S3 (SeaweedFS) on loopback with only its endpoint in this process's environment, not
+    its keys; yields (access key, secret key, the S3 server)."""
+    from servers import SeaweedS3
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster" / "local"))
-    import cluster_local as cl
-
-    state = cl.State(tmp_path / "s3-state")
-    state.data.update(cluster_id="creds-test", runtime_dir=str(tmp_path / "s3-run"))
-    (tmp_path / "s3-run" / "tmp").mkdir(parents=True)
-    info = cl.start_s3(state)
-    env = cl.s3_env(state)
+    s3 = SeaweedS3(tmp_path / "s3")
+    s3.start()
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(key, raising=False)
-    for key in (
-        "AWS_ENDPOINT_URL",
-        "AWS_DEFAULT_REGION",
-        "AWS_REGION",
-        "AWS_EC2_METADATA_DISABLED",
-        "AWS_ALLOW_HTTP",
-    ):
-        monkeypatch.setenv(key, env[key])
+    for key, value in s3.env.items():
+        if not key.startswith(("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")):
+            monkeypatch.setenv(key, value)
     try:
-        yield env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], cl
+        yield s3.env["AWS_ACCESS_KEY_ID"], s3.env["AWS_SECRET_ACCESS_KEY"], s3
     finally:
-        os.killpg(info["sid"], signal.SIGKILL)
-        for sock in cl.weed_grpc_sockets(state):
-            sock.unlink(missing_ok=True)
-        shutil.rmtree(tmp_path / "s3-run", ignore_errors=True)
+        s3.stop()
 
 
 @pytest.mark.slow
@@ -208,7 +192,7 @@ def test_s3_keys_given_in_the_uris_are_nowhere_at_rest(
     from embedtune.sweep import default_run_dir, run_sweep
     from embedtune.sweep.preflight import without_secrets
 
-    key, secret, cl = seaweed_s3
+    key, secret, s3_server = seaweed_s3
     prefix = f"creds-{uuid.uuid4().hex[:8]}"
     server = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}", artifacts=tmp_path / "mlflow-artifacts")
     server.start()
@@ -228,7 +212,7 @@ def test_s3_keys_given_in_the_uris_are_nowhere_at_rest(
         server.kill()
     assert [t.status for t in result.trials] == ["FINISHED"]
     assert rundir.location == f"s3://embedtune/{prefix}/secret-keys"
-    s3 = cl._s3_client({**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret})
+    s3 = s3_server.client()
     objects = [o["Key"] for o in s3.list_objects_v2(Bucket="embedtune", Prefix=prefix)["Contents"]]
     names = {k.rsplit("/", 1)[-1] for k in objects}
     assert {"spec.json", "sweep_state.json", "trials.json"} <= names, names
