@@ -277,6 +277,9 @@ def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path,
     third = subprocess.run(resume_cmd, capture_output=True, text=True, timeout=600, env=env)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "resuming sweep" in third.stdout
+    last = third.stdout.strip().splitlines()[-1]  # the sweep's last line: where its time went
+    assert last.startswith("[embedtune] time: ") and ", trials " in last, last
+    assert last.endswith("skipped: final stage (--no-final)"), last
     assert not owned[0].exists()  # ... and its files go at the next start
     trials = json.loads((run_dir / "trials.json").read_text())
     assert [t["status"] for t in trials] == ["FINISHED", "FINISHED"]
