@@ -45,11 +45,17 @@ def test_two_by_two_sweep_sqlite(grid_sweep) -> None:
     assert {(t["model_label"], t["epochs"]) for t in trials} == {
         (m, e) for m in ("all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2") for e in (1, 2)
     }
+    base = {
+        (b["model"], b["dataset"]): b["metrics"]
+        for b in json.loads((run_dir / "base_metrics.json").read_text())
+    }
     for t in trials:
         assert t["status"] == "FINISHED", t
         assert [h["epoch"] for h in t["history"]] == list(range(t["epochs"] + 1))
-        for h in t["history"]:
-            assert 0.0 <= h["metrics"]["ir_recall_at_10"] <= 1.0
+        # epoch 0 is the base model's own score on this dataset; the trained epochs moved off it
+        zero = t["history"][0]["metrics"]["ir_recall_at_10"]
+        assert zero == base[(t["model"], t["dataset"])]["ir_recall_at_10"]
+        assert all(h["metrics"] != t["history"][0]["metrics"] for h in t["history"][1:]), t["history"]
         assert t["best_epoch"] in range(1, t["epochs"] + 1)
         best = max(t["history"][1:], key=lambda h: h["metrics"]["ir_recall_at_10"])
         assert t["best_metrics"]["ir_recall_at_10"] == best["metrics"]["ir_recall_at_10"]
@@ -567,3 +573,67 @@ def test_branch_sweep_records_each_epoch_count_from_one_run_and_rerun_runs_none(
     again = run_sweep(spec, run, final=False)  # both epoch counts are done: nothing runs
     assert again.launched == 0 and again.experiments == ["tune"]
     assert sorted(json.loads((run / "trials.json").read_text()), key=lambda t: t["epochs"]) == trials
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_met_on_resume_fails_its_trial_in_one_line(
+    tmp_path: Path, sweep_command
+) -> None:
+    """A sweep stopped mid-trial (SIGTERM) whose kept checkpoint is then truncated (a partial copy):
+    the resumed trial ends FAILED at once, not retried (max_failures: 2), with one line naming the
+    checkpoint in trials.json and MLflow and no traceback; the same command once more trains that
+    config from the start."""
+    raw = tiny_spec(
+        "damaged",
+        models=["paraphrase-MiniLM-L3-v2"],
+        search={"epochs": [2], "batch_size": [16], "epochs_mode": "separate"},
+        max_failures=2,
+    )
+    cmd, run_dir = sweep_command(raw, "damaged")
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None:
+            trial = next(iter((run_dir / "tune").glob("*epochs=2*")), None)
+            if (
+                trial is not None
+                and _epochs_reported(trial)
+                and list(trial.glob("checkpoint_*/model/*.safetensors"))
+            ):
+                break
+            time.sleep(0.3)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    (ckpt,) = sorted(trial.glob("checkpoint_*"))  # checkpoints.keep: 1
+    weights = ckpt / "model" / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 3)
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    out = second.stdout + second.stderr
+    assert "resuming sweep" in out and "Traceback" not in out, out[-3000:]
+    (record,) = json.loads((run_dir / "trials.json").read_text())
+    assert record["status"] == "FAILED", record
+    assert record["error"].startswith(f"checkpoint {ckpt} is damaged (model.safetensors is "), record["error"]
+    assert "\n" not in record["error"]
+    # the resumed session's experiment state (one file per session): the trial was never retried
+    state = max((run_dir / "tune").glob("experiment_state*.json"), key=lambda p: p.stat().st_mtime)
+    (saved,) = json.loads(state.read_text())["trial_data"]
+    assert json.loads(saved[1])["num_failures"] == 0  # ended by embedtune, not retried by Tune
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    _, (child,) = _children(client, "embedtune-damaged")
+    assert record["error"].endswith("rerun the same command to train this config from the start")  # whole
+    assert child.info.status == "FAILED" and child.data.tags["embedtune.error"] == record["error"]
+
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    (record,) = json.loads((run_dir / "trials.json").read_text())
+    assert record["status"] == "FINISHED" and [h["epoch"] for h in record["history"]] == [0, 1, 2]
+    (rerun,) = (run_dir / "tune-2").glob("*epochs=2*")
+    assert _epochs_reported(rerun) == [1, 2]  # from the start, not from the damaged checkpoint

@@ -185,3 +185,40 @@ def test_branch_schedule_does_not_depend_on_the_total_epochs(tmp_path):
     linear1 = _lr_curve(TrainConfig(epochs=1, **base), rows, tmp_path)
     linear3 = _lr_curve(TrainConfig(epochs=3, **base), rows, tmp_path)
     assert linear3[:10] != linear1
+
+
+@pytest.mark.parametrize("damage", ["none", "truncated weights", "no state", "no weights"])
+def test_a_damaged_checkpoint_is_named_in_one_line(damage: str, tmp_path) -> None:
+    """A trial restored from a checkpoint checks it before loading: a truncated model.safetensors (a
+    partial copy), a missing state.json or missing weights end the trial with one line naming the
+    checkpoint, not a loader traceback on every retry. Real model files, really truncated."""
+    import shutil
+
+    from embedtune.models import resolve_model
+    from embedtune.sweep.trainable import check_checkpoint
+
+    ckpt = tmp_path / "checkpoint_000001"
+    shutil.copytree(resolve_model("paraphrase-MiniLM-L3-v2"), ckpt / "model")
+    (ckpt / "state.json").write_text(json.dumps({"epoch": 2}))
+    weights = ckpt / "model" / "model.safetensors"
+    if damage == "truncated weights":
+        with weights.open("r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+    elif damage == "no state":
+        (ckpt / "state.json").unlink()
+    elif damage == "no weights":
+        weights.unlink()
+    if damage == "none":
+        assert check_checkpoint(ckpt, "s3://bucket/run/tune/t1/checkpoint_000001") == 2
+        return
+    with pytest.raises(EmbedtuneError) as err:
+        check_checkpoint(ckpt, "s3://bucket/run/tune/t1/checkpoint_000001")
+    message = str(err.value)
+    assert message.startswith("checkpoint s3://bucket/run/tune/t1/checkpoint_000001 is damaged (")
+    assert "\n" not in message
+    why = {
+        "truncated weights": "model.safetensors is",
+        "no state": "state.json",
+        "no weights": "no model weights",
+    }
+    assert why[damage] in message, message

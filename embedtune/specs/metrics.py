@@ -56,3 +56,6 @@ HP_TYPES = {"epochs": int, "lr": float, "batch_size": int, "warmup_ratio": float
 # A trial's last result when it failed in a way a retry would repeat (divergence, bad input): the
 # error message. The trial ends at once (Tune's max_failures is for infrastructure failures only).
 FINAL_ERROR = "embedtune_final_error"
+# A trial's error line as kept in trials.json and MLflow's `embedtune.error` tag: long enough for a
+# checkpoint path (Tune's trial folder names spell out the config) and the reason after it.
+ERROR_LINE_CHARS = 1000

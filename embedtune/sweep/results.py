@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from embedtune.models import model_label
 from embedtune.records import DONE_STATUSES, EpochPoint, ModelData, TrialRecord, best_point, number
 from embedtune.specs import SweepSpec
-from embedtune.specs.metrics import FINAL_ERROR, HYPERPARAMS, RECORDED_PREFIXES
+from embedtune.specs.metrics import ERROR_LINE_CHARS, FINAL_ERROR, HYPERPARAMS, RECORDED_PREFIXES
 from embedtune.sweep.identity import LINEAR_SCHEDULE, branch_epochs, is_done, member_hashes
 from embedtune.tracking.callback import checkpoint_uri
 from embedtune.tracking.client import exception_line, redact
@@ -50,7 +50,7 @@ def collect_trials(
         failed = bool(result.error or final)
         error = None
         if failed:
-            error = redact(exception_line(str(final or result.error)) or "")[:300] or None
+            error = redact(exception_line(str(final or result.error)) or "")[:ERROR_LINE_CHARS] or None
         common = {
             "model": cfg.get("model"),
             "model_label": model_label(str(cfg.get("model"))),

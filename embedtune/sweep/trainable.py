@@ -51,6 +51,48 @@ def cpu_threads_for(trial_cpus: float) -> int:
     return max(1, int(trial_cpus or os.cpu_count() or 1))
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (a truncated copy, a partial write), or None: its header
+    must parse and its tensors must end exactly where the file does."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} has {len(head)} bytes"
+            n = int.from_bytes(head, "little")
+            header = json.loads(f.read(n))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"{path.name} has no readable header ({type(exc).__name__})"
+    size = path.stat().st_size
+    if size != 8 + n + end:
+        return f"{path.name} is {size} bytes, its header says {8 + n + end}"
+    return None
+
+
+def check_checkpoint(local: Path, shown: str) -> int:
+    """The epoch a restored checkpoint (copied to `local`) was saved after; an EmbedtuneError naming
+    the checkpoint (`shown`: where it is stored) when it is partial or damaged, instead of a
+    traceback from deep inside the model loader on every retry."""
+    why = None
+    try:
+        epoch = int(json.loads((local / "state.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        why, epoch = "its state.json is missing or unreadable", 0
+    weights = sorted((local / "model").glob("*.safetensors"))
+    if why is None and not weights:
+        why = "it holds no model weights (model/*.safetensors)"
+    for w in weights if why is None else []:
+        why = _safetensors_problem(w)
+        if why:
+            break
+    if why:
+        raise EmbedtuneError(
+            f"checkpoint {shown} is damaged ({why}); rerun the same command to train this config from the start"
+        )
+    return epoch
+
+
 def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
     """One trial: train `config` on its dataset, report each epoch with a checkpoint (continuing
     after the last reported epoch when Tune restores the trial from a checkpoint)."""
@@ -87,10 +129,6 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
     work = Path(tempfile.mkdtemp(prefix="embedtune-trial-", dir=os.getcwd()))
     start_epoch, resume_dir = 0, None
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # restored trial: continue after the last reported epoch
-        local = Path(checkpoint.to_directory(str(work / "restored")))
-        start_epoch = int(json.loads((local / "state.json").read_text())["epoch"])
-        resume_dir = local / "model"
     base_score = payload.base_scores.get(ModelData(str(config["model"]), str(label)))
     cap_gpu_memory(payload.resources.gpu)  # a trial sharing a GPU stays within its share
     started = time.time()
@@ -116,6 +154,9 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
 
     try:
+        if checkpoint is not None:  # restored trial: continue after the last reported epoch
+            local = Path(checkpoint.to_directory(str(work / "restored")))
+            start_epoch, resume_dir = check_checkpoint(local, checkpoint.path), local / "model"
         train(
             cfg,
             data,
@@ -130,7 +171,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
             scratch_root=work,
         )
     except EmbedtuneError as exc:
-        # embedtune's own errors are final (a diverged loss, bad input): Tune would retry the trial
+        # embedtune's own errors are final (a diverged loss, bad input, a damaged checkpoint): Tune would retry the trial
         # from its last checkpoint (max_failures) and fail the same way. Tune cannot be told an
         # error is final, so the trial ends now, its last result carrying the error (recorded as
         # FAILED in trials.json and MLflow); infrastructure failures still raise and are retried.

@@ -20,7 +20,7 @@ from typing import Any
 from ray.tune import Callback
 
 from embedtune.errors import EmbedtuneError
-from embedtune.specs.metrics import FINAL_ERROR, LOGGED_PREFIXES
+from embedtune.specs.metrics import ERROR_LINE_CHARS, FINAL_ERROR, LOGGED_PREFIXES
 from embedtune.tracking.client import exception_line, is_number, redact
 from embedtune.tracking.journal import Journal
 from embedtune.tracking.trial_runs import TrialRuns
@@ -92,7 +92,7 @@ class MlflowTrialCallback(Callback):
             tags["embedtune.error_file"] = str(error_file)
             reason = reason or _error_line(error_file)
         if reason:
-            tags["embedtune.error"] = redact(reason)[:500]
+            tags["embedtune.error"] = redact(reason)[:ERROR_LINE_CHARS]
         checkpoint = None
         if status != "FAILED" and self.runs.log_models and trial.checkpoint is not None:
             checkpoint = checkpoint_uri(trial.checkpoint)
