@@ -266,10 +266,13 @@ def test_mlflow_ui_shows_sweep_runs_and_epoch_chart(
         expect(card.locator(".js-plotly-plot g.trace.scatter path.point")).to_have_count(longest.epochs + 1)
         page.screenshot(path=out / "mlflow-ui-metric.png")
 
-        # Its overview: the data it trained and was evaluated on (mlflow.log_input records).
+        # Its overview: the data it trained on, digest = the data fingerprint, and one more (the eval
+        # data, behind "+1"; finished_sweep checks both records).
+        fingerprint = json.loads((sweep.db.parent / "data" / "medquad.json").read_text())["fingerprint"]
         page.goto(f"{mlflow_ui}/#/experiments/{sweep.experiment_id}/runs/{longest.run_id}")
-        for name in ("medquad/train", "medquad/eval"):
-            expect(page.get_by_text(name).first).to_be_visible()
+        expect(page.get_by_role("heading", name="Datasets")).to_be_visible()
+        expect(page.get_by_text(f"medquad/train ({fingerprint})", exact=True)).to_be_visible()
+        expect(page.get_by_text("+1", exact=True).first).to_be_visible()
         page.screenshot(path=out / "mlflow-ui-datasets.png")
 
         # The egress gate is live: a request to another host is recorded and aborted (it could not
