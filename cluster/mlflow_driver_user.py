@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import configparser
 import logging
-import os
 import sys
 import time
 import urllib.error
@@ -60,12 +59,12 @@ def ensure_user(tracking_uri: str, admin: tuple[str, str], user: str, password: 
     from mlflow.exceptions import RestException
     from mlflow.server import get_app_client
 
+    from embedtune.env import patched_environ
+
     if user == admin[0]:
         raise SystemExit(f"mlflow_driver_user: the driver's user must not be the admin ({user!r})")
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     # The auth client reads its login from the environment, for these calls only.
-    os.environ.update(MLFLOW_TRACKING_USERNAME=admin[0], MLFLOW_TRACKING_PASSWORD=admin[1])
-    try:
+    with patched_environ({"MLFLOW_TRACKING_USERNAME": admin[0], "MLFLOW_TRACKING_PASSWORD": admin[1]}):
         client = get_app_client("basic-auth", tracking_uri=tracking_uri)
         try:
             client.get_user(user)
@@ -74,12 +73,6 @@ def ensure_user(tracking_uri: str, admin: tuple[str, str], user: str, password: 
             return "created"
         client.update_user_password(user, password)
         return "updated"
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def parser() -> argparse.ArgumentParser:

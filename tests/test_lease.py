@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from embedtune import lease
+from embedtune.env import patched_environ
 from embedtune.lease import Heartbeat, LeaseHeld, LeaseLost, S3Lease
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,16 +81,10 @@ class S3:
 def s3(tmp_path_factory) -> Iterator[S3]:
     server = S3(tmp_path_factory.mktemp("s3"))
     server.start()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)  # what boto3 / pyarrow in this process and its children read
     try:
-        yield server
+        with patched_environ(server.env):  # what boto3 / pyarrow in this process and its children read
+            yield server
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
 
 
