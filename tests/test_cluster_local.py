@@ -561,14 +561,18 @@ def test_tracking_server_restarted_mid_sweep_records_are_replayed(cluster: Clust
 
 def test_object_store_restarted_mid_sweep_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
     """S3 crashes under running trials: the sweep goes on, or stops with one clear line, and the
-    same job submitted again completes with nothing lost."""
+    same job submitted again completes with nothing lost. The outage did hit the driver's S3 calls:
+    its run-dir lease is refreshed every 10 s, so an outage of 10 s or more meets at least one
+    refresh, which fails and is retried (a warning in the job log)."""
     workdir = _spec_dir(tmp_path, "s3-restart", max_failures=2,
                         search={"epochs": [3], "lr": [5.0e-5, 1.0e-4], "batch_size": [16]})  # fmt: skip
     job = f"s3-{uuid.uuid4().hex[:8]}"
     assert cluster.submit(workdir, "spec.yaml", "--no-final", wait=False, job_id=job).returncode == 0
     _wait_epoch(cluster, "s3-restart", 1)
     cluster.script("restart", "s3", "--down-for", "10")
-    if cluster.wait_job(job) != "SUCCEEDED":
+    status = cluster.wait_job(job)
+    assert "run dir lease refresh failed" in cluster.logs(job), cluster.logs(job)[-4000:]
+    if status != "SUCCEEDED":
         errors = [ln for ln in cluster.logs(job).splitlines() if ln.startswith("embedtune: error:")]
         assert len(errors) == 1, cluster.logs(job)[-4000:]
         again = cluster.submit(workdir, "spec.yaml", "--no-final")
