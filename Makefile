@@ -31,10 +31,11 @@ sweep-local: setup
 
 # The suite runs in a network namespace with only loopback (scripts/netns.sh; one line says so where
 # unshare is not allowed), and ends with how many tests skipped and why (tests/conftest.py).
-# Everything but the registry tests in a loopback-only network namespace (scripts/netns.sh); the
-# install test needs pip's registry, so it runs after, outside the namespace.
+# Everything but the registry tests in loopback-only network namespaces (scripts/netns.sh), as two
+# sessions at once (scripts/test.sh: the cluster end-to-end modules beside the rest); the install
+# test needs pip's registry, so it runs after, outside the namespace.
 test: setup
-	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs --durations=25 -m "not registry"
+	scripts/test.sh $(PY)
 	EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs -m registry
 
 test-fast: setup

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `make test`: the suite (all but the `registry` tests) as two pytest sessions at once, each in its
+# own loopback-only network namespace (scripts/netns.sh): the cluster end-to-end modules (a whole
+# S3 + PostgreSQL + MLflow + autoscaling Ray stand-in, the launcher file over SSH), which spend
+# much of their time waiting on servers, autoscaling and jobs, beside everything else. Separate
+# namespaces, so the launcher's fixed ports never meet another test's servers. Each session prints
+# its own summary and 25 slowest tests; the last lines are the wall time and the combined count.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-.venv/bin/python}
+CLUSTER=(tests/test_cluster_local.py tests/test_launcher.py)
+pytest_cmd=(env EMBEDTUNE_OFFLINE=1 "$PY" -m pytest -v -rs --durations=25 -m "not registry" -p no:cacheprovider)
+started=$(date +%s)
+rest_log=$(mktemp)
+cluster_log=$(mktemp)
+trap 'rm -f "$rest_log" "$cluster_log"' EXIT
+
+scripts/netns.sh "${pytest_cmd[@]}" "${CLUSTER[@]}" >"$cluster_log" 2>&1 &
+cluster_pid=$!
+ignores=()
+for t in "${CLUSTER[@]}"; do ignores+=("--ignore=$t"); done
+scripts/netns.sh "${pytest_cmd[@]}" "${ignores[@]}" 2>&1 | tee "$rest_log"
+rest_rc=${PIPESTATUS[0]}
+wait "$cluster_pid"
+cluster_rc=$?
+echo
+echo "======== the cluster end-to-end session (${CLUSTER[*]}), run beside the one above ========"
+cat "$cluster_log"
+
+total() {  # the sum over both sessions' summary lines of the counts named $1 (e.g. passed)
+  local n=0 line v
+  for log in "$rest_log" "$cluster_log"; do
+    line=$(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -n 1)
+    v=$(grep -oE "[0-9]+ $1" <<<"$line" | grep -oE '^[0-9]+' | head -n 1)
+    n=$((n + ${v:-0}))
+  done
+  echo "$n"
+}
+elapsed=$(($(date +%s) - started))
+echo "[make test] both sessions done in $((elapsed / 60)) min $((elapsed % 60)) s (exit codes: suite $rest_rc, cluster $cluster_rc)"
+echo "$(total passed) passed, $(($(total failed) + $(total error))) failed, $(total skipped) skipped"
+if [ "$rest_rc" -ne 0 ] || [ "$cluster_rc" -ne 0 ]; then exit 1; fi
