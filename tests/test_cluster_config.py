@@ -411,7 +411,7 @@ def mlflow_docs(rendered) -> dict[str, dict]:
 
 
 def test_mlflow_server_manifest(mlflow_docs) -> None:
-    assert set(mlflow_docs) == {"Deployment", "Service", "ServiceAccount"}
+    assert set(mlflow_docs) == {"Deployment", "Service", "ServiceAccount", "NetworkPolicy"}
     dep, svc = mlflow_docs["Deployment"], mlflow_docs["Service"]
     # The service is what the specs and the Ray pods point at.
     port = svc["spec"]["ports"][0]["port"]
