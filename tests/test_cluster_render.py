@@ -45,6 +45,11 @@ def test_every_template_renders_with_the_sample_site_and_nothing_is_left_unfille
         docs["ServiceAccount"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
         == SAMPLE_SITE["ROLE_ARN"]
     )
+    # the tracking server runs the site's built image (cluster/mlflow.Dockerfile) and installs nothing
+    (server,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert server["image"] == SAMPLE_SITE["MLFLOW_IMAGE"]
+    assert server["command"][:2] == ["mlflow", "server"] and "args" not in server
+    assert not [w for w in server["command"] if "pip" in w or "/bin/sh" in w], server["command"]
     for rel in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):
         text = (rendered / rel).read_text()
         assert text.count(f"image: {SAMPLE_SITE['IMAGE']}") >= 2, rel
