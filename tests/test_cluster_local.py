@@ -466,9 +466,6 @@ def test_job_runs_the_shipped_spec_on_autoscaled_gpu_workers(cluster: Cluster, t
     assert "sweep cluster-local: 2 trials (2 run now) in s3://embedtune/sweeps/cluster-local" in done.stdout
     # the memory probe waited for the autoscaler's first GPU worker and ran there (no CUDA: logical GPUs)
     assert "memory probe skipped: the GPU worker has no CUDA device" in done.stdout + done.stderr
-    # as quiet as a local run: no trial worker's weight-loading bars or model-card lines (no --verbose)
-    log = done.stdout + done.stderr
-    assert "Loading weights" not in log and "Computing widget examples" not in log, log[-4000:]
     checked = _check_sweep(cluster, "cluster-local", configs=2, epochs=2)
     nodes = {node for rows in checked["epochs"].values() for _, node in rows}
     assert nodes and HEAD_NODE not in nodes  # GPU workers launched by the autoscaler took the trials
