@@ -67,6 +67,18 @@ def set_verbose(verbose: bool) -> None:
             hf_logging.disable_progress_bar()
 
 
+def worker_env() -> dict[str, str]:
+    """What `set_verbose` gave this process, for processes that do not inherit its environment: the
+    trial workers of a joined cluster are started by that cluster's raylets, so without these their
+    weight-loading bars and model-card lines fill the job log. Empty before `set_verbose`."""
+    if "EMBEDTUNE_VERBOSE" not in os.environ:
+        return {}
+    out = {"EMBEDTUNE_VERBOSE": os.environ["EMBEDTUNE_VERBOSE"]}
+    if not verbose():
+        out |= {key: os.environ[key] for key in _QUIET if key in os.environ}
+    return out
+
+
 def verbose() -> bool:
     return os.environ.get("EMBEDTUNE_VERBOSE") == "1"
 

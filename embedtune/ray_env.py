@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import secrets
 import shutil
@@ -23,8 +24,9 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from embedtune.env import patched_environ, verbose
+from embedtune.env import patched_environ, verbose, worker_env
 
 # Directories made by `init` for the Ray it started; removed by `shutdown`.
 _owned_dirs: list[Path] = []
@@ -62,6 +64,17 @@ def ray_process_env(home: Path) -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def joined_runtime_env() -> dict[str, Any]:
+    """The job-level runtime env of a driver joining a cluster: the verbosity settings of this
+    process (env.worker_env) for the trial workers, which a local Ray's workers inherit but a joined
+    cluster's do not. Variables the submitted job's own runtime env sets are left to it: Ray refuses
+    to merge a ray.init env var that the job also sets."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    env_vars = {k: v for k, v in worker_env().items() if k not in taken}
+    return {"env_vars": env_vars} if env_vars else {}
 
 
 def is_loopback_address(address: str) -> bool:
@@ -151,6 +164,7 @@ def init(
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        kwargs.setdefault("runtime_env", joined_runtime_env())
         with _keep_loopback(address), _keep_sigterm_handler():
             ray.init(address=address, log_to_driver=True, **kwargs)
         return False

@@ -15,6 +15,7 @@ SAMPLE_SITE = {
     "BUCKET": "acme-ml-sweeps-4711",
     "REGION": "eu-central-1",
     "IMAGE": "registry.acme.test/ml/embedtune:0.1.0-ray2.60.0-py311-gpu",
+    "MLFLOW_IMAGE": "registry.acme.test/ml/embedtune-mlflow:3.17.2-7",
     "INSTANCE_PROFILE_ARN": "arn:aws:iam::210987654321:instance-profile/acme-embedtune",
     "ROLE_ARN": "arn:aws:iam::210987654321:role/acme-embedtune",
     "MLFLOW_BACKEND_SECRET": "mlflow-backend",

@@ -410,8 +410,8 @@ def mlflow_docs(rendered) -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
-def test_mlflow_server_manifest(mlflow_docs) -> None:
-    assert set(mlflow_docs) == {"Deployment", "Service", "ServiceAccount"}
+def test_mlflow_server_manifest(mlflow_docs, monkeypatch) -> None:
+    assert set(mlflow_docs) == {"Deployment", "Service", "ServiceAccount", "NetworkPolicy"}
     dep, svc = mlflow_docs["Deployment"], mlflow_docs["Service"]
     # The service is what the specs and the Ray pods point at.
     port = svc["spec"]["ports"][0]["port"]
@@ -421,10 +421,11 @@ def test_mlflow_server_manifest(mlflow_docs) -> None:
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
     container = dep["spec"]["template"]["spec"]["containers"][0]
-    script = " ".join(container["args"])
-    assert "mlflow server" in script
-    words = shlex.split(script.replace("$MLFLOW_BACKEND_STORE_URI", "postgresql://u:p@db:5432/mlflow"))
-    params = _mlflow_server_params(_after(words, "exec", "mlflow", "server"))
+    # exec form, no shell: `mlflow server` itself, the database URI from its environment (the Secret)
+    assert container["command"][:2] == ["mlflow", "server"] and "args" not in container
+    assert not [a for a in container["command"] if a.startswith("--backend-store-uri")]  # no password in argv
+    monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", "postgresql://u:p@db:5432/mlflow")  # as the Secret sets it
+    params = _mlflow_server_params(container["command"][2:])
     assert params["backend_store_uri"].startswith("postgresql")
     assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"]
     assert params["host"] == "0.0.0.0" and params["port"] == container["ports"][0]["containerPort"]

@@ -45,6 +45,11 @@ def test_every_template_renders_with_the_sample_site_and_nothing_is_left_unfille
         docs["ServiceAccount"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
         == SAMPLE_SITE["ROLE_ARN"]
     )
+    # the tracking server runs the site's built image (cluster/mlflow.Dockerfile) and installs nothing
+    (server,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert server["image"] == SAMPLE_SITE["MLFLOW_IMAGE"]
+    assert server["command"][:2] == ["mlflow", "server"] and "args" not in server
+    assert not [w for w in server["command"] if "pip" in w or "/bin/sh" in w], server["command"]
     for rel in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):
         text = (rendered / rel).read_text()
         assert text.count(f"image: {SAMPLE_SITE['IMAGE']}") >= 2, rel
@@ -172,3 +177,84 @@ def test_the_vendored_kuberay_is_the_readmes_minimum_and_has_every_field_used() 
         "authOptions"
     ]
     assert {"mode", "secretName"} <= set(auth["properties"])  # what the manifests use
+
+
+# ------------------------------------------------------------------ network policy
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Kubernetes' LabelSelector semantics: every matchLabels pair and every matchExpression
+    (In, NotIn, Exists, DoesNotExist) must hold; an empty selector selects everything."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_the_label_selector_matcher() -> None:
+    sel = {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "b", "operator": "In", "values": ["x"]}]}
+    assert selects(sel, {"a": "1", "b": "x", "c": "z"})
+    assert not selects(sel, {"a": "1", "b": "y"}) and not selects(sel, {"a": "1"})
+    assert not selects(sel, {"a": "2", "b": "x"})
+    assert selects({"matchExpressions": [{"key": "b", "operator": "Exists"}]}, {"b": ""})
+    assert not selects({"matchExpressions": [{"key": "b", "operator": "Exists"}]}, {"a": "1"})
+    assert selects({}, {"a": "1"})
+
+
+def ray_pod_labels(rendered: Path) -> list[tuple[str, str, dict[str, str]]]:
+    """(file, group, labels) of every Ray pod template, with the labels KubeRay adds to each pod
+    (`ray.io/node-type`, `ray.io/cluster`; a RayJob's cluster has a generated name)."""
+    pods = []
+    for rel in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml"):
+        doc = yaml.safe_load((rendered / rel).read_text())
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        cluster = doc["metadata"]["name"] + ("" if doc["kind"] == "RayCluster" else "-x7k2q")
+        groups = [("head", "head", spec["headGroupSpec"])]
+        groups += [(g["groupName"], "worker", g) for g in spec["workerGroupSpecs"]]
+        for name, node_type, group in groups:
+            labels = dict(group["template"]["metadata"]["labels"])
+            labels |= {"ray.io/node-type": node_type, "ray.io/cluster": cluster, "ray.io/group": name}
+            pods.append((rel, node_type, labels))
+    return pods
+
+
+def test_only_the_ray_heads_may_reach_the_tracking_server(rendered: Path) -> None:
+    docs = [d for d in yaml.safe_load_all((rendered / "mlflow-server.yaml").read_text()) if d]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert len(policies) == 1
+    policy = policies[0]
+    assert not errors(policy)
+    assert policy["metadata"]["namespace"] == "embedtune"
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+    # it selects the tracking server's pods and nothing else that ships
+    assert selects(spec["podSelector"], deployment["spec"]["template"]["metadata"]["labels"])
+    assert spec["podSelector"]["matchLabels"] == service["spec"]["selector"]
+    pods = ray_pod_labels(rendered)
+    assert {(rel, t) for rel, t, _ in pods} == {
+        (r, t) for r in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml") for t in ("head", "worker")
+    }
+    assert not [p for p in pods if selects(spec["podSelector"], p[2])]
+    # one rule: TCP 5000 from pods of this namespace that are Ray heads of either cluster
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5000}]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # no namespaceSelector / ipBlock: this namespace only
+    for rel, node_type, labels in pods:
+        assert selects(peer["podSelector"], labels) == (node_type == "head"), (rel, node_type, labels)
+        if node_type == "worker":  # not even by KubeRay's head label alone: our label is heads-only
+            assert "embedtune.io/mlflow-client" not in labels, rel
+    # the server's container port is the one admitted
+    (port,) = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert port["containerPort"] == 5000

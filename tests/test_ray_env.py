@@ -158,3 +158,101 @@ def test_the_private_ray_refuses_a_client_without_its_token(tmp_path, monkeypatc
         ray_env.shutdown()
     assert not token_file.exists() and not home.exists()
     assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN_PATH" not in os.environ
+
+
+# ------------------------------------------------------------------ a joined cluster's trial workers
+
+QUIET_IN_WORKERS = {
+    "TQDM_DISABLE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def _without_verbosity(environ: dict[str, str]) -> dict[str, str]:
+    from embedtune.env import _QUIET
+
+    return {k: v for k, v in environ.items() if k not in _QUIET and k != "EMBEDTUNE_VERBOSE"}
+
+
+def test_a_joining_driver_gives_its_workers_the_quiet_settings_unless_verbose(monkeypatch) -> None:
+    from embedtune import env
+
+    for key in [*env._QUIET, "EMBEDTUNE_VERBOSE", "RAY_JOB_CONFIG_JSON_ENV_VAR"]:
+        monkeypatch.delenv(key, raising=False)
+    assert ray_env.joined_runtime_env() == {}  # nothing chosen yet: nothing passed on
+    env.set_verbose(False)
+    quiet = ray_env.joined_runtime_env()["env_vars"]
+    assert QUIET_IN_WORKERS.items() <= quiet.items() and quiet["EMBEDTUNE_VERBOSE"] == "0"
+    # a submitted job's own runtime env wins: Ray refuses to merge a variable both set
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"env_vars": {"TQDM_DISABLE": "0"}}}')
+    assert "TQDM_DISABLE" not in ray_env.joined_runtime_env()["env_vars"]
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    for key in env._QUIET:
+        monkeypatch.delenv(key, raising=False)
+    env.set_verbose(True)
+    assert ray_env.joined_runtime_env() == {"env_vars": {"EMBEDTUNE_VERBOSE": "1"}}
+
+
+DRIVER = """
+import json, os, sys
+import ray
+from embedtune import env, ray_env
+env.set_verbose(sys.argv[2] == "1")
+ray_env.init(address=sys.argv[1])
+keys = json.loads(sys.argv[3])
+print("ENV", json.dumps(ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in keys}).remote())))
+ray_env.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_joined_clusters_workers_get_the_drivers_verbosity(tmp_path) -> None:
+    """A Ray head started elsewhere (its raylet's environment has no quiet settings): the workers of
+    a driver that joins it run with TQDM_DISABLE etc. unless the driver is --verbose."""
+    import json
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = ray_env.private_home(tmp_path / "home")
+    base = _without_verbosity(dict(os.environ))
+    base = {k: v for k, v in base.items() if not k.startswith("RAY_")}
+    node_env = {**base, **ray_env.ray_process_env(home)}
+    temp = Path("/tmp") / f"etrj-{os.getpid()}"
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
+         f"--temp-dir={temp}"],
+        env=node_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        keys = json.dumps([*QUIET_IN_WORKERS, "EMBEDTUNE_VERBOSE"])
+        seen = {}
+        for verbose in ("0", "1"):
+            for _ in range(60):  # the head takes a while to come up on a busy machine
+                proc = subprocess.run(
+                    [sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", verbose, keys],
+                    capture_output=True, text=True, timeout=180, env={**node_env, "HOME": str(home)},
+                )  # fmt: skip
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("ENV ")), None)
+                if line or head.poll() is not None:
+                    break
+                time.sleep(2)
+            assert line, proc.stderr[-3000:]
+            seen[verbose] = json.loads(line.removeprefix("ENV "))
+        assert seen["0"] == {**QUIET_IN_WORKERS, "EMBEDTUNE_VERBOSE": "0"}
+        assert seen["1"] == {**dict.fromkeys(QUIET_IN_WORKERS), "EMBEDTUNE_VERBOSE": "1"}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
