@@ -72,7 +72,10 @@ def _client():
         read_timeout=10,
         retries={"max_attempts": 2, "mode": "standard"},
     )
-    return boto3.client("s3", config=config)
+    # A new session each time: boto3's default session keeps the first credentials it resolved for the
+    # life of the process, so keys set in the environment later (rotated, another run dir's) would
+    # never be used.
+    return boto3.session.Session().client("s3", config=config)
 
 
 def _code(exc: BaseException) -> tuple[str, int]:

@@ -83,10 +83,12 @@ def test_a_local_ray_leaves_the_drivers_sigterm_handler_and_runs_in_its_own_proc
 
     got: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    # children this process had before (servers of other tests in the same session) are not Ray's
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     try:
         with ray_env.session(num_cpus=1) as started:
             assert started
-            kids = psutil.Process().children(recursive=True)
+            kids = [k for k in psutil.Process().children(recursive=True) if k.pid not in before]
             assert kids and all(os.getpgid(k.pid) != os.getpgid(0) for k in kids)
             os.kill(os.getpid(), signal.SIGTERM)
             deadline = time.time() + 10
