@@ -184,8 +184,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"[embedtune] {ds}: {v['verdict']}")
         for ds in sorted(final.served):
             print(f"[embedtune] search it: embedtune search {result.location} 'a question' --dataset {ds}")
-        # The last two lines: where the user reads it: on the storage for a remote run dir (the local
-        # file is a cache on the driver's machine, e.g. a cluster head), else the run dir's own file.
+    print(f"[embedtune] time: {result.clock.line()}")
+    # The last lines: where the user reads the results: the report on the storage for a remote run
+    # dir (the local file is a cache on the driver's machine, e.g. a cluster head), else the run
+    # dir's own file; then the sweep's parent run in MLflow.
+    if final is not None:
         report = rundir.uri(REPORT, "leaderboard.md") if rundir.remote else final.files.get("leaderboard_md")
         print(f"[embedtune] report: {report} (and leaderboard.html, plots/)")
     tracking = redact(result.tracking_uri)
@@ -197,7 +200,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             f"[embedtune] MLflow: {tracking} (experiment {spec.experiment}); "
             f"`make mlflow-ui RUN_DIR={result.run_dir}` to browse"
         )
-    print(f"[embedtune] time: {result.clock.line()}")
     return 0
 
 

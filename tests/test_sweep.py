@@ -283,8 +283,10 @@ def test_interrupted_and_killed_sweep_resumes_without_duplicates(tmp_path: Path,
     third = subprocess.run(resume_cmd, capture_output=True, text=True, timeout=600, env=env)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "resuming sweep" in third.stdout
-    last = third.stdout.strip().splitlines()[-1]  # the sweep's last line: where its time went
+    # the sweep's last lines: where its time went, then (no final stage here) the MLflow run
+    *_, last, tracking = third.stdout.strip().splitlines()
     assert last.startswith("[embedtune] time: ") and ", trials " in last, last
+    assert tracking.startswith("[embedtune] MLflow: "), tracking
     assert last.endswith("skipped: final stage (--no-final)"), last
     assert not owned[0].exists()  # ... and its files go at the next start
     trials = json.loads((run_dir / "trials.json").read_text())
