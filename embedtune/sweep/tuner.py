@@ -57,6 +57,7 @@ def build_tuner(
     from ray import tune
     from ray.tune.search import create_searcher
 
+    from embedtune.sweep.loggers import result_loggers
     from embedtune.sweep.progress import SweepProgress
 
     if configs is not None:
@@ -89,7 +90,8 @@ def build_tuner(
             ),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # one progress line instead of Tune's status tables, unless --verbose
-            callbacks=[callback] if env.verbose() else [callback, SweepProgress(samples, *_shown(spec))],
+            callbacks=[callback, *result_loggers()]
+            + ([] if env.verbose() else [SweepProgress(samples, *_shown(spec))]),
             verbose=1 if env.verbose() else 0,
         ),
     )
