@@ -36,6 +36,18 @@ total() {  # the sum over both sessions' summary lines of the counts named $1 (e
   done
   echo "$n"
 }
+crashed() {  # a session killed by a signal prints no summary: show where it died (faulthandler's
+  # "Fatal Python error" traceback and the test it was in) at the end, where CI's tail shows it
+  local name=$1 rc=$2 log=$3
+  if [ "$rc" -ge 128 ]; then
+    echo
+    echo "[make test] the $name session was killed by signal $((rc - 128)); the end of its output:"
+    grep -nE "Fatal Python error|^tests/.*::" "$log" | tail -n 3
+    tail -n 80 "$log"
+  fi
+}
+crashed suite "$rest_rc" "$rest_log"
+crashed cluster "$cluster_rc" "$cluster_log"
 elapsed=$(($(date +%s) - started))
 echo "[make test] both sessions done in $((elapsed / 60)) min $((elapsed % 60)) s (exit codes: suite $rest_rc, cluster $cluster_rc)"
 echo "$(total passed) passed, $(($(total failed) + $(total error))) failed, $(total skipped) skipped"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 from servers import MlflowServer
 
 from embedtune.records import ModelData
@@ -448,3 +450,24 @@ def test_a_lost_create_run_reply_leaves_one_run_per_trial(
     assert run.info.status == "FINISHED" and run.data.tags[mlc.TRIAL_TAG] == "t1"
     history = client.get_metric_history(run.info.run_id, "ir_recall_at_10")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.6), (2, 0.7)]
+
+
+@pytest.mark.parametrize("retries", ["2", "0"])
+def test_a_lost_create_run_reply_leaves_one_parent_run(retries: str, mlflow_server, monkeypatch) -> None:
+    """The parent run's create_run is committed but its reply lost: sent again by MLflow's retries
+    (two runs, one deleted) or raised (the committed run found by its token). One parent run, live."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", retries)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.create_experiment(f"lost-parent-{retries}-{uuid.uuid4().hex[:6]}")
+    proxy = ReplyDroppingProxy(mlflow_server.port, "/runs/create")
+    try:
+        parent = mlc.start_parent_run(proxy.uri, exp, None, "sweep")
+        assert proxy.dropped and "/runs/create" in proxy.dropped[0]  # the fault hit create_run
+    finally:
+        proxy.close()
+    runs = client.search_runs([exp])
+    assert [r.info.run_id for r in runs] == [parent]
+    assert runs[0].info.lifecycle_stage == "active" and runs[0].data.tags[mlc.KIND_TAG] == "sweep"
+    deleted = client.search_runs([exp], run_view_type=ViewType.DELETED_ONLY)
+    assert len(deleted) == (1 if retries == "2" else 0)  # MLflow's retry did create a second one

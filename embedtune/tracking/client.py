@@ -8,6 +8,7 @@ tracking URI explicitly, so a sweep never leaves `MLFLOW_TRACKING_URI` set behin
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -18,10 +19,13 @@ from embedtune import env
 from embedtune.credentials import URI_PASSWORD, redact
 from embedtune.errors import EmbedtuneError
 
+log = logging.getLogger(__name__)
+
 TRIAL_TAG = "embedtune.trial_id"
 CONFIG_TAG = "embedtune.config_hash"
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "embedtune.kind"
+CREATE_TOKEN_TAG = "embedtune.create_token"  # finds a parent run whose create_run reply was lost
 
 # Credentials that can ride in a URI are never logged as MLflow params, never printed.
 _URI_PASSWORD = URI_PASSWORD
@@ -134,14 +138,35 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path | None) 
 
 
 def start_parent_run(tracking_uri: str, experiment_id: str, run_id: str | None, name: str) -> str:
-    """Create the sweep's parent run, or reopen `run_id` when resuming."""
+    """Create the sweep's parent run, or reopen `run_id` when resuming. A create_run whose reply
+    was lost (committed, then the connection dropped) is either sent again by MLflow's HTTP retries
+    (two runs) or raises: the run carries a one-off token, so both cases end with exactly one."""
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
     c = client(tracking_uri)
     if run_id:
         _check_parent_exists(c, tracking_uri, run_id)
         c.update_run(run_id, status="RUNNING")
         return run_id
-    run = c.create_run(experiment_id, run_name=name, tags={KIND_TAG: "sweep"})
-    return run.info.run_id
+    token = uuid.uuid4().hex
+    try:
+        c.create_run(experiment_id, run_name=name, tags={KIND_TAG: "sweep", CREATE_TOKEN_TAG: token})
+    except (MlflowException, OSError):
+        if not _runs_with_token(c, experiment_id, token):
+            raise
+    keep, *extra = _runs_with_token(c, experiment_id, token)
+    for run in extra:
+        log.info("deleting duplicate parent run %s (a create_run sent twice)", run.info.run_id)
+        c.delete_run(run.info.run_id)
+    return keep.info.run_id
+
+
+def _runs_with_token(c, experiment_id: str, token: str) -> list:
+    """The runs created with `token`, oldest first."""
+    runs = c.search_runs([experiment_id], filter_string=f"tags.`{CREATE_TOKEN_TAG}` = '{token}'")
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
 def _check_parent_exists(c, tracking_uri: str, run_id: str) -> None:
