@@ -577,7 +577,11 @@ def test_object_store_restarted_mid_sweep_loses_nothing(cluster: Cluster, tmp_pa
         assert len(errors) == 1, cluster.logs(job)[-4000:]
         again = cluster.submit(workdir, "spec.yaml", "--no-final")
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
-    _check_sweep(cluster, "s3-restart", configs=2, epochs=3)
+    try:
+        _check_sweep(cluster, "s3-restart", configs=2, epochs=3)
+    except AssertionError as exc:
+        errors = [(t["trial_id"], t["status"], t.get("error")) for t in _trials(cluster, "s3-restart")]
+        raise AssertionError(f"{exc}\ntrials: {errors}\njob log:\n{cluster.logs(job)[-8000:]}") from exc
 
 
 def test_two_jobs_submitted_at_once_one_runs_the_other_stops_with_one_line(

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.fs
+import pytest
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from embedtune.sweep.loggers import restore_result_file
@@ -84,3 +85,57 @@ def test_the_sweeps_tuner_replaces_rays_json_and_csv_loggers(tmp_path: Path) -> 
     loggers = [c for c in callbacks if isinstance(c, (JsonLoggerCallback, CSVLoggerCallback))]
     # Tune adds its default loggers only when no callback is an instance of theirs.
     assert sorted(type(c).__name__ for c in loggers) == ["WholeCSVLoggerCallback", "WholeJsonLoggerCallback"]
+
+
+@pytest.fixture
+def s3(tmp_path: Path):
+    from servers import SeaweedS3
+
+    server = SeaweedS3(tmp_path / "s3")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _pyarrow_s3(env: dict[str, str]) -> pyarrow.fs.S3FileSystem:
+    return pyarrow.fs.S3FileSystem(
+        access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+        endpoint_override=env["AWS_ENDPOINT_URL"], region=env["AWS_REGION"], connect_timeout=2,
+        request_timeout=5, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1),
+    )  # fmt: skip
+
+
+def test_a_restoring_trial_waits_out_an_object_store_outage(s3, tmp_path: Path, caplog) -> None:
+    """A real checkpoint on a real S3 (SeaweedFS) that is down when the trial restores it and back
+    a few seconds later: the copy is retried until it works, whole; with too short a wait it raises
+    (Tune then counts a failure) and leaves no partial folder to be used."""
+    import threading
+
+    from ray import tune
+
+    from embedtune.sweep.trainable import restore_checkpoint
+
+    src = tmp_path / "ckpt"
+    (src / "model").mkdir(parents=True)
+    (src / "state.json").write_text('{"epoch": 2}')
+    (src / "model" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    fs = _pyarrow_s3(s3.env)
+    pyarrow.fs.copy_files(str(src), "embedtune/ckpt/checkpoint_000001", destination_filesystem=fs)
+    checkpoint = tune.Checkpoint(path="embedtune/ckpt/checkpoint_000001", filesystem=fs)
+
+    s3.kill()
+    with pytest.raises(OSError):
+        restore_checkpoint(checkpoint, tmp_path / "short", wait_s=1)
+    assert not any((tmp_path / "short").rglob("*.safetensors"))
+
+    back = threading.Timer(6, s3.start)
+    back.start()
+    try:
+        got = restore_checkpoint(checkpoint, tmp_path / "restored", wait_s=90)
+    finally:
+        back.join()
+    assert (got / "state.json").read_text() == '{"epoch": 2}'
+    assert (got / "model" / "model.safetensors").read_bytes() == bytes(range(256)) * 64
+    assert "retrying in" in caplog.text  # the outage did hit the copy

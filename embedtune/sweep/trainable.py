@@ -93,6 +93,27 @@ def check_checkpoint(local: Path, shown: str) -> int:
     return epoch
 
 
+STORAGE_WAIT_S = 180.0  # how long a restoring trial waits out an object store that does not answer
+
+
+def restore_checkpoint(checkpoint, local: Path, wait_s: float = STORAGE_WAIT_S) -> Path:
+    """`checkpoint` copied into `local`, retried with backoff while storage errors (a trial that
+    failed because S3 went away is retried by Tune at once, while S3 may still be down: without the
+    wait every retry fails the same way and the trial ends FAILED). Each attempt starts from an
+    empty folder, so a partial copy is never used."""
+    deadline, pause = time.monotonic() + wait_s, 2.0
+    while True:
+        shutil.rmtree(local, ignore_errors=True)
+        try:
+            return Path(checkpoint.to_directory(str(local)))
+        except OSError as exc:  # pyarrow's S3 errors are OSErrors; a missing file is not transient
+            if isinstance(exc, FileNotFoundError) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("restoring checkpoint %s failed (%s); retrying in %.0f s", checkpoint.path, exc, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 30.0)
+
+
 def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
     """One trial: train `config` on its dataset, report each epoch with a checkpoint (continuing
     after the last reported epoch when Tune restores the trial from a checkpoint)."""
@@ -155,7 +176,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
 
     try:
         if checkpoint is not None:  # restored trial: continue after the last reported epoch
-            local = Path(checkpoint.to_directory(str(work / "restored")))
+            local = restore_checkpoint(checkpoint, work / "restored")
             start_epoch, resume_dir = check_checkpoint(local, checkpoint.path), local / "model"
         train(
             cfg,
