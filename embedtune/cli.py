@@ -178,6 +178,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(
         f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.location}"
     )
+    failed = {t.run_trial_id: t for t in result.trials if t.status == "FAILED" and t.error}
+    for tid, t in failed.items():  # what to fix, one line per Tune trial (also in trials.json, MLflow)
+        print(f"[embedtune] trial {tid} ({t.model_label} on {t.dataset}) failed: {t.error}")
     final = result.final
     if final is not None:
         for ds, v in sorted((final.verdicts or {}).items()):

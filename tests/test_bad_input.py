@@ -225,3 +225,57 @@ def test_the_checkpoint_estimate_counts_kept_and_running_checkpoints() -> None:
     need, how = pf.checkpoint_bytes(spec, cpus=4)
     assert pf.planned_trials(spec) == 6 and need == model * (2 * 6 + 4), how
     pf.check_disk(spec, Path("/tmp"))  # ~0.5 GiB: fits on this machine's disk
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_sweep_fails_the_trial_in_one_line_and_leaves_no_partial_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """The Tune storage sits on a real 320 MiB filesystem (a tmpfs in a private mount namespace):
+    enough for the up-front check (4 checkpoints of MiniLM-L3: 1 kept x 2 epoch counts + 2 running), then, once the trial
+    has started its epoch-1 checkpoint, something else fills the disk to 5 MiB free. The trial's
+    next checkpoint cannot fit: it fails for good (no retries of the same failure) with one line
+    naming the place, the need and the fixes; every checkpoint left in storage is whole."""
+    import sys
+
+    from small_disk import on_small_disk
+
+    from embedtune.sweep.trainable import check_checkpoint
+
+    disk = tmp_path / "small-disk"
+    spec_file = tmp_path / "spec.yaml"
+    data = [{**GOOD["datasets"][0], "max_train_pairs": 48}]
+    spec = {**GOOD, "datasets": data, "search": {"epochs": [1, 2], "batch_size": [16]},
+            "train": {"max_seq_length": 48}, "storage_path": str(disk / "tune")}  # fmt: skip
+    spec_file.write_text(yaml.safe_dump({**spec, "checkpoints": {"keep": 1}, "max_failures": 2}))
+    run = [sys.executable, "-m", "embedtune.cli", "sweep", str(spec_file), "--run-dir", str(tmp_path / "run"),
+           "--no-final"]  # fmt: skip
+    # In the namespace: wait (at most 10 min) for the first checkpoint folder, then fill the disk.
+    script = (
+        f"( i=0; until find {disk} -path '*checkpoint_0*' -name '*.json' | grep -q .; do "
+        f"i=$((i+1)); [ $i -gt 1200 ] && exit 0; sleep 0.5; done; leave_free 5242880; touch {tmp_path}/filled ) & "
+        '"$@"; rc=$?; wait; '
+        # what storage holds, copied out before the tmpfs goes away with the namespace
+        f"cp -r {disk}/tune {tmp_path}/left 2>/dev/null; exit $rc"
+    )
+    done = on_small_disk(disk, "320m", script, run, timeout=900)
+    out = done.stdout + done.stderr
+    assert (tmp_path / "filled").exists(), out[-3000:]  # the disk did fill mid-run
+    assert done.returncode == 0, out[-3000:]
+    failed = [
+        ln for ln in done.stdout.splitlines() if " failed: " in ln and ln.startswith("[embedtune] trial ")
+    ]
+    assert len(failed) == 1, done.stdout[-3000:]
+    assert f"no room for the epoch 2 checkpoint at {disk / 'tune'}" in failed[0] or (
+        f"no room for the epoch 1 checkpoint at {disk / 'tune'}" in failed[0]
+    ), failed
+    assert "MB are free; free space there" in failed[0] and "set storage_path to a bigger disk" in failed[0]
+    trials = json.loads((tmp_path / "run" / "trials.json").read_text())
+    assert {t["status"] for t in trials} == {"FAILED"} and all(
+        "no room" in (t["error"] or "") for t in trials
+    )
+    assert "Traceback" not in done.stdout
+    kept = sorted((tmp_path / "left").rglob("checkpoint_0*"))
+    for ckpt in kept:  # whole, or not there at all
+        check_checkpoint(ckpt, str(ckpt))
+    assert len(kept) <= 1  # epoch 1's at most (checkpoints.keep 1), never a partial epoch 2

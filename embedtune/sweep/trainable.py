@@ -8,6 +8,7 @@ the base models' scores (to report the gain over the base model) and the sweep's
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedtune import storage
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
 from embedtune.memory import cap_gpu_memory
@@ -44,6 +46,7 @@ class TrialPayload:
     hasher: Any  # sweep.identity.ConfigHasher
     skip: dict[str, float] = field(default_factory=dict)  # done (config, epochs) -> their Tune score
     mode: str = "max"  # the scheduler's mode (the worst score of a trial that failed for good)
+    storage: str = ""  # the Tune storage root: checkpoints are copied there (a local folder or a URI)
 
 
 def cpu_threads_for(trial_cpus: float) -> int:
@@ -109,9 +112,52 @@ def restore_checkpoint(checkpoint, local: Path, wait_s: float = STORAGE_WAIT_S) 
         except OSError as exc:  # pyarrow's S3 errors are OSErrors; a missing file is not transient
             if isinstance(exc, FileNotFoundError) or time.monotonic() + pause > deadline:
                 raise
-            log.warning("restoring checkpoint %s failed (%s); retrying in %.0f s", checkpoint.path, exc, pause)
+            log.warning(
+                "restoring checkpoint %s failed (%s); retrying in %.0f s", checkpoint.path, exc, pause
+            )
             time.sleep(pause)
             pause = min(pause * 2, 30.0)
+
+
+ROOM_MARGIN = 1.1  # a checkpoint copy needs its bytes plus the filesystem's own overhead
+ROOM_SLACK_BYTES = 16 * 2**20
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def no_room_error(epoch: int, where: str, need: int, free: int) -> EmbedtuneError:
+    return EmbedtuneError(
+        f"no room for the epoch {epoch} checkpoint at {where}: it needs about {need / 2**20:.0f} MB and "
+        f"{free / 2**20:.0f} MB are free; free space there (or lower checkpoints.keep, or set storage_path "
+        "to a bigger disk), then run the same command again to redo this trial"
+    )
+
+
+def check_checkpoint_room(ckpt: Path, storage_root: str, epoch: int) -> None:
+    """Stop the trial in one line when the local Tune storage cannot hold this checkpoint (the disk
+    filled since the sweep's up-front check): Ray would start the copy, fail half-way with ENOSPC
+    and leave a partial checkpoint behind, on every retry."""
+    if not storage_root or storage.is_remote(storage_root):
+        return  # object storage has no disk of ours to measure
+    need = int(_folder_bytes(ckpt) * ROOM_MARGIN) + ROOM_SLACK_BYTES
+    free = shutil.disk_usage(storage_root).free
+    if free < need:
+        raise no_room_error(epoch, storage_root, need, free)
+
+
+def _drop_partial_checkpoint() -> None:
+    """Remove what a failed checkpoint copy left in local Tune storage. Ray has no public handle
+    on the folder it was copying into; its session's storage context names it."""
+    try:
+        from ray.train._internal.session import get_session
+
+        folder = get_session().storage.checkpoint_fs_path
+        if folder and Path(folder).is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+    except Exception as exc:  # noqa: BLE001 - best effort: Ray's internals may move
+        log.warning("could not remove a partial checkpoint: %s", exc)
 
 
 def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
@@ -172,7 +218,18 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
             tune.report(report)
             return
         (ckpt / "state.json").write_text(json.dumps({"epoch": epoch, "trial_config": config}))
-        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+        check_checkpoint_room(ckpt, payload.storage, epoch)
+        try:
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+        except OSError as exc:
+            full = exc.errno == errno.ENOSPC or "No space left" in str(exc)
+            if not full or not payload.storage or storage.is_remote(payload.storage):
+                raise
+            _drop_partial_checkpoint()
+            need = int(_folder_bytes(ckpt) * ROOM_MARGIN) + ROOM_SLACK_BYTES
+            raise no_room_error(
+                epoch, payload.storage, need, shutil.disk_usage(payload.storage).free
+            ) from exc
 
     try:
         if checkpoint is not None:  # restored trial: continue after the last reported epoch

@@ -82,6 +82,7 @@ class TrialsStep:
             resources=spec.resources,
             hasher=inputs.hasher,
             mode=spec.scheduler.mode,
+            storage=self.storage,
         )
 
     def path(self, name: str) -> str:
