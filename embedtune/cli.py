@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from embedtune import env, storage
+from embedtune import cli_init, env, storage
 from embedtune.credentials import check_source, redact, s3_keys_to_env
 from embedtune.errors import EmbedtuneError
 from embedtune.specs.evaluation import EncodeBackend
@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedtune",
         description="Fine-tune sentence-embedding models for a retrieval job and prove which one is best: "
-        "`sweep` runs a sweep spec (Ray Tune trials, MLflow runs, a leaderboard), `train` one run, "
+        "`init` writes a sweep spec for your data, `sweep` runs one (Ray Tune trials, MLflow runs, a "
+        "leaderboard), `train` one run, "
         "`evaluate` scores models in LanceDB, `report` rebuilds a run's leaderboard.",
         epilog="example: embedtune --offline sweep sweeps/local.yaml --run-dir runs/local "
         "(what `make sweep-local` runs); then open runs/local/report/leaderboard.html",
@@ -377,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a sweep run directory or an `embedtune evaluate` --out directory")
     p.add_argument("--metric", choices=LEADERBOARD_METRICS, help="leaderboard metric (default: as built)")
     p.set_defaults(func=_cmd_report)
+
+    cli_init.add_parser(sub)
 
     p = sub.add_parser("search", help="search a run's served table by text with its recommended model")
     p.add_argument(
