@@ -26,7 +26,14 @@ from embedtune.specs import Distribution, SweepSpec
 from embedtune.specs.metrics import HP_TYPES, HYPERPARAMS
 
 _UNSET = object()
-LATER_DEFAULTS = {"loss": "mnrl", "mini_batch_size": 32, "gradient_checkpointing": False}
+LATER_DEFAULTS = {
+    "loss": "mnrl",
+    "mini_batch_size": 32,
+    "gradient_checkpointing": False,
+    "gist_temperature": 0.01,
+    "gist_margin_strategy": "relative",
+    "gist_margin": 0.05,
+}
 # Branch mode's learning-rate schedule: warmup, then constant. The model after e epochs is then the
 # same whatever the run's total, so one run's checkpoint at e stands for an e-epoch run.
 # (Warmup-stable-decay, a short decay branched off at each count, scored slightly higher in a trial
