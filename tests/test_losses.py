@@ -9,10 +9,11 @@ import math
 from collections import defaultdict
 
 import pytest
-from specs import TINY_DATA
+from specs import TINY_DATA, tiny_spec
 
 from embedtune.data import load_pairs, prepare
-from embedtune.specs import DataSpec, TrainConfig
+from embedtune.errors import EmbedtuneError
+from embedtune.specs import DataSpec, TrainConfig, parse_spec
 from embedtune.train import build_loss, load_guide, train
 
 MODEL = "paraphrase-MiniLM-L3-v2"
@@ -140,8 +141,105 @@ def test_gist_fine_tune_changes_the_model_and_not_its_guide(tmp_path, monkeypatc
     assert not guide.training and not any(p.requires_grad for p in guide.parameters())
     base = load_guide(TINY, "cpu")
     for (name, p), (_, q) in zip(guide.named_parameters(), base.named_parameters(), strict=True):
-        assert torch.equal(p, q), f"the guide was trained: {name}"
+        assert torch.equal(p.cpu(), q), f"the guide was trained: {name}"  # (it ran on the training device)
     texts = [q for q, _ in data.train[:8]]
     tuned = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True)
     before = base.encode(texts, convert_to_tensor=True)
     assert (tuned - before).abs().max().item() > 1e-3  # the model itself learned
+
+
+# ---------------------------------------------------------------- the loss as a search axis
+
+
+def test_search_loss_is_an_axis_whose_mnrl_configs_keep_their_identity():
+    """search.loss [mnrl, gist] doubles the grid; its mnrl configs hash as the same configs of a
+    sweep without the axis (train.loss mnrl), so a run dir grown by the axis reruns none of them."""
+    from embedtune.sweep.identity import ConfigHasher, grid_configs, param_space, trial_configs
+
+    plain = parse_spec(tiny_spec("losses", search={"epochs": [1, 2], "lr": [5e-5]}))
+    both = parse_spec(tiny_spec("losses", search={"epochs": [1, 2], "lr": [5e-5], "loss": ["mnrl", "gist"]}))
+    assert both.losses == ["mnrl", "gist"] and plain.losses == ["mnrl"]
+    hasher = ConfigHasher({"medquad": "fp"}, both.train.model_dump(), {"medquad": "neg"})
+    before, after = grid_configs(plain, hasher), grid_configs(both, hasher)
+    assert len(after) == 2 * len(before) and {c.get("loss") for c in after} == {"mnrl", "gist"}
+    mnrl = {c["config_hash"] for c in after if c["loss"] == "mnrl"}
+    assert mnrl == {c["config_hash"] for c in before}
+    gist = {c["config_hash"] for c in after if c["loss"] == "gist"}
+    assert len(gist) == len(before) and not gist & mnrl
+    # with train.loss gist (no axis) a config hashes as its gist twin of the axis
+    as_setting = ConfigHasher(
+        {"medquad": "fp"}, {**both.train.model_dump(), "loss": "gist"}, {"medquad": "neg"}
+    )
+    assert {c["config_hash"] for c in grid_configs(plain, as_setting)} == gist
+    branches = trial_configs(both, hasher)  # branch mode: one run per (model, loss), checkpointed at 1 and 2
+    assert len(branches) == 2 * 2 and {(c["model"], c["loss"]) for c in branches} == {
+        (m, loss) for m in both.models for loss in ("mnrl", "gist")
+    }
+    sampled = tiny_spec(
+        "losses", search={"mode": "random", "num_samples": 2, "loss": ["mnrl", "cached_gist"]}
+    )
+    assert type(param_space(parse_spec(sampled))["loss"]).__name__ == "Categorical"
+    assert "loss" not in param_space(plain)
+
+
+def test_search_loss_bad_input_is_one_clear_line():
+    with pytest.raises(EmbedtuneError, match="search.loss"):
+        parse_spec(tiny_spec("x", search={"loss": ["mnrl", "mnrl"]}))
+    with pytest.raises(EmbedtuneError, match="search.loss.0"):
+        parse_spec(tiny_spec("x", search={"loss": ["gistt"]}))
+    with pytest.raises(
+        EmbedtuneError, match="train.loss .cached_mnrl. and search.loss .mnrl, gist. are both set"
+    ):
+        parse_spec(tiny_spec("x", search={"loss": ["mnrl", "gist"]}, train={"loss": "cached_mnrl"}))
+    with pytest.raises(EmbedtuneError, match="train.loss"):
+        parse_spec(tiny_spec("x", train={"loss": "gist_embed"}))
+    # a stored spec.json spells out train.loss: it reads back
+    spec = parse_spec(tiny_spec("x", search={"loss": ["mnrl", "gist"]}))
+    assert parse_spec(spec.model_dump(mode="json")).losses == ["mnrl", "gist"]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_search_loss_trains_each_loss(tmp_path):
+    """A real (Ray Tune) sweep with search.loss [mnrl, gist] and nothing else searched: two trials,
+    each recorded with its loss, and their models differ: the trial trained with the loss its
+    config names (the same seed and data with one loss would give the same weights)."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.sweep import run_sweep
+    from embedtune.sweep.results import results_table
+
+    raw = tiny_spec(
+        "losses",
+        models=[MODEL],
+        mlflow={"log_models": False},
+        search={"epochs": [1], "batch_size": [16], "lr": [1e-4], "loss": ["mnrl", "gist"]},
+        train={"max_seq_length": 48, "hard_negatives": False},
+    )
+    result = run_sweep(parse_spec(raw), tmp_path / "run", final=False)
+    assert result.launched == 2 and [t.status for t in result.trials] == ["FINISHED"] * 2
+    by_loss = {t.loss: t for t in result.trials}
+    assert sorted(by_loss) == ["gist", "mnrl"]
+    assert by_loss["gist"].config_hash != by_loss["mnrl"].config_hash
+    stored = json.loads((tmp_path / "run" / "trials.json").read_text())
+    assert sorted(t["loss"] for t in stored) == ["gist", "mnrl"]
+    texts = ["What causes Tay-Sachs disease ?", "Is fish-eye disease inherited ?", "What is glaucoma ?"]
+    vectors = {
+        loss: SentenceTransformer(t.best_checkpoint, device="cpu").encode(texts, convert_to_tensor=True)
+        for loss, t in by_loss.items()
+    }
+    assert (vectors["gist"] - vectors["mnrl"]).abs().max().item() > 1e-3
+    assert "loss" in [c.header for c in results_table(result.trials, "ir_mrr_at_10").columns]
+
+
+def test_memory_refusal_names_the_cached_form_of_the_loss():
+    from embedtune.memory import ProbeKey, refusal
+
+    def line(loss):
+        key = ProbeKey(MODEL, 64, 48, loss, 32, False, False, False)
+        return refusal(key, 30 * 2**30, 24 * 2**30, 1.0)
+
+    assert "train.loss: cached_gist with train.mini_batch_size" in line("gist")
+    assert "train.loss: cached_mnrl with train.mini_batch_size" in line("mnrl")
+    assert "train.mini_batch_size below 32" in line("cached_gist") and "(mini_batch_size 32)" in line(
+        "cached_gist"
+    )

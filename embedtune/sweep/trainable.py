@@ -109,7 +109,9 @@ def restore_checkpoint(checkpoint, local: Path, wait_s: float = STORAGE_WAIT_S) 
         except OSError as exc:  # pyarrow's S3 errors are OSErrors; a missing file is not transient
             if isinstance(exc, FileNotFoundError) or time.monotonic() + pause > deadline:
                 raise
-            log.warning("restoring checkpoint %s failed (%s); retrying in %.0f s", checkpoint.path, exc, pause)
+            log.warning(
+                "restoring checkpoint %s failed (%s); retrying in %.0f s", checkpoint.path, exc, pause
+            )
             time.sleep(pause)
             pause = min(pause * 2, 30.0)
 
@@ -142,7 +144,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
         lr_schedule=str(config.get("lr_schedule") or LINEAR_SCHEDULE),
         seed=int(config["seed"]),
         threads=cpu_threads_for(payload.resources.cpu),
-        **payload.train.model_dump(),
+        **{**payload.train.model_dump(), "loss": config.get("loss") or payload.train.loss},  # search.loss
     )
     # Scratch in the trial's working directory (Tune chdirs there; it lives in Ray's session dir):
     # a trial the scheduler stops is killed without running `finally`, and Ray's temp dir, not
