@@ -132,6 +132,16 @@ def _show(renderable) -> None:
     Console(width=max(120, shutil.get_terminal_size().columns)).print(renderable)
 
 
+def _show_trials(records, spec, table) -> None:
+    """The trials as a table, then each dataset's searched axes whose best value sat at the edge of
+    the search, with the spec change to look beyond it (the report's summary says the same)."""
+    from embedtune.report.edges import edge_advice, edge_lines
+
+    _show(table)
+    for line in edge_lines(edge_advice(records, spec)):
+        print(f"[embedtune] edge of the search, {line}")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.rundir import REPORT, SPEC, STATE, RunDir
     from embedtune.specs import load_spec
@@ -173,7 +183,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         resume=resume,
         final=not args.no_final,
         ray_address=args.address,
-        on_trials=lambda records: _show(results_table(records, spec.scheduler.metric)),
+        on_trials=lambda records: _show_trials(records, spec, results_table(records, spec.scheduler.metric)),
     )
     print(
         f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.location}"
