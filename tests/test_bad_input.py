@@ -270,10 +270,10 @@ def test_a_disk_that_fills_mid_sweep_fails_the_trial_in_one_line_and_leaves_no_p
         f"no room for the epoch 1 checkpoint at {disk / 'tune'}" in failed[0]
     ), failed
     assert "MB are free; free space there" in failed[0] and "set storage_path to a bigger disk" in failed[0]
-    trials = json.loads((tmp_path / "run" / "trials.json").read_text())
-    assert {t["status"] for t in trials} == {"FAILED"} and all(
-        "no room" in (t["error"] or "") for t in trials
-    )
+    trials = json.loads((tmp_path / "run" / "trials.json").read_text())  # one record per epoch count
+    failed_records = [t for t in trials if t["status"] == "FAILED"]
+    assert [t["epochs"] for t in failed_records][-1:] == [2], trials  # the count never reached
+    assert all("no room for the epoch" in (t["error"] or "") for t in failed_records), failed_records
     assert "Traceback" not in done.stdout
     kept = sorted((tmp_path / "left").rglob("checkpoint_0*"))
     for ckpt in kept:  # whole, or not there at all
