@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from embedtune import env, storage
+from embedtune import cli_init, env, storage
 from embedtune.credentials import check_source, redact, s3_keys_to_env
 from embedtune.errors import EmbedtuneError
 from embedtune.specs.evaluation import EncodeBackend
@@ -132,6 +132,16 @@ def _show(renderable) -> None:
     Console(width=max(120, shutil.get_terminal_size().columns)).print(renderable)
 
 
+def _show_trials(records, spec, table) -> None:
+    """The trials as a table, then each dataset's searched axes whose best value sat at the edge of
+    the search, with the spec change to look beyond it (the report's summary says the same)."""
+    from embedtune.report.edges import edge_advice, edge_lines
+
+    _show(table)
+    for line in edge_lines(edge_advice(records, spec)):
+        print(f"[embedtune] edge of the search, {line}")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from embedtune.rundir import REPORT, SPEC, STATE, RunDir
     from embedtune.specs import load_spec
@@ -173,7 +183,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         resume=resume,
         final=not args.no_final,
         ray_address=args.address,
-        on_trials=lambda records: _show(results_table(records, spec.scheduler.metric)),
+        on_trials=lambda records: _show_trials(records, spec, results_table(records, spec.scheduler.metric)),
     )
     print(
         f"[embedtune] sweep {spec.name}: {len(result.trials)} trials ({result.launched} run now) in {result.location}"
@@ -293,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embedtune",
         description="Fine-tune sentence-embedding models for a retrieval job and prove which one is best: "
-        "`sweep` runs a sweep spec (Ray Tune trials, MLflow runs, a leaderboard), `train` one run, "
+        "`init` writes a sweep spec for your data, `sweep` runs one (Ray Tune trials, MLflow runs, a "
+        "leaderboard), `train` one run, "
         "`evaluate` scores models in LanceDB, `report` rebuilds a run's leaderboard.",
         epilog="example: embedtune --offline sweep sweeps/local.yaml --run-dir runs/local "
         "(what `make sweep-local` runs); then open runs/local/report/leaderboard.html",
@@ -377,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a sweep run directory or an `embedtune evaluate` --out directory")
     p.add_argument("--metric", choices=LEADERBOARD_METRICS, help="leaderboard metric (default: as built)")
     p.set_defaults(func=_cmd_report)
+
+    cli_init.add_parser(sub)
 
     p = sub.add_parser("search", help="search a run's served table by text with its recommended model")
     p.add_argument(

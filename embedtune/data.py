@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
 import random
 from collections import defaultdict
@@ -103,12 +104,14 @@ def _open_text(path: Path):
     )
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    rows: list[dict] = []
     with _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            if limit is not None and len(rows) >= limit:
+                break
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
@@ -118,19 +121,23 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _read_rows(target: Path | str, fmt: str, spec: DataSpec) -> list[dict]:
+def _read_rows(target: Path | str, fmt: str, spec: DataSpec, limit: int | None = None) -> list[dict]:
+    """Every row (or the first `limit`, with every column: what `sample_rows` shows)."""
     try:
         if fmt == "jsonl":
-            return _read_jsonl(Path(target))
+            return _read_jsonl(Path(target), limit)
         if fmt == "csv":
             with _open_text(Path(target)) as fh:
-                return list(csv.DictReader(fh))
+                return list(itertools.islice(csv.DictReader(fh), limit))
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(target).to_pylist()
+            if limit is None:
+                return pq.read_table(target).to_pylist()
+            first = next(pq.ParquetFile(target).iter_batches(batch_size=limit), None)
+            return first.to_pylist() if first is not None else []
         if fmt == "hf":
-            return _read_hf(str(target), spec)
+            return _read_hf(str(target), spec, limit)
     except UnicodeDecodeError as exc:
         raise EmbedtuneError(
             f"{target} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8"
@@ -144,7 +151,7 @@ def _read_rows(target: Path | str, fmt: str, spec: DataSpec) -> list[dict]:
     raise EmbedtuneError(f"unsupported format {fmt!r}")
 
 
-def _read_hf(dataset_id: str, spec: DataSpec) -> list[dict]:
+def _read_hf(dataset_id: str, spec: DataSpec, limit: int | None = None) -> list[dict]:
     import datasets
 
     saved = Path(dataset_id)
@@ -167,6 +174,8 @@ def _read_hf(dataset_id: str, spec: DataSpec) -> list[dict]:
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
             "(offline? set HF_DATASETS_OFFLINE=0 with internet, or use a local file)"
         ) from exc
+    if limit is not None:
+        return ds.select(range(min(limit, len(ds)))).to_list()
     missing = [c for c in (spec.question_column, spec.answer_column) if c not in ds.column_names]
     if missing:
         raise _column_error(missing, ds.column_names, dataset_id)
@@ -209,6 +218,14 @@ def _read_beir(folder: Path, spec: DataSpec) -> tuple[list[tuple[str, str]], lis
     return pairs, list(corpus.values())
 
 
+def sample_rows(spec: DataSpec, n: int = 100) -> list[dict] | None:
+    """The first `n` raw rows of a pair source with every column (what a column mapping is chosen
+    from: the loader checks its columns on the first 100 rows too); None for a BEIR folder, whose
+    queries and documents need no mapping."""
+    target, fmt = resolve_source(spec)
+    return None if fmt == "beir" else _read_rows(target, fmt, spec, limit=n)
+
+
 def load_pairs(spec: DataSpec) -> tuple[list[tuple[str, str]], list[str]]:
     """Load and clean (question, answer) pairs; returns (pairs, extra corpus documents).
     Cleaning: strip whitespace, drop rows with an empty side, drop exact duplicate pairs."""
@@ -247,7 +264,7 @@ def load_pairs(spec: DataSpec) -> tuple[list[tuple[str, str]], list[str]]:
             "and empty rows; point at data with distinct pairs"
         )
     if spec.max_pairs and len(pairs) > spec.max_pairs:
-        pairs = _sample_by_group(pairs, spec.max_pairs, spec.seed)
+        pairs = sample_by_group(pairs, spec.max_pairs, spec.seed)
     return pairs, [d.strip() for d in extra if d and d.strip()]
 
 
@@ -276,7 +293,8 @@ def _components(pairs: list[tuple[str, str]]) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: g[0])
 
 
-def _sample_by_group(pairs: list[tuple[str, str]], n: int, seed: int) -> list[tuple[str, str]]:
+def sample_by_group(pairs: list[tuple[str, str]], n: int, seed: int) -> list[tuple[str, str]]:
+    """About `n` pairs in whole groups (`_components`), seeded: what `max_pairs` keeps."""
     comps = _components(pairs)
     random.Random(seed).shuffle(comps)
     chosen: list[int] = []

@@ -102,7 +102,7 @@ class ProbeKey:
     def describe(self) -> str:
         loss = (
             f"{self.loss} (mini_batch_size {self.mini_batch_size})"
-            if self.loss == "cached_mnrl"
+            if self.loss.startswith("cached_")
             else self.loss
         )
         return (
@@ -153,8 +153,8 @@ def refusal(key: ProbeKey, peak_bytes: int, device_total_bytes: int, fraction: f
     budget = gpu_budget_bytes(device_total_bytes, fraction, margin)
     cached = (
         f"train.mini_batch_size below {key.mini_batch_size}"
-        if key.loss == "cached_mnrl"
-        else "train.loss: cached_mnrl with train.mini_batch_size: 16 or 32"
+        if key.loss.startswith("cached_")
+        else f"train.loss: cached_{'gist' if key.loss == 'gist' else 'mnrl'} with train.mini_batch_size: 16 or 32"
     )
     gc = "" if key.gradient_checkpointing else ", train.gradient_checkpointing: true"
     more = ", a larger resources.gpu" if fraction < 1 else ""

@@ -82,6 +82,7 @@ class TrialRecord:
     mlflow_run_id: str | None = None
     lr_schedule: str = "linear"  # "constant_with_warmup" in branch mode
     tune_trial_id: str | None = None  # the Tune trial (and MLflow run) that trained it; None: trial_id
+    loss: str | None = None  # its training loss (train.loss or search.loss); None: a record from before
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrialRecord:
@@ -129,7 +130,7 @@ class TrialRecord:
 
     def hyperparams(self) -> tuple:
         """The hyperparameters other than epochs: runs that share them differ only in length."""
-        return (self.lr, self.batch_size, self.seed, self.warmup_ratio)
+        return (self.lr, self.batch_size, self.seed, self.warmup_ratio, self.loss)
 
     def order(self) -> tuple:
         return (self.dataset or "", self.model_label or "", self.epochs or 0, self.trial_id or "")

@@ -1,4 +1,4 @@
-"""One fine-tuning run: sentence-transformers' trainer with MultipleNegativesRankingLoss.
+"""One fine-tuning run: sentence-transformers' trainer with MultipleNegativesRankingLoss (or GIST).
 
 `train()` is the function a sweep trial calls: it evaluates the base model (epoch 0), trains for
 the asked epochs with a TripletEvaluator + InformationRetrievalEvaluator at the end of every
@@ -237,16 +237,43 @@ def _training_args(config: TrainConfig, scratch: Path, rows, start_epoch: int, d
     )
 
 
-def build_loss(config: TrainConfig, model):
+def load_guide(config: TrainConfig, device: str):
+    """The GIST losses' guide: the untouched base model (`config.model`, from its local folder, also
+    when a run resumes from a checkpoint), truncated like the model it guides and frozen: no
+    gradients (the trainer's optimizer collects every trainable parameter of the loss), eval mode."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.models import resolve_model, truncate
+
+    guide = SentenceTransformer(str(resolve_model(config.model)), device=device)
+    truncate(guide, config.max_seq_length)
+    guide.requires_grad_(False)
+    return guide.eval()
+
+
+def build_loss(config: TrainConfig, model, guide=None):
     """The spec's `train.loss`: MNRL, or its cached (GradCache) form, whose activation memory is set
-    by `mini_batch_size` rather than the batch size (same in-batch negatives, slower)."""
+    by `mini_batch_size` rather than the batch size (same in-batch negatives, slower); GIST and its
+    cached form with `guide` (default: `load_guide`) masking the in-batch false negatives."""
     from sentence_transformers.sentence_transformer.losses import (
+        CachedGISTEmbedLoss,
         CachedMultipleNegativesRankingLoss,
+        GISTEmbedLoss,
         MultipleNegativesRankingLoss,
     )
 
     if config.loss == "cached_mnrl":
         return CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
+    if config.loss in ("gist", "cached_gist"):
+        guide = guide if guide is not None else load_guide(config, str(model.device))
+        rule = {
+            "temperature": config.gist_temperature,
+            "margin_strategy": config.gist_margin_strategy,
+            "margin": config.gist_margin,
+        }
+        if config.loss == "cached_gist":
+            return CachedGISTEmbedLoss(model, guide, mini_batch_size=config.mini_batch_size, **rule)
+        return GISTEmbedLoss(model, guide, **rule)
     return MultipleNegativesRankingLoss(model)
 
 

@@ -15,6 +15,7 @@ from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
 from embedtune.records import HarmCheck, TrialRecord
 from embedtune.report import store
+from embedtune.report.edges import edge_advice
 from embedtune.report.epochs import epoch_advice, overfitting_flags
 from embedtune.report.leaderboard import leaderboard, pick_winner
 from embedtune.report.plots import COST_PLOT, plot_best, plot_cost, plot_epochs
@@ -63,10 +64,10 @@ def stored_spec(rundir: RunDir) -> SweepSpec | None:
         return None
 
 
-def dataset_sources(rundir: RunDir) -> dict[str, list[str]]:
+def dataset_sources(rundir: RunDir, spec: SweepSpec | None = None) -> dict[str, list[str]]:
     """Dataset label -> [source] from the run's stored spec (matched against model cards)."""
     out: dict[str, list[str]] = {}
-    spec = stored_spec(rundir)
+    spec = spec or stored_spec(rundir)
     for ds in spec.datasets if spec else []:
         out.setdefault(ds.label, []).append(ds.source)
     return out
@@ -106,6 +107,8 @@ def build_report(
         gate_rows = [g if isinstance(g, dict) else {**g.to_dict(), "line": g.line()} for g in gates]
     probe_cache = store.load_json(rundir.report_file(store.PROBE_FILE), {})
     flags = overfitting_flags(trials, sweep_metric)
+    spec = stored_spec(rundir) if trials or sources is None else None
+    edges = edge_advice(trials, spec) if spec else {}  # a best value at the edge of the search
     board = leaderboard(results, trials, metric, flags, sweep_metric)
     epochs = epoch_advice(results, metric)
     dataset_winners = {str(ds): pick_winner(rows, metric) for ds, rows in board.groupby("dataset", sort=True)}
@@ -115,7 +118,7 @@ def build_report(
         board,
         datasets,
         probe_size,
-        sources if sources is not None else dataset_sources(rundir),
+        sources if sources is not None else dataset_sources(rundir, spec),
         encode_backend,
     )
     verdicts = should_fine_tune(board, probes, metric)
@@ -155,6 +158,7 @@ def build_report(
         "verdicts": verdicts,
         "flags": flags,
         "epoch_advice": epochs,
+        "search_edges": {ds: [a.to_dict() for a in items] for ds, items in edges.items()},
         "reranker_gates": gate_rows,
     }
     if timings:
@@ -173,8 +177,9 @@ def build_report(
         store.save_results(folder, results)
         board.to_csv(folder / names["leaderboard_csv"], index=False)
         blocks = page_blocks(
-            board, metric, winner, verdicts, flags, plots, epochs, harm, dataset_winners, gate_rows, timings
-        )
+            board, metric, winner, verdicts, flags, plots, epochs, harm, dataset_winners, gate_rows, timings,
+            edges,
+        )  # fmt: skip
         page[:] = blocks
         (folder / names["leaderboard_md"]).write_text(render(blocks, "md"))
         (folder / names["leaderboard_html"]).write_text(render(blocks, "html"))

@@ -270,24 +270,21 @@ def summary_items(ds: str, winner, metric: str, advice, verdict, harm: HarmCheck
     return items[:5]
 
 
+EDGE_LABEL = "**Edge of the search:**"
+
+
 def summary_blocks(
-    board, metric: str, dataset_winners, verdicts, epochs, harm: HarmCheck, gates
+    board, metric: str, dataset_winners, verdicts, epochs, harm: HarmCheck, gates, edges=None
 ) -> list[Block]:
+    """The summary: per dataset its five lines (`summary_items`), then one line per searched axis
+    whose best value sat at the edge of the search (`report.edges`)."""
     blocks = [heading("Summary")]
     for ds in sorted(str(d) for d in board["dataset"].unique()):
-        blocks += [
-            para(f"**{ds}**"),
-            bullets(
-                summary_items(
-                    ds,
-                    (dataset_winners or {}).get(ds),
-                    metric,
-                    (epochs or {}).get(ds),
-                    verdicts.get(ds),
-                    harm,
-                )
-            ),
-        ]
+        items = summary_items(
+            ds, (dataset_winners or {}).get(ds), metric, (epochs or {}).get(ds), verdicts.get(ds), harm
+        )
+        items += [f"{EDGE_LABEL} {a.text}" for a in (edges or {}).get(ds, [])]
+        blocks += [para(f"**{ds}**"), bullets(items)]
     lines = [g["line"] for g in gates or []]
     if lines:
         blocks.append(para(" ".join(lines)))
@@ -376,9 +373,10 @@ def page_blocks(
     dataset_winners=None,
     gates=None,
     timings: dict[str, Any] | None = None,
+    edges=None,
 ) -> list[Block]:
     blocks = [heading("embedtune leaderboard", 1)]
-    blocks += summary_blocks(board, metric, dataset_winners, verdicts, epochs, harm, gates)
+    blocks += summary_blocks(board, metric, dataset_winners, verdicts, epochs, harm, gates, edges)
     if winner:
         blocks.append(para(winner_line(winner, metric)))
     for ds, rows in board.groupby("dataset", sort=True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from embedtune.specs.base import Strict, model_label
 from embedtune.specs.data import DataSpec
@@ -18,7 +18,7 @@ from embedtune.specs.metrics import (
     check_leaderboard_metric,
     leaderboard_name,
 )
-from embedtune.specs.train import MiningSpec, TrainSettings
+from embedtune.specs.train import LOSS_HELP, Loss, MiningSpec, TrainSettings
 
 
 class Distribution(Strict):
@@ -61,6 +61,11 @@ class SearchSpace(Strict):
     batch_size: list[int] | Distribution = [32]
     warmup_ratio: list[float] | Distribution = [0.1]
     seed: list[int] | Distribution = [42]
+    loss: list[Loss] | None = Field(
+        None,
+        description="losses to compare, one trial each (a choice when sampling); None: train.loss alone. "
+        + LOSS_HELP,
+    )
 
     @field_validator("epochs")
     @classmethod
@@ -74,6 +79,13 @@ class SearchSpace(Strict):
     def _batch(cls, v):
         if isinstance(v, list) and (not v or any(b < 2 for b in v)):
             raise ValueError("batch_size values must be >= 2 (MNRL needs in-batch negatives)")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("search.loss must list distinct losses (or be left out: train.loss)")
         return v
 
     @field_validator("lr")
@@ -245,6 +257,24 @@ class SweepSpec(Strict):
         if len(set(labels)) != len(labels):
             raise ValueError(f"dataset labels must be unique (got {labels}); set 'name' on each dataset")
         return self
+
+    @field_validator("train")
+    @classmethod
+    def _one_loss_key(cls, train: TrainSettings, info: ValidationInfo) -> TrainSettings:
+        # (a value check, not "was it set": a stored spec.json spells out every default)
+        search = info.data.get("search")
+        losses = search.loss if search is not None else None
+        if losses is not None and train.loss != TrainSettings.model_fields["loss"].default:
+            raise ValueError(
+                f"train.loss ({train.loss}) and search.loss ({', '.join(losses)}) are both set: "
+                "keep search.loss to compare losses, or train.loss for one"
+            )
+        return train
+
+    @property
+    def losses(self) -> list[str]:
+        """The losses the sweep trains with: search.loss, else train.loss alone."""
+        return list(self.search.loss or [self.train.loss])
 
     @property
     def experiment(self) -> str:

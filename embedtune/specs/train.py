@@ -8,24 +8,58 @@ from pydantic import Field, model_validator
 
 from embedtune.specs.base import Strict
 
+# The training losses (`train.loss`, or the search axis `search.loss`). The cached forms are the
+# same loss computed in chunks of `mini_batch_size` rows (GradCache): memory no longer grows with
+# the batch size. The GIST forms use the untouched base model as a frozen guide that masks in-batch
+# negatives it scores as close to the anchor as the positive (false negatives: near-duplicates).
+Loss = Literal["mnrl", "cached_mnrl", "gist", "cached_gist"]
+LOSSES: tuple[str, ...] = ("mnrl", "cached_mnrl", "gist", "cached_gist")
+LOSS_HELP = (
+    "mnrl: MultipleNegativesRankingLoss; cached_mnrl: its GradCache form (the same in-batch "
+    "negatives, memory set by mini_batch_size instead of the batch size); gist: GISTEmbedLoss with "
+    "the base model, frozen, as the guide that drops in-batch false negatives (a second copy of the "
+    "model in memory, one more forward pass per step); cached_gist: its GradCache form"
+)
 
-class TrainSettings(Strict):
+
+class GistSettings(Strict):
+    """The GIST losses' guide rule (`gist`, `cached_gist`): an in-batch candidate is masked when
+    the frozen base model scores it above the anchor's own positive less the margin."""
+
+    gist_temperature: float = Field(
+        0.01,
+        gt=0,
+        description="gist: similarity temperature (sentence-transformers' default; MNRL's scale 20 is 0.05)",
+    )
+    gist_margin_strategy: Literal["absolute", "relative"] = Field(
+        "relative",
+        description="gist: mask candidates the guide scores above positive - margin (absolute) or "
+        "positive x (1 - margin) (relative)",
+    )
+    gist_margin: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="gist: 0.05 relative, as mining's relative_margin: with 0 an exact duplicate of the "
+        "positive ties with it and is not masked",
+    )
+
+
+class TrainSettings(GistSettings):
     """Fixed training settings shared by every trial of a sweep (its `train:` block)."""
 
     max_seq_length: int | None = Field(128, ge=8)
     hard_negatives: bool = True
     weight_decay: float = Field(0.01, ge=0)
     fp16: bool = False
-    loss: Literal["mnrl", "cached_mnrl"] = Field(
-        "mnrl",
-        description="mnrl: MultipleNegativesRankingLoss; cached_mnrl: its GradCache form (the same "
-        "in-batch negatives, memory set by mini_batch_size instead of the batch size)",
+    loss: Loss = Field("mnrl", description=LOSS_HELP)
+    mini_batch_size: int = Field(
+        32, ge=1, description="cached_mnrl / cached_gist: rows per forward/backward chunk"
     )
-    mini_batch_size: int = Field(32, ge=1, description="cached_mnrl: rows per forward/backward chunk")
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
 
 
-class TrainConfig(Strict):
+class TrainConfig(GistSettings):
     """Hyperparameters and settings of one fine-tuning run."""
 
     model: str = "all-MiniLM-L6-v2"
@@ -46,8 +80,10 @@ class TrainConfig(Strict):
     hard_negatives: bool = Field(True, description="train on mined triplets; False = plain pairs")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all)")
     fp16: bool = Field(False, description="mixed precision on GPU")
-    loss: Literal["mnrl", "cached_mnrl"] = "mnrl"
-    mini_batch_size: int = Field(32, ge=1, description="cached_mnrl: rows per forward/backward chunk")
+    loss: Loss = Field("mnrl", description=LOSS_HELP)
+    mini_batch_size: int = Field(
+        32, ge=1, description="cached_mnrl / cached_gist: rows per forward/backward chunk"
+    )
     gradient_checkpointing: bool = False
 
 

@@ -26,7 +26,14 @@ from embedtune.specs import Distribution, SweepSpec
 from embedtune.specs.metrics import HP_TYPES, HYPERPARAMS
 
 _UNSET = object()
-LATER_DEFAULTS = {"loss": "mnrl", "mini_batch_size": 32, "gradient_checkpointing": False}
+LATER_DEFAULTS = {
+    "loss": "mnrl",
+    "mini_batch_size": 32,
+    "gradient_checkpointing": False,
+    "gist_temperature": 0.01,
+    "gist_margin_strategy": "relative",
+    "gist_margin": 0.05,
+}
 # Branch mode's learning-rate schedule: warmup, then constant. The model after e epochs is then the
 # same whatever the run's total, so one run's checkpoint at e stands for an e-epoch run.
 # (Warmup-stable-decay, a short decay branched off at each count, scored slightly higher in a trial
@@ -45,8 +52,10 @@ def config_hash(
     """A trial's identity: model, data (label and fingerprint), hyperparameters (typed, so 1 and
     1.0 agree), the train settings that shape the result and, with hard negatives, their key. Key
     order and the Tune-only keys (`config_hash` itself) do not matter."""
+    # A loss searched (search.loss) is the trial's train.loss: the same config hashes alike either way.
+    settings = {**train_settings, **({"loss": str(config["loss"])} if config.get("loss") else {})}
     # Settings added later count only when set, so trials of older run dirs keep their identity.
-    train = {k: v for k, v in sorted(train_settings.items()) if LATER_DEFAULTS.get(k, _UNSET) != v}
+    train = {k: v for k, v in sorted(settings.items()) if LATER_DEFAULTS.get(k, _UNSET) != v}
     material = {
         "model": str(config["model"]),
         "dataset": str(config["dataset"]),
@@ -129,14 +138,22 @@ def grid_configs(spec: SweepSpec, hasher: ConfigHasher) -> list[dict[str, Any]]:
     """Every (config, epochs) of a grid sweep: models × datasets × the search lists (× repeats).
     In branch mode these are the members; `trial_configs` gives what Tune runs."""
     out = []
-    axes = [spec.models, [d.label for d in spec.datasets], *(getattr(spec.search, k) for k in HYPERPARAMS)]
+    losses = spec.search.loss or [None]  # None: train.loss, not a key of the config
+    axes = [
+        spec.models,
+        [d.label for d in spec.datasets],
+        losses,
+        *(getattr(spec.search, k) for k in HYPERPARAMS),
+    ]
     for repeat in range(spec.search.num_samples):
-        for model, label, *values in itertools.product(*axes):
+        for model, label, loss, *values in itertools.product(*axes):
             cfg: dict[str, Any] = {
                 "model": model,
                 "dataset": label,
                 **dict(zip(HYPERPARAMS, values, strict=True)),
             }
+            if loss is not None:
+                cfg["loss"] = loss
             if repeat:
                 cfg["repeat"] = repeat
             if spec.search.branch:
@@ -215,6 +232,8 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     }
     for name in HYPERPARAMS:
         space[name] = _axis(getattr(spec.search, name), mode)
+    if spec.search.loss:
+        space["loss"] = _axis(spec.search.loss, mode)
     if spec.search.branch:  # the epoch counts are checkpoints of one run, not a sampled axis
         space["epochs"] = spec.search.max_epochs
         space["branch_epochs"] = epochs_text(spec.search.epochs)
@@ -225,7 +244,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 def trial_dirname(trial) -> str:
     """Tune's `trial_dirname_creator`: the trial's id, config hash and values (filesystem-safe)."""
     cfg = trial.config
-    values = ",".join(f"{k}={cfg.get(k)}" for k in HYPERPARAMS)
+    values = ",".join(f"{k}={cfg.get(k)}" for k in (*HYPERPARAMS, "loss") if k in cfg)
     digest = cfg.get("config_hash") or ""
     name = f"{trial}_{digest}_{model_label(str(cfg.get('model')))}_{cfg.get('dataset')}_{values}"
     return re.sub(r"[^\w.,=+-]+", "_", name)[:130]

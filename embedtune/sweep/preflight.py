@@ -381,7 +381,7 @@ def probe_keys(spec: SweepSpec) -> list[memory.ProbeKey]:
             m,
             b,
             t.max_seq_length,
-            t.loss,
+            loss,
             t.mini_batch_size,
             t.gradient_checkpointing,
             t.hard_negatives,
@@ -389,6 +389,7 @@ def probe_keys(spec: SweepSpec) -> list[memory.ProbeKey]:
         )  # fmt: skip
         for m in spec.models
         for b in batches
+        for loss in spec.losses
     ]
 
 

@@ -58,6 +58,7 @@ def collect_trials(
             **{k: cfg.get(k) for k in HYPERPARAMS},
             "mlflow_run_id": (run_ids or {}).get(trial.trial_id),
             "lr_schedule": str(cfg.get("lr_schedule") or LINEAR_SCHEDULE),
+            "loss": str(cfg.get("loss") or spec.train.loss),
         }
         listed = branch_epochs(cfg)
         if listed is None:
@@ -167,25 +168,17 @@ def results_table(trials: list[TrialRecord], metric: str) -> Table:
     from rich.table import Table
 
     table = Table(title=f"embedtune sweep results (best epoch by {metric})")
-    left = ("dataset", "model", "status")
-    for col in (
-        "dataset",
-        "model",
-        "epochs",
-        "lr",
-        "batch",
-        "status",
-        "best epoch",
-        "base",
-        metric,
-        "time s",
-    ):
+    left = ("dataset", "model", "loss", "status")
+    losses = len({t.loss for t in trials}) > 1  # a column only when the sweep compared losses
+    for col in ("dataset", "model", *(["loss"] if losses else []), "epochs", "lr", "batch", "status",
+                "best epoch", "base", metric, "time s"):  # fmt: skip
         table.add_column(col, justify="left" if col in left else "right")
     for t in trials:
         base, score = t.base_score(metric), t.score(metric)
         table.add_row(
             str(t.dataset),
             t.model_label,
+            *([str(t.loss or "-")] if losses else []),
             str(t.epochs),
             f"{t.lr:.1e}" if t.lr else "-",
             str(t.batch_size),

@@ -188,7 +188,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
         lr_schedule=str(config.get("lr_schedule") or LINEAR_SCHEDULE),
         seed=int(config["seed"]),
         threads=cpu_threads_for(payload.resources.cpu),
-        **payload.train.model_dump(),
+        **{**payload.train.model_dump(), "loss": config.get("loss") or payload.train.loss},  # search.loss
     )
     # Scratch in the trial's working directory (Tune chdirs there; it lives in Ray's session dir):
     # a trial the scheduler stops is killed without running `finally`, and Ray's temp dir, not
