@@ -175,6 +175,9 @@ class EncodeCost:
 ENCODE_COST_COLUMNS = [f.name for f in fields(EncodeCost)]
 
 
+FORGET_MARGIN = 0.01  # a loss of 1 point (0.01 of a score in [0, 1]) is the one worth ruling out
+
+
 @dataclass
 class HarmRow:
     """The do-no-harm comparison of one dataset's winner with its base model on one OOD set."""
@@ -193,6 +196,38 @@ class HarmRow:
     band: float
     n_queries: int
     flag: str  # "harm" or ""
+    # hit@10 of the same pairs: winner − base and its paired-bootstrap interval. None in a store
+    # written before they were kept (then the forgetting verdict cannot rule out a loss).
+    hit_at_10_delta: float | None = None
+    hit_at_10_ci_low: float | None = None
+    hit_at_10_ci_high: float | None = None
+
+    def intervals(self, metric: str) -> dict[str, tuple[float, float, float] | None]:
+        """{metric: (delta, low, high)} on the headline `metric` and on hit@10 (one entry when the
+        headline is hit@10); None for an interval this row does not hold."""
+
+        def one(d: Any, lo: Any, hi: Any) -> tuple[float, float, float] | None:
+            vals = (number(d), number(lo), number(hi))
+            return None if None in vals else vals  # type: ignore[return-value]
+
+        out = {metric: one(self.delta, self.ci_low, self.ci_high)}
+        if metric != "hit_at_10":
+            out["hit_at_10"] = one(self.hit_at_10_delta, self.hit_at_10_ci_low, self.hit_at_10_ci_high)
+        return out
+
+    def forgetting(self, metric: str) -> str:
+        """The forgetting verdict of this OOD set: "harm" (the flag: a significant drop), else "no
+        loss beyond 1 point" only when every interval (headline metric and hit@10) lies above
+        −`FORGET_MARGIN`, "cannot tell" when one reaches below it, and "cannot tell (no interval
+        stored)" when the row lacks one (a store written before hit@10 intervals were kept)."""
+        if self.flag == "harm":
+            return "harm"
+        spans = self.intervals(metric).values()
+        if any(s is None for s in spans):
+            return "cannot tell (no interval stored)"
+        if all(s[1] >= -FORGET_MARGIN for s in spans if s is not None):
+            return "no loss beyond 1 point"
+        return "cannot tell"
 
 
 @dataclass

@@ -334,6 +334,75 @@ def test_harm_flag_logic_on_synthetic_hits():
         harm_check(base, base[:10], metric="hit_at_10")
 
 
+def _forgetting_row(ood, base, winner, base_hit, winner_hit):
+    """A HarmRow from the real paired check (headline mrr_at_10 and hit@10 over the same queries)."""
+    from embedtune.final.harm import harm_check
+    from embedtune.records import HarmRow
+
+    check = harm_check(base, winner, metric="mrr_at_10", base_hit_at_10=base_hit, winner_hit_at_10=winner_hit)
+    return HarmRow(dataset="medquad", ood=ood, ood_source=ood, base_model="b", winner="w", **check)
+
+
+def test_forgetting_line_gives_points_intervals_and_a_verdict_that_can_say_cannot_tell():
+    """Each OOD set: change in points with its 95% paired interval on MRR@10 and hit@10, the number
+    of questions, and "harm" (significant drop), "cannot tell" (interval reaches below −1 point) or
+    "no loss beyond 1 point" (whole interval above −1 point)."""
+    import numpy as np
+
+    from embedtune.report.render import forgetting_line, points
+
+    rng = np.random.default_rng(0)
+    ranks = np.array([1.0, 0.5, 1 / 3, 0.25, 0.0])  # reciprocal ranks (0: not in the top 10)
+    # Clearly harmful: 1,000 questions, a fifth of them lose their answer entirely.
+    base = rng.choice(ranks, 1000)
+    worse = base.copy()
+    worse[:200] = 0.0
+    harmed = _forgetting_row("scifact", base, worse, (base > 0) * 1.0, (worse > 0) * 1.0)
+    assert harmed.flag == "harm" and harmed.ci_high < -0.01 and harmed.hit_at_10_ci_high < -0.01
+    assert harmed.forgetting("mrr_at_10") == "harm"
+    # Tiny set, small non-significant drop: 20 questions, one answer falls from rank 1 to rank 2.
+    tiny_base = np.array([1.0, 0.5, 1 / 3, 0.25, 0.0] * 4)
+    tiny_win = tiny_base.copy()
+    tiny_win[0] = 0.5
+    tiny = _forgetting_row("tiny-ood", tiny_base, tiny_win, (tiny_base > 0) * 1.0, (tiny_win > 0) * 1.0)
+    assert tiny.flag == "" and tiny.p_value > 0.05 and tiny.delta == pytest.approx(-0.025)
+    assert tiny.ci_low < -0.01  # the interval cannot rule out a 1-point loss
+    assert tiny.forgetting("mrr_at_10") == "cannot tell"
+    # Large set, tight interval around 0: 5,000 questions, 25 move up a rank and 25 down.
+    big_base = rng.choice(ranks[:4], 5000)
+    big_win = big_base.copy()
+    up, down = np.flatnonzero(big_base == 0.5)[:25], np.flatnonzero(big_base == 1.0)[:25]
+    big_win[up], big_win[down] = 1.0, 0.5
+    big = _forgetting_row("big-ood", big_base, big_win, (big_base > 0) * 1.0, (big_win > 0) * 1.0)
+    assert big.delta == pytest.approx(0) and -0.01 < big.ci_low < 0 < big.ci_high < 0.01
+    assert big.forgetting("mrr_at_10") == "no loss beyond 1 point"
+    # A loss of 1 point on hit@10 alone that the interval cannot rule out: not "no loss".
+    lost = big_base > -1  # all 5,000 found: drop 40 of them on hit@10 only (ranks unchanged)
+    some = lost * 1.0
+    some[:40] = 0.0
+    mixed = _forgetting_row("mixed-ood", big_base, big_base, lost * 1.0, some)
+    assert mixed.hit_at_10_ci_low < -0.01 < mixed.ci_low and mixed.forgetting("mrr_at_10") == "cannot tell"
+
+    line = forgetting_line([harmed, tiny, big], "mrr_at_10")
+    assert line.startswith(
+        "**Forgetting** (winner − base out of domain, in points ×100 [95% paired-bootstrap"
+    )
+    d, lo, hi = (points(harmed.delta), points(harmed.ci_low), points(harmed.ci_high))
+    h10 = f"{points(harmed.hit_at_10_delta)} [{points(harmed.hit_at_10_ci_low)}, {points(harmed.hit_at_10_ci_high)}]"
+    assert f"scifact {d} [{lo}, {hi}] mrr_at_10, {h10} hit@10 (1,000 questions, p<0.001): **harm**" in line
+    assert d.startswith("−") and float(d[1:]) == pytest.approx(-harmed.delta * 100, abs=0.05)  # points
+    assert "tiny-ood −2.5 [" in line and "(20 questions, p=" in line and "): cannot tell;" in line
+    assert (
+        "big-ood +0.0 [" in line
+        and "(5,000 questions, p=" in line
+        and line.endswith("no loss beyond 1 point.")
+    )
+    assert "no significant loss" not in line
+    assert points(-0.013) == "−1.3" and points(0.005) == "+0.5" and points(-0.0001) == "+0.0"
+    with pytest.raises(Exception, match="hit@10 over the same 20 queries"):
+        _forgetting_row("bad", tiny_base, tiny_win, tiny_base[:5], tiny_win[:5])
+
+
 def test_final_spec_takes_ood_data_specs():
     spec = FinalSpec.model_validate({"ood": [{"source": SCIFACT, "name": "scifact", "max_pairs": 50}]})
     assert spec.ood[0].label == "scifact" and spec.ood_max_corpus == 2000 and spec.harm_alpha == 0.05
@@ -416,6 +485,9 @@ def test_do_no_harm_on_a_real_model_against_itself_flags_nothing(tmp_path):
     assert row.dataset == "medquad" and row.ood == "scifact-sample" and row.winner == "L3-ft"
     assert row.delta == 0 and row.p_value == 1.0 and row.flag == ""
     assert 0 < row.base_score <= 1 and row.n_queries == len(harm.hits["scifact-sample"]["L3"])
+    # hit@10's paired interval is kept too: a model against itself changes nothing
+    assert (row.hit_at_10_delta, row.hit_at_10_ci_low, row.hit_at_10_ci_high) == (0, 0, 0)
+    assert row.forgetting(harm.metric) == "no loss beyond 1 point"
 
 
 def _harmed_copy(src, dest, scale: float = 2.0):

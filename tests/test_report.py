@@ -629,6 +629,29 @@ def test_do_no_harm_section_is_written_and_survives_rebuild(tmp_path):
     assert "Do no harm" not in again.files["leaderboard_md"].read_text()
 
 
+def test_forgetting_line_from_an_older_store_without_intervals_says_cannot_tell(tmp_path):
+    """harm.json written before hit@10 intervals were kept (no hit_at_10_* keys): a rebuild still
+    reads it, and the summary does not claim "no loss" it cannot back: "cannot tell (no interval
+    stored)"."""
+    trials = trials_list()
+    _save_trials(tmp_path, trials)
+    build_report(RunDir(tmp_path), trials, results_frame(), {}, harm=_harm(tmp_path, flag=""))
+    old = _harm(tmp_path, flag="").to_dict()
+    old["metric"] = "mrr_at_10"
+    old["rows"] = [{k: v for k, v in r.items() if not k.startswith("hit_at_10")} for r in old["rows"]]
+    old["rows"][0].update(
+        delta=-0.002, ci_low=-0.004, ci_high=0.001, p_value=0.5
+    )  # tight: would pass on its own
+    (RunDir(tmp_path).report_dir / "harm.json").write_text(json.dumps(old))
+    md = rebuild_report(tmp_path).files["leaderboard_md"].read_text()
+    line = next(x for x in md.splitlines() if "**Forgetting**" in x)
+    assert (
+        "scifact −0.2 [−0.4, +0.1] mrr_at_10, n/a [no interval stored] hit@10 (100 questions, p=0.500): "
+        "cannot tell (no interval stored)." in line
+    )
+    assert "no significant loss" not in md and "no loss beyond" not in line
+
+
 def test_already_seen_line_from_a_stored_probe(tmp_path):
     """The "Should you fine-tune?" section shows the already-seen verdict and its numbers from the
     probe cache alone (no model, no data: what `embedtune report` has)."""

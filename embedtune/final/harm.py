@@ -28,7 +28,15 @@ _TEST = {
 
 
 def harm_check(
-    base_hits, winner_hits, *, metric: str, alpha: float = 0.05, seed: int = 0, n_boot: int = N_BOOT
+    base_hits,
+    winner_hits,
+    *,
+    metric: str,
+    alpha: float = 0.05,
+    seed: int = 0,
+    n_boot: int = N_BOOT,
+    base_hit_at_10=None,
+    winner_hit_at_10=None,
 ) -> dict:
     """Paired comparison of a winner with its base model over the same queries (one per-query value
     of `metric`, the spec's leaderboard metric, each, same order): `delta` = winner − base, its
@@ -36,7 +44,10 @@ def harm_check(
     embedtune.stats), `band` = half-width of the base score's own bootstrap interval, and `flag`:
     "harm" when the winner scores lower and the drop is significant (p < alpha) or larger than the
     95% band (the interval of delta lies below 0, or the drop exceeds `band`); else "".
-    A model compared with itself has delta 0, p 1 and no flag."""
+    A model compared with itself has delta 0, p 1 and no flag. With the per-query hit@10 of both
+    (`base_hit_at_10`, `winner_hit_at_10`, same queries) it also gives hit@10's delta and paired
+    interval (`hit_at_10_delta`, `hit_at_10_ci_low`, `hit_at_10_ci_high`), which the report's
+    forgetting line shows beside the headline metric's."""
     import numpy as np
 
     from embedtune.stats import bootstrap_ci, paired_pvalue
@@ -53,6 +64,22 @@ def harm_check(
     band = (base_hi - base_lo) / 2
     p = paired_pvalue(w, b, metric, n_boot=n_boot, seed=seed)  # 1.0 when no query differs
     harmed = delta < 0 and (p < alpha or hi < 0 or -delta > band)
+    hit10: dict[str, float] = {}
+    if metric == "hit_at_10":
+        hit10 = {"hit_at_10_delta": delta, "hit_at_10_ci_low": float(lo), "hit_at_10_ci_high": float(hi)}
+    elif base_hit_at_10 is not None and winner_hit_at_10 is not None:
+        b10 = np.asarray(base_hit_at_10, dtype=float)
+        w10 = np.asarray(winner_hit_at_10, dtype=float)
+        if b10.shape != b.shape or w10.shape != b.shape:
+            raise EmbedtuneError(
+                f"harm check needs hit@10 over the same {len(b)} queries, got {b10.shape} and {w10.shape}"
+            )
+        lo10, hi10 = bootstrap_ci(w10 - b10, n_boot=n_boot, alpha=alpha, seed=seed)
+        hit10 = {
+            "hit_at_10_delta": float(w10.mean() - b10.mean()),
+            "hit_at_10_ci_low": float(lo10),
+            "hit_at_10_ci_high": float(hi10),
+        }
     return {
         "base_score": float(b.mean()),
         "winner_score": float(w.mean()),
@@ -63,6 +90,7 @@ def harm_check(
         "band": float(band),
         "n_queries": int(len(b)),
         "flag": "harm" if harmed else "",
+        **hit10,
     }
 
 
@@ -138,10 +166,19 @@ def do_no_harm(
         )
         records = frame.to_dict("records")
         hits = {row["model"]: [float(x) for x in row["per_query"][metric]] for row in records}
+        # hit@10 per query too (ood_spec always scores k=10): the forgetting line shows its interval
+        hit10 = {row["model"]: row["per_query"]["hit_at_10"] for row in records}
         out.hits[data.label] = hits
         out.results += [{k: v for k, v in r.items() if k != "per_query"} for r in records]
         for ds, base, tuned in checked:
-            check = harm_check(hits[base.label], hits[tuned.label], alpha=spec.harm_alpha, metric=metric)
+            check = harm_check(
+                hits[base.label],
+                hits[tuned.label],
+                alpha=spec.harm_alpha,
+                metric=metric,
+                base_hit_at_10=hit10[base.label],
+                winner_hit_at_10=hit10[tuned.label],
+            )
             row = HarmRow(
                 dataset=ds,
                 ood=data.label,

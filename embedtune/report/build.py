@@ -130,7 +130,7 @@ def build_report(
                 "metric": harm.metric,
                 "alpha": harm.alpha,
                 "test": harm.test,
-                "rows": [r.__dict__ for r in mine],
+                "rows": [{**r.__dict__, "forgetting": r.forgetting(harm.metric)} for r in mine],
             }
             if mine
             else None

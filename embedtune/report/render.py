@@ -236,14 +236,40 @@ def _score(row: dict[str, Any], metric: str) -> str:
     return f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
 
 
-def forgetting_line(rows: list[HarmRow], metric: str) -> str:
-    """Do no harm in one line: the winner against its base model on each out-of-domain set."""
+def points(x: float) -> str:
+    """A score difference in points (x100), signed, one decimal, with a true minus sign."""
+    v = round(x * 100, 1) + 0.0  # + 0.0: no "-0.0"
+    return f"{v:+.1f}".replace("-", "−")
+
+
+def forgetting_set(row: HarmRow, metric: str) -> str:
+    """One OOD set of the forgetting line: the change on `metric` and on hit@10, in points with
+    their intervals, the number of questions, the p-value of the harm flag, and the verdict."""
+    shown = []
+    for name, span in row.intervals(metric).items():
+        label = "hit@10" if name == "hit_at_10" else name
+        if span is None:
+            d = number(row.delta if name == metric else row.hit_at_10_delta)
+            shown.append(f"{points(d) if d is not None else 'n/a'} [no interval stored] {label}")
+        else:
+            shown.append(f"{points(span[0])} [{points(span[1])}, {points(span[2])}] {label}")
+    size = f"{int(row.n_queries):,} questions, {fmt_p(row.p_value)}"
+    verdict = row.forgetting(metric)
+    return f"{row.ood} {', '.join(shown)} ({size}): {'**harm**' if verdict == 'harm' else verdict}"
+
+
+def forgetting_line(rows: list[HarmRow], metric: str, alpha: float = 0.05) -> str:
+    """Do no harm in one line: per out-of-domain set, the winner's change against its base model in
+    points with its paired-bootstrap interval, and a verdict that says "cannot tell" when the
+    interval cannot rule out a loss of 1 point."""
     if not rows:
         return "**Forgetting:** not checked (no out-of-domain set in `final.ood`)."
-    parts = [f"{r.ood} {r.delta:+.3f} ({fmt_p(r.p_value)})" for r in rows]
-    harmed = [r.ood for r in rows if r.flag == "harm"]
-    verdict = f"**harm** on {', '.join(harmed)}" if harmed else "no significant loss"
-    return f"**Forgetting** ({metric}, winner − base, out of domain): {'; '.join(parts)} — {verdict}."
+    level = f"{round((1 - alpha) * 100):d}%"
+    return (
+        f"**Forgetting** (winner − base out of domain, in points ×100 [{level} paired-bootstrap interval]): "
+        + "; ".join(forgetting_set(r, metric) for r in rows)
+        + "."
+    )
 
 
 def summary_items(ds: str, winner, metric: str, advice, verdict, harm: HarmCheck) -> list[str]:
@@ -266,7 +292,7 @@ def summary_items(ds: str, winner, metric: str, advice, verdict, harm: HarmCheck
         items.append(f"**Epochs:** {mine['recommended_epochs']} ({how}, `{mine['base_model']}`)")
     if verdict and verdict.get("seen"):
         items.append(verdict["seen"].split(" (")[0].rstrip(".") + ".")
-    items.append(forgetting_line(harm.for_dataset(ds), harm.metric))
+    items.append(forgetting_line(harm.for_dataset(ds), harm.metric, harm.alpha))
     return items[:5]
 
 
