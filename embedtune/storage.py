@@ -48,6 +48,11 @@ def _fs(location: str):
 # ---------------------------------------------------------------- a full disk
 
 
+def folder_bytes(path: str | Path) -> int:
+    """The bytes of every file under the local folder `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def is_disk_full(exc: BaseException | None) -> bool:
     """Whether `exc`, or an exception it came from, says the disk is full: an OSError with ENOSPC,
     or a library's error that carries it in its text (LanceDB / Arrow: "No space left on device

@@ -84,7 +84,9 @@ def _peak_rss_mb() -> float:
 
 
 def _du_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    from embedtune.storage import folder_bytes
+
+    return folder_bytes(path) / 2**20
 
 
 def machine() -> dict[str, Any]:

@@ -194,9 +194,9 @@ def test_remote_storage_still_checks_the_local_disk_checkpoints_pass_through() -
     from small_disk import on_small_disk
 
     from embedtune.models import resolve_model
-    from embedtune.sweep.preflight import _folder_bytes
+    from embedtune.storage import folder_bytes
 
-    model = _folder_bytes(resolve_model("paraphrase-MiniLM-L3-v2"))
+    model = folder_bytes(resolve_model("paraphrase-MiniLM-L3-v2"))
     assert 3 * model < 256 * 2**20 < 5 * model  # what makes the two cases differ
     code = f"GOOD = {GOOD!r}\n{REMOTE_STAGING}"
     done = on_small_disk(Path("/tmp"), "256m", 'exec "$@"', [sys.executable, "-c", code], timeout=300)

@@ -13,7 +13,6 @@ from embedtune.specs.base import Strict
 # the batch size. The GIST forms use the untouched base model as a frozen guide that masks in-batch
 # negatives it scores as close to the anchor as the positive (false negatives: near-duplicates).
 Loss = Literal["mnrl", "cached_mnrl", "gist", "cached_gist"]
-LOSSES: tuple[str, ...] = ("mnrl", "cached_mnrl", "gist", "cached_gist")
 LOSS_HELP = (
     "mnrl: MultipleNegativesRankingLoss; cached_mnrl: its GradCache form (the same in-batch "
     "negatives, memory set by mini_batch_size instead of the batch size); gist: GISTEmbedLoss with "

@@ -172,15 +172,11 @@ def planned_trials(spec: SweepSpec) -> int:
     return n
 
 
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def checkpoint_bytes(spec: SweepSpec, cpus: float | None = None) -> tuple[int, str]:
     """Disk the sweep's checkpoints need at most (and how it was counted): Tune keeps
     `checkpoints.keep` per trial, each the size of its model, and a running trial writes its next one
     before dropping the oldest."""
-    model = max(_folder_bytes(resolve_model(m)) for m in spec.models)
+    model = max(storage.folder_bytes(resolve_model(m)) for m in spec.models)
     trials = planned_trials(spec)
     running = min(trials, spec.max_concurrent_trials or trials)
     if cpus:
@@ -222,7 +218,7 @@ def check_local_staging(spec: SweepSpec, rundir: RunDir, joins_cluster: bool, ra
     (in the run dir's local work folder) and, on a private local Ray, each running trial's
     checkpoint staged in Ray's temp dir (`ray_tmp`) before it is uploaded (the one written and the
     one restored). A cluster's worker disks are not seen from here (README)."""
-    model = max(_folder_bytes(resolve_model(m)) for m in spec.models)
+    model = max(storage.folder_bytes(resolve_model(m)) for m in spec.models)
     per_pair = (
         len(spec.search.epochs) if spec.final.epoch_compare and isinstance(spec.search.epochs, list) else 1
     )

@@ -8,7 +8,6 @@ the base models' scores (to report the gain over the base model) and the sweep's
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -123,8 +122,9 @@ ROOM_MARGIN = 1.1  # a checkpoint copy needs its bytes plus the filesystem's own
 ROOM_SLACK_BYTES = 16 * 2**20
 
 
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def _checkpoint_need(ckpt: Path) -> int:
+    """Free bytes a copy of the checkpoint folder `ckpt` needs."""
+    return int(storage.folder_bytes(ckpt) * ROOM_MARGIN) + ROOM_SLACK_BYTES
 
 
 def no_room_error(epoch: int, where: str, need: int, free: int) -> EmbedtuneError:
@@ -141,7 +141,7 @@ def check_checkpoint_room(ckpt: Path, storage_root: str, epoch: int) -> None:
     and leave a partial checkpoint behind, on every retry."""
     if not storage_root or storage.is_remote(storage_root):
         return  # object storage has no disk of ours to measure
-    need = int(_folder_bytes(ckpt) * ROOM_MARGIN) + ROOM_SLACK_BYTES
+    need = _checkpoint_need(ckpt)
     free = shutil.disk_usage(storage_root).free
     if free < need:
         raise no_room_error(epoch, storage_root, need, free)
@@ -222,14 +222,11 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
         try:
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
         except OSError as exc:
-            full = exc.errno == errno.ENOSPC or "No space left" in str(exc)
-            if not full or not payload.storage or storage.is_remote(payload.storage):
+            if not storage.is_disk_full(exc) or not payload.storage or storage.is_remote(payload.storage):
                 raise
             _drop_partial_checkpoint()
-            need = int(_folder_bytes(ckpt) * ROOM_MARGIN) + ROOM_SLACK_BYTES
-            raise no_room_error(
-                epoch, payload.storage, need, shutil.disk_usage(payload.storage).free
-            ) from exc
+            free = shutil.disk_usage(payload.storage).free
+            raise no_room_error(epoch, payload.storage, _checkpoint_need(ckpt), free) from exc
 
     try:
         if checkpoint is not None:  # restored trial: continue after the last reported epoch

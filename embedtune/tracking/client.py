@@ -156,17 +156,21 @@ def start_parent_run(tracking_uri: str, experiment_id: str, run_id: str | None, 
     except (MlflowException, OSError):
         if not _runs_with_token(c, experiment_id, token):
             raise
-    keep, *extra = _runs_with_token(c, experiment_id, token)
-    for run in extra:
-        log.info("deleting duplicate parent run %s (a create_run sent twice)", run.info.run_id)
-        c.delete_run(run.info.run_id)
-    return keep.info.run_id
+    return keep_oldest(c, _runs_with_token(c, experiment_id, token), "parent run")
 
 
 def _runs_with_token(c, experiment_id: str, token: str) -> list:
-    """The runs created with `token`, oldest first."""
-    runs = c.search_runs([experiment_id], filter_string=f"tags.`{CREATE_TOKEN_TAG}` = '{token}'")
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    return c.search_runs([experiment_id], filter_string=f"tags.`{CREATE_TOKEN_TAG}` = '{token}'")
+
+
+def keep_oldest(c, runs: list, what: str) -> str:
+    """The id of the oldest of `runs` (one logical run that a create_run sent twice made into
+    several: a lost reply, then MLflow's retry or a replay); the others are deleted."""
+    keep, *extra = sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    for run in extra:
+        log.info("deleting duplicate run %s of %s (a create_run sent twice)", run.info.run_id, what)
+        c.delete_run(run.info.run_id)
+    return keep.info.run_id
 
 
 def _check_parent_exists(c, tracking_uri: str, run_id: str) -> None:

@@ -71,13 +71,7 @@ class TrialRuns:
         )
         if not runs:
             return None
-        keep, *extra = sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-        for run in extra:
-            log.info(
-                "deleting duplicate run %s of trial %s (a create_run sent twice)", run.info.run_id, trial_id
-            )
-            mlc.client(self.tracking_uri).delete_run(run.info.run_id)
-        return keep.info.run_id
+        return mlc.keep_oldest(mlc.client(self.tracking_uri), runs, f"trial {trial_id}")
 
     def answers(self) -> bool:
         """Whether the tracking store answers now (a cheap read). A server that is away is an
