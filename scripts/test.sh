@@ -8,7 +8,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
-CLUSTER=(tests/test_cluster_local.py tests/test_launcher.py)
+# The second session: the cluster end-to-end modules, plus two CPU-bound modules with no session
+# fixture to share (LanceDB ingest, the cross-encoder) so that both sessions end near the same time.
+CLUSTER=(tests/test_cluster_local.py tests/test_launcher.py tests/test_index.py tests/test_rerank.py)
 pytest_cmd=(env EMBEDTUNE_OFFLINE=1 "$PY" -m pytest -v -rs --durations=25 -m "not registry" -p no:cacheprovider)
 started=$(date +%s)
 rest_log=$(mktemp)
@@ -24,7 +26,7 @@ rest_rc=${PIPESTATUS[0]}
 wait "$cluster_pid"
 cluster_rc=$?
 echo
-echo "======== the cluster end-to-end session (${CLUSTER[*]}), run beside the one above ========"
+echo "======== the second session (${CLUSTER[*]}), run beside the one above ========"
 cat "$cluster_log"
 
 total() {  # the sum over both sessions' summary lines of the counts named $1 (e.g. passed)

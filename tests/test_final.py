@@ -276,6 +276,11 @@ def test_cli_evaluate_end_to_end(tmp_path, capsys):
         "1",
         "--query-types",
         "vector",
+        # PyTorch on short inputs: the CLI's path is the point here (the backends: test_encode)
+        "--encode-backend",
+        "torch",
+        "--max-seq-length",
+        "96",
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out

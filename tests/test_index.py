@@ -117,7 +117,7 @@ def test_ingest_killed_midway_is_rebuilt(tmp_path):
     import sys
     import time
 
-    pairs, db = 1500, tmp_path / "db"
+    pairs, db = 300, tmp_path / "db"
     data = prepare(DataSpec(source="medquad-sample", eval_size=20, max_pairs=pairs))
     path = resolve_model("all-MiniLM-L6-v2")
     name = table_name(model_identity(path), data)
