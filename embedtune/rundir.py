@@ -36,10 +36,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from embedtune import lease, storage
+from embedtune import report_store as store
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
-from embedtune.records import TrialRecord, dump_trials, load_trials
-from embedtune.specs import SweepSpec
+from embedtune.records import HarmCheck, TrialRecord, dump_trials, load_trials
+from embedtune.specs import DataSpec, SweepSpec
 from embedtune.specs.load import validation_error_line
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class RunDir:
         return self.uri(self.data_name(label))
 
     def report_file(self, name: str) -> Path:
-        """Local path of a file of the stored report (names: `embedtune.report.store`)."""
+        """Local path of a file of the stored report (names: `embedtune.report_store`)."""
         return self.report_dir / name
 
     def tune_storage(self, storage_path: str | None, sweep_name: str) -> str:
@@ -256,6 +257,40 @@ class RunDir:
         except ValidationError as exc:
             raise EmbedtuneError(validation_error_line(self.uri(SPEC), exc)) from None
 
+    def dataset_specs(self) -> dict[str, DataSpec]:
+        """Dataset label -> its DataSpec, from `spec.json` read leniently: an entry that no longer
+        validates (another embedtune version) is skipped with a warning, so a served table or a
+        search still finds the rest."""
+        out: dict[str, DataSpec] = {}
+        for raw in (self.read_json(SPEC) or {}).get("datasets") or []:
+            try:
+                ds = DataSpec.model_validate(raw)
+            except ValueError as exc:
+                log.warning("stored dataset spec %s in %s is not readable: %s", raw, self.uri(SPEC), exc)
+                continue
+            out.setdefault(ds.label, ds)
+        return out
+
+    def lancedb_uri(self) -> str | None:
+        """`final.lancedb_uri` of the stored spec (None: the run dir's own `lancedb/`, or no spec)."""
+        final = (self.read_json(SPEC) or {}).get("final")
+        return final.get("lancedb_uri") if isinstance(final, dict) else None
+
+    def base_metrics(self) -> dict[tuple[str, str, str], dict[str, float]]:
+        """`base_metrics.json`: (model, dataset label, data fingerprint) -> the base model's
+        per-epoch evaluator metrics, as the sweep scored them before its trials."""
+        return {
+            (r["model"], r["dataset"], r["fingerprint"]): dict(r["metrics"])
+            for r in self.read_json(BASE_METRICS, []) or []
+            if isinstance(r, dict) and {"model", "dataset", "fingerprint", "metrics"} <= r.keys()
+        }
+
+    def save_base_metrics(self, metrics: dict[tuple[str, str, str], dict[str, float]]) -> None:
+        self.write_json(
+            BASE_METRICS,
+            [{"model": m, "dataset": d, "fingerprint": f, "metrics": v} for (m, d, f), v in metrics.items()],
+        )
+
     def save_spec(self, spec: SweepSpec) -> None:
         self.write_json(SPEC, spec.model_dump(mode="json"))
 
@@ -291,6 +326,25 @@ class RunDir:
             storage.write_local_atomic(self.report_dir / name, data)
             if self.remote:
                 storage.write_bytes(self.uri(REPORT, name), data)
+
+    # The report's stored inputs (their formats: report_store.py)
+    def report_meta(self) -> dict[str, Any]:
+        """`report/meta.json`: what the report was built with (metric, sweep_metric, probe_size,
+        encode_backend, timings, reranker_gates, winners ...); {} when there is none."""
+        return store.load_json(self.report_file(store.META_FILE), {})
+
+    def results(self):
+        """`report/results.csv` with its per-query values (a pandas DataFrame); one line naming the
+        file when the final stage never stored it."""
+        return store.load_results(self.report_dir)
+
+    def harm(self) -> HarmCheck:
+        """`report/harm.json`: the do-no-harm check (empty when the run had none)."""
+        return store.load_harm(self.report_dir)
+
+    def probe_cache(self) -> dict[str, Any]:
+        """`report/probe.json`: the "should you fine-tune?" probe's stored scores ({} when none)."""
+        return store.load_json(self.report_file(store.PROBE_FILE), {})
 
     def pull_report(self) -> None:
         """Fetch the stored report of a remote run dir into the local work folder."""

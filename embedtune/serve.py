@@ -191,15 +191,14 @@ def build_served_table(
 def _candidates(location: str) -> list[str]:
     """Serve databases `location` may mean: a run dir (its spec's LanceDB URI, else `lancedb/`), a
     LanceDB URI, or the serve database itself."""
-    from embedtune.rundir import SPEC, RunDir
+    from embedtune.rundir import RunDir
 
     out = []
     if not location.rstrip("/").endswith(f"/{SERVE_DB}"):
         try:
-            spec = RunDir(location).read_json(SPEC) or {}
-        except Exception:
-            spec = {}
-        lance = (spec.get("final") or {}).get("lancedb_uri")
+            lance = RunDir(location).lancedb_uri()
+        except Exception:  # not a run dir (a LanceDB URI): the candidates below
+            lance = None
         if lance:
             out.append(serve_uri(lance))
         out += [serve_uri(storage.join(location, "lancedb")), serve_uri(location)]

@@ -224,6 +224,45 @@ def test_typed_state_round_trips(tmp_path: Path, small_data) -> None:
         rd.spec()
 
 
+def test_typed_report_store_and_stored_inputs(tmp_path: Path) -> None:
+    """The report's stored inputs and the spec's parts read through RunDir: absent ones are empty or
+    one line naming the file; what the report store wrote comes back typed; a stored dataset entry
+    that no longer validates is skipped, the others still served."""
+    import pandas as pd
+    from specs import tiny_spec
+
+    from embedtune import report_store as store
+    from embedtune.records import HarmCheck
+    from embedtune.rundir import SPEC
+
+    rd = RunDir(tmp_path / "run")
+    assert rd.report_meta() == {} and rd.probe_cache() == {} and rd.harm() == HarmCheck()
+    assert rd.base_metrics() == {} and rd.dataset_specs() == {} and rd.lancedb_uri() is None
+    with pytest.raises(EmbedtuneError, match=r"report/results\.csv is missing"):
+        rd.results()
+
+    metrics = {("m", "d", "fp1"): {"ir_mrr_at_10": 0.5}, ("m", "e", "fp2"): {"ir_mrr_at_10": 0.25}}
+    rd.save_base_metrics(metrics)
+    assert rd.base_metrics() == metrics
+
+    rows = pd.DataFrame(
+        [{"dataset": "d", "model": "m", "query_type": "vector", "reranker": "none", "trial_id": "t1",
+          "mrr_at_10": 0.5, "per_query": {"mrr_at_10": [1.0, 0.0]}}]
+    )  # fmt: skip
+    store.save_results(rd.report_dir, rows)
+    store.write_json(rd.report_dir / store.META_FILE, {"metric": "mrr_at_10", "probe_size": 50})
+    back = rd.results()
+    assert back.loc[0, "trial_id"] == "t1" and list(back.loc[0, "per_query"]["mrr_at_10"]) == [1.0, 0.0]
+    assert rd.report_meta() == {"metric": "mrr_at_10", "probe_size": 50}
+
+    raw = tiny_spec("typed")
+    raw["datasets"] = [*raw["datasets"], {"name": "broken", "source": "x.jsonl", "eval_size": "many"}]
+    raw["final"] = {**raw.get("final", {}), "lancedb_uri": "s3://bucket/lance"}
+    (rd.path / SPEC).write_text(json.dumps(raw))
+    assert sorted(rd.dataset_specs()) == sorted(d["name"] for d in tiny_spec("typed")["datasets"])
+    assert rd.lancedb_uri() == "s3://bucket/lance"
+
+
 def _stored_sweep(tmp_path: Path, **edit) -> Path:
     """A run dir as a sweep leaves it (spec.json, sweep_state.json), its spec edited by `edit`."""
     from specs import tiny_spec

@@ -20,27 +20,14 @@ from embedtune.data import PreparedData
 from embedtune.encode import resolve_backend
 from embedtune.final.registry import register_winner
 from embedtune.models import resolve_model
-from embedtune.rundir import REPORT, SPEC, RunDir
+from embedtune.rundir import REPORT, RunDir
 from embedtune.serve import ServedTable, build_served_table, serve_uri, whole_corpus
-from embedtune.specs import DataSpec, FinalSpec
+from embedtune.specs import FinalSpec
 from embedtune.tracking import client as mlc
 
 log = logging.getLogger(__name__)
 
 FINE_TUNE = "Fine-tune"  # how a verdict line that recommends the tuned model starts (report.verdict)
-
-
-def data_specs(rundir: RunDir) -> dict[str, DataSpec]:
-    """Dataset label -> its DataSpec, from the run's stored spec."""
-    out: dict[str, DataSpec] = {}
-    for raw in (rundir.read_json(SPEC) or {}).get("datasets") or []:
-        try:
-            ds = DataSpec.model_validate(raw)
-        except ValueError as exc:
-            log.warning("stored dataset spec %s is not readable (%s): serving its evaluated corpus", raw, exc)
-            continue
-        out.setdefault(ds.label, ds)
-    return out
 
 
 def recommended(final: Any, dataset: str) -> dict[str, Any] | None:
@@ -134,7 +121,7 @@ def serve_datasets(
     """Write every dataset's served table (see the module docstring); returns them by dataset."""
     from embedtune.lance_function import REGISTRY_PREFIX, seed_cache  # imports LanceDB: only here
 
-    specs = data_specs(rundir)
+    specs = rundir.dataset_specs()
     db_uri = serve_uri(spec.lancedb_uri or rundir.default_lancedb)
     backend = resolve_backend(spec.encode_backend)
     report_uri = rundir.uri(REPORT)

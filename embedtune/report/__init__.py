@@ -9,8 +9,9 @@
 - `build` — `build_report` and `rebuild_report`, which put these parts together;
 - `render` — the page as blocks, written as `leaderboard.md` and `leaderboard.html` from one
   template pair;
-- `store` — what a rebuild reads back (`results.csv`, `per_query.parquet`, `harm.json`,
-  `probe.json`, `meta.json`), so `embedtune report RUN_DIR` rebuilds everything without evaluating.
+- what a rebuild reads back (`results.csv`, `per_query.parquet`, `harm.json`, `probe.json`,
+  `meta.json`) is `embedtune.report_store`, read through `RunDir`, so `embedtune report RUN_DIR`
+  rebuilds everything without evaluating.
 
 A report is built in a staging folder and replaces the old one as a whole (`RunDir.write_report`).
 """

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedtune import report_store as store
 from embedtune.data import PreparedData
 from embedtune.errors import EmbedtuneError
 from embedtune.records import HarmCheck, TrialRecord
-from embedtune.report import store
 from embedtune.report.edges import edge_advice
 from embedtune.report.epochs import epoch_advice, overfitting_flags
 from embedtune.report.leaderboard import leaderboard, pick_winner
@@ -102,10 +102,10 @@ def build_report(
     `encode_backend`: what the probe encodes with (the final stage passes `final.encode_backend`);
     `timings`: the run's times (`clock.StageClock.to_dict()`), a line of the summary when given."""
     if gates is None:  # a rebuild: the gates the run stored
-        gate_rows = store.load_json(rundir.report_file(store.META_FILE), {}).get("reranker_gates", [])
+        gate_rows = rundir.report_meta().get("reranker_gates", [])
     else:
         gate_rows = [g if isinstance(g, dict) else {**g.to_dict(), "line": g.line()} for g in gates]
-    probe_cache = store.load_json(rundir.report_file(store.PROBE_FILE), {})
+    probe_cache = rundir.probe_cache()
     flags = overfitting_flags(trials, sweep_metric)
     spec = stored_spec(rundir) if trials or sources is None else None
     edges = edge_advice(trials, spec) if spec else {}  # a best value at the edge of the search
@@ -199,7 +199,7 @@ def build_report(
 def report_with_timings(rundir: RunDir, blocks: list, timings: dict[str, Any]) -> list[str]:
     """Stamp the run's times on its built report (`blocks`: its page): the summary's time line in
     leaderboard.md/html and `timings` in meta.json. The names of the files rewritten."""
-    meta = store.load_json(rundir.report_file(store.META_FILE), {})
+    meta = rundir.report_meta()
     meta["timings"] = timings
     page = with_time_line(blocks, timings)
     files = {
@@ -218,14 +218,14 @@ def rebuild_report(rundir: RunDir | str | Path, metric: str | None = None) -> Re
     if not rundir.remote and not rundir.path.is_dir():
         raise EmbedtuneError(f"run dir {rundir} does not exist")
     rundir.pull_report()
-    results = store.load_results(rundir.report_dir)
+    results = rundir.results()
     trials = rundir.trials()
     datasets = {}
     for label in sorted(results["dataset"].astype(str).unique()):
         data = rundir.data(label)
         if data is not None:
             datasets[label] = data
-    meta = store.load_json(rundir.report_file(store.META_FILE), {})
+    meta = rundir.report_meta()
     spec = stored_spec(rundir)
     spec_metric = spec.metric if spec else None  # when meta.json is lost
     return build_report(
@@ -236,7 +236,7 @@ def rebuild_report(rundir: RunDir | str | Path, metric: str | None = None) -> Re
         metric=metric or meta.get("metric") or spec_metric or DEFAULT_LEADERBOARD_METRIC,
         sweep_metric=meta.get("sweep_metric", DEFAULT_SWEEP_METRIC),
         probe_size=int(meta.get("probe_size", 200)),
-        harm=store.load_harm(rundir.report_dir),
+        harm=rundir.harm(),
         encode_backend=meta.get("encode_backend", "torch"),
         timings=meta.get("timings"),
     )

@@ -8,7 +8,7 @@ from typing import Any
 from embedtune.records import TrialRecord, best_point
 from embedtune.report.fmt import epochs_text, fmt_p
 from embedtune.report.leaderboard import N_BOOT, SIGNIFICANCE, query_values
-from embedtune.report.store import PER_QUERY
+from embedtune.report_store import PER_QUERY
 from embedtune.specs.metrics import DEFAULT_LEADERBOARD_METRIC, DEFAULT_SWEEP_METRIC
 
 EPOCH_NOTE = (

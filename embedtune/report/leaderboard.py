@@ -9,7 +9,7 @@ from typing import Any
 
 from embedtune.errors import EmbedtuneError
 from embedtune.records import TrialRecord, best_point, number
-from embedtune.report.store import PER_QUERY
+from embedtune.report_store import PER_QUERY
 from embedtune.specs.metrics import (
     DEFAULT_LEADERBOARD_METRIC,
     DEFAULT_SWEEP_METRIC,

@@ -13,7 +13,7 @@ from embedtune.evaluate import check_depth
 from embedtune.models import model_label, resolve_model, truncate
 from embedtune.negatives import Triplets, mine
 from embedtune.records import ModelData
-from embedtune.rundir import BASE_METRICS, RunDir
+from embedtune.rundir import RunDir
 from embedtune.specs import SweepSpec
 from embedtune.sweep import preflight as pf
 from embedtune.sweep.identity import ConfigHasher
@@ -95,11 +95,7 @@ def base_metrics(
     from embedtune.models import load_model
     from embedtune.train import build_evaluator, evaluator_metrics
 
-    stored = {
-        (r["model"], r["dataset"], r["fingerprint"]): r["metrics"]
-        for r in rundir.read_json(BASE_METRICS, []) or []
-        if isinstance(r, dict)
-    }
+    stored = rundir.base_metrics()
     out: dict[ModelData, dict[str, float]] = {}
     for model in spec.models:
         st = None
@@ -118,8 +114,5 @@ def base_metrics(
                     stored[key].get(spec.scheduler.metric, float("nan")),
                 )
             out[ModelData(model, label)] = stored[key]
-    rundir.write_json(
-        BASE_METRICS,
-        [{"model": m, "dataset": d, "fingerprint": f, "metrics": v} for (m, d, f), v in stored.items()],
-    )
+    rundir.save_base_metrics(stored)
     return out
