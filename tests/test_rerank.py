@@ -189,3 +189,58 @@ def test_gate_skips_a_cross_encoder_that_does_not_improve_the_bi_encoder(trained
     assert gate is not None and gate.n_questions == len(held)
     assert 0.3 < gate.retrieved <= 1.0 and gate.reranked < gate.retrieved and not gate.used
     assert f"{gate.retrieved:.3f}" in gate.line() and "skipped" in gate.line()
+
+
+@pytest.mark.slow
+def test_cross_encoders_trained_beside_the_trials_are_the_final_stages_and_stop_on_cancel(caplog):
+    """The driver's background training (started before the trials) leaves each dataset's
+    cross-encoder in the cache, so the final stage only gates it; cancelled mid-training (Ctrl-C
+    during the trials), it stops at the next step and caches nothing half-trained."""
+    import logging
+    import shutil
+
+    from embedtune import env
+    from embedtune.final.cross_encoder_early import EarlyCrossEncoders, reranker_jobs
+    from embedtune.final.stage import cross_encoders
+    from embedtune.specs import FinalSpec
+
+    data = prepare(DataSpec(source="medquad-sample", eval_size=40, max_pairs=200))
+    datasets, triplets = {"medquad": data}, {"medquad": mine(data)}
+    # pair counts no other test uses: a cold cache entry each, removed after
+    spec = FinalSpec(cross_encoder="train", cross_encoder_max_pairs=37)
+    (job,) = reranker_jobs(spec, datasets, triplets)
+    assert job.held_back and job.held_back <= {q for q, _ in data.train}
+    cache = env.home() / "rerankers"
+    cache.mkdir(parents=True, exist_ok=True)
+    first = set(cache.iterdir())
+    try:
+        early = EarlyCrossEncoders.start(spec, datasets, triplets)
+        assert early is not None
+        early.wait()
+        assert early.error is None and early.seconds > 0 and not early.running
+        (path,) = [p for p in set(cache.iterdir()) - first if (p / "config.json").exists()]
+        stamp = path.stat().st_mtime_ns
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="embedtune"):
+            cross, gates = cross_encoders(spec, datasets, triplets)
+        assert not [r for r in caplog.records if "training a cross-encoder" in r.getMessage()]
+        assert len(gates) == 1 and path.stat().st_mtime_ns == stamp
+        assert cross == ({"medquad": str(path)} if gates[0].used else {})
+
+        stopped = EarlyCrossEncoders.start(
+            FinalSpec(cross_encoder="train", cross_encoder_max_pairs=41), datasets, triplets
+        )
+        before = set(cache.iterdir())
+        deadline = time.time() + 120
+        while not [p for p in set(cache.iterdir()) - before if p.is_dir()]:  # build_once's temp folder
+            assert stopped.running and time.time() < deadline, "the training never started"
+            time.sleep(0.05)
+        stopped.cancel()
+        assert not stopped.running and stopped.error is None
+        assert set(cache.iterdir()) - before <= {p for p in cache.iterdir() if p.suffix == ".lock"}
+        # nothing cached for the stopped one: the final stage would train it itself
+        assert not list(reranker_jobs(spec, {}, {}))  # no datasets: no jobs
+        assert EarlyCrossEncoders.start(FinalSpec(cross_encoder=None), datasets, triplets) is None
+    finally:  # what this test cached goes, so the next run starts cold again
+        for p in set(cache.iterdir()) - first:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()

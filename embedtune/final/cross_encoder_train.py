@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import threading
 from pathlib import Path
 
 from embedtune import env
@@ -32,6 +33,10 @@ from embedtune.negatives import Triplets
 from embedtune.specs import RerankerTrainConfig
 
 log = logging.getLogger(__name__)
+
+
+class TrainingStopped(EmbedtuneError):
+    """The training was asked to stop (`train_reranker(stop=...)`); nothing was cached."""
 
 
 def training_pairs(
@@ -82,12 +87,14 @@ def train_reranker(
     config: RerankerTrainConfig | None = None,
     out_dir: Path | None = None,
     exclude: set[str] | frozenset[str] = frozenset(),
+    stop: threading.Event | None = None,
 ) -> Path:
     """Fine-tune a cross-encoder (num_labels=1) from `config.base` on BCE over train positives and
     mined hard negatives; return the directory of the saved CrossEncoder (cached: a second call with
     the same inputs returns the same directory without training). `out_dir` is the cache folder
     (default EMBEDTUNE_HOME/rerankers); the model lands in `<out_dir>/<data label>-<key>`. Questions
-    in `exclude` are left out of training (held back for the gate)."""
+    in `exclude` are left out of training (held back for the gate). When `stop` is set the training
+    ends at its next step and raises TrainingStopped, caching nothing."""
     config = config or RerankerTrainConfig()
     base, epochs, batch_size, max_length = config.base, config.epochs, config.batch_size, config.max_length
     max_pairs, lr, seed, head_lr = config.max_pairs, config.lr, config.seed, config.head_lr
@@ -152,9 +159,26 @@ def train_reranker(
             model=model, args=args, train_dataset=train_ds, loss=BinaryCrossEntropyLoss(model)
         )
         trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict to stdout
+        if stop is not None:
+            trainer.add_callback(_StopWhenSet(stop))
         trainer.train()
+        if stop is not None and stop.is_set():
+            raise TrainingStopped(f"cross-encoder training for {data.label} stopped")
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         model.save_pretrained(str(tmp))
 
     path, _ = build_once(target, build)
     return path
+
+
+def _StopWhenSet(stop: threading.Event):  # noqa: N802 - a class made on demand (transformers is heavy)
+    """A TrainerCallback that ends the training at the next step once `stop` is set."""
+    from transformers import TrainerCallback
+
+    class StopWhenSet(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.is_set():
+                control.should_training_stop = True
+            return control
+
+    return StopWhenSet()

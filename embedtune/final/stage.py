@@ -20,8 +20,8 @@ from embedtune import storage
 from embedtune.clock import StageClock
 from embedtune.data import PreparedData, resolve_source
 from embedtune.errors import EmbedtuneError
-from embedtune.final.cross_encoder_gate import GateResult, gate_cross_encoder, held_back_questions
-from embedtune.final.cross_encoder_train import train_reranker
+from embedtune.final.cross_encoder_early import reranker_jobs
+from embedtune.final.cross_encoder_gate import GateResult, gate_cross_encoder
 from embedtune.final.harm import do_no_harm
 from embedtune.final.pick import epoch_entries, pick_models
 from embedtune.final.registry import log_report, log_report_files, register_winner, standalone_run
@@ -30,7 +30,7 @@ from embedtune.models import resolve_model
 from embedtune.records import HarmCheck, ModelEntry, TrialRecord
 from embedtune.report import dataset_sources, report_with_timings
 from embedtune.rundir import RunDir
-from embedtune.specs import FinalSpec, MiningSpec, RerankerTrainConfig
+from embedtune.specs import FinalSpec
 from embedtune.specs.metrics import DEFAULT_SWEEP_METRIC
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,10 @@ def cross_encoders(
         return {}, []
     if spec.cross_encoder != "train":
         return dict.fromkeys(datasets, spec.cross_encoder), []
-    from embedtune.negatives import mine
-
     out, gates = {}, []
-    for label, data in datasets.items():
-        trip = triplets.get(label) or mine(data, MiningSpec(model=spec.cross_encoder_base))
-        held = held_back_questions(data)
-        config = RerankerTrainConfig(base=spec.cross_encoder_base, max_pairs=spec.cross_encoder_max_pairs)
-        path = train_reranker(data, trip, config, exclude=held)
+    for job in reranker_jobs(spec, datasets, triplets):  # trained beside the trials: cache hits
+        label, data, held = job.label, job.data, job.held_back
+        path = job.train()
         log.info("cross-encoder reranker for %s: %s", label, path)
         bi = (bi_encoders or {}).get(label, spec.cross_encoder_base)
         gate = gate_cross_encoder(data, held, str(path), bi, spec.leaderboard_metric, spec.eval.batch_size)

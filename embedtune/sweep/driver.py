@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedtune import storage
 from embedtune.clock import StageClock
@@ -43,6 +43,9 @@ from embedtune.sweep.parent_run import Tracking, open_tracking
 from embedtune.sweep.results import merge_records
 from embedtune.sweep.trials import TrialsStep
 from embedtune.tracking import client as mlc
+
+if TYPE_CHECKING:
+    from embedtune.final.cross_encoder_early import EarlyCrossEncoders
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +121,18 @@ def _run(
             fingerprints={**(stored.fingerprints if stored else {}), **inputs.hasher.fingerprints},
         )
         state.save(rundir)
-    # 4. trials (records of earlier runs in this dir first)
-    with clock.stage("trials"):
-        records = merge_records([], rundir.trials())
-        step = TrialsStep(spec, rundir, state, inputs, tracking, records)
-        ran = step.run(ray_address)
-        step.link_runs()
+    # 4. trials (records of earlier runs in this dir first), the final stage's cross-encoders beside them
+    early = start_early_cross_encoders(spec, inputs) if final and spec.final.enabled else None
+    try:
+        with clock.stage("trials"):
+            records = merge_records([], rundir.trials())
+            step = TrialsStep(spec, rundir, state, inputs, tracking, records)
+            ran = step.run(ray_address)
+            step.link_runs()
+    except BaseException:
+        if early is not None:
+            early.cancel()
+        raise
     if not ran:
         clock.skip("trials", "all done before")
     if on_trials is not None:
@@ -145,7 +154,7 @@ def _run(
     # 5. final stage
     if final and spec.final.enabled:
         with clock.stage("final"):
-            result.final = final_stage(spec, rundir, step.records, inputs, tracking, clock)
+            result.final = final_stage(spec, rundir, step.records, inputs, tracking, clock, early)
     else:
         clock.skip("final", "--no-final" if not final else "final.enabled off")
     result.timings = clock.flat()
@@ -168,12 +177,17 @@ def final_stage(
     inputs: Inputs,
     tracking: Tracking,
     clock: StageClock | None = None,
+    early: EarlyCrossEncoders | None = None,
 ):
     """Step 5: the final stage; the sweep's parent run never stays RUNNING if it fails, and rerunning
-    the same command redoes only this stage."""
+    the same command redoes only this stage. `early`: its cross-encoders, trained beside the trials
+    (what is left of that training counts as the final stage's cross-encoder time)."""
     from embedtune.final import run_final_stage
 
     try:
+        if early is not None:
+            with (clock or StageClock()).stage("final/cross_encoder"):
+                early.wait()
         return run_final_stage(
             rundir,
             trials,
@@ -196,6 +210,14 @@ def final_stage(
             "interrupted" if interrupted else "failed",
         )
         raise
+
+
+def start_early_cross_encoders(spec: SweepSpec, inputs: Inputs) -> EarlyCrossEncoders | None:
+    """Start training the final stage's cross-encoders in a thread while the trials run (they need
+    only the data and its negatives); None when the spec trains none."""
+    from embedtune.final.cross_encoder_early import EarlyCrossEncoders
+
+    return EarlyCrossEncoders.start(spec.final, inputs.datasets, inputs.triplets)
 
 
 def default_run_dir(spec: SweepSpec, run_dir: str | None) -> str:
