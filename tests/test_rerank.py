@@ -216,16 +216,26 @@ def test_cross_encoders_trained_beside_the_trials_are_the_final_stages_and_stop_
     try:
         early = EarlyCrossEncoders.start(spec, datasets, triplets)
         assert early is not None
-        early.wait()
+        done = early.wait()
         assert early.error is None and early.seconds > 0 and not early.running
         (path,) = [p for p in set(cache.iterdir()) - first if (p / "config.json").exists()]
+        (gate,) = [g for _, p, g in done.values() if p == path]
+        assert gate.dataset == data.label and gate.n_questions == len(job.held_back)
         stamp = path.stat().st_mtime_ns
+        # The final stage takes what was made beside the trials as it is: no training, no second gate
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="embedtune"):
-            cross, gates = cross_encoders(spec, datasets, triplets)
+            cross, gates = cross_encoders(spec, datasets, triplets, None, done)
+        said = [r.getMessage() for r in caplog.records]
+        assert not [m for m in said if "training a cross-encoder" in m or "held-back" in m], said
+        assert gates == [gate] and path.stat().st_mtime_ns == stamp
+        assert cross == ({"medquad": str(path)} if gate.used else {})
+        # Without it (a resumed final stage), the model comes from the cache and the gate is redone alike
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="embedtune"):
+            again, regated = cross_encoders(spec, datasets, triplets)
         assert not [r for r in caplog.records if "training a cross-encoder" in r.getMessage()]
-        assert len(gates) == 1 and path.stat().st_mtime_ns == stamp
-        assert cross == ({"medquad": str(path)} if gates[0].used else {})
+        assert again == cross and [g.reranked for g in regated] == [gate.reranked]
 
         stopped = EarlyCrossEncoders.start(
             FinalSpec(cross_encoder="train", cross_encoder_max_pairs=41), datasets, triplets

@@ -18,7 +18,7 @@ from typing import Any
 
 from embedtune.data import PreparedData
 from embedtune.evaluate import per_query_metrics
-from embedtune.models import load_model, resolve_model
+from embedtune.models import load_model, resolve_model, truncate
 from embedtune.rerank.cross_encoder import CrossEncoderReranker
 from embedtune.stats import paired_pvalue
 
@@ -72,9 +72,11 @@ def gate_cross_encoder(
     bi_encoder: str,
     metric: str,
     batch_size: int = 64,
+    max_seq_length: int | None = None,
 ) -> GateResult | None:
     """Score `cross_encoder` against `bi_encoder`'s ordering on the `held_back` training questions
-    (see the module note); None without enough held-back questions."""
+    (see the module note); None without enough held-back questions. `max_seq_length`: the
+    bi-encoder's input cut, as the final stage evaluates it (None: the model's own)."""
     import numpy as np
 
     if len(held_back) < HELD_BACK_MIN:
@@ -88,6 +90,7 @@ def gate_cross_encoder(
     questions = sorted(answers)
     relevant = {q: [doc_id[a] for a in sorted(answers[q])] for q in questions}
     model = load_model(resolve_model(bi_encoder))
+    truncate(model, max_seq_length)
     d = model.encode(docs, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     qv = model.encode(questions, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
     top = np.argsort(-(qv @ d.T), axis=1)[:, :DEPTH]

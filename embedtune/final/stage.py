@@ -20,8 +20,8 @@ from embedtune import storage
 from embedtune.clock import StageClock
 from embedtune.data import PreparedData, resolve_source
 from embedtune.errors import EmbedtuneError
-from embedtune.final.cross_encoder_early import reranker_jobs
-from embedtune.final.cross_encoder_gate import GateResult, gate_cross_encoder
+from embedtune.final.cross_encoder_early import RerankerJob, reranker_jobs
+from embedtune.final.cross_encoder_gate import GateResult
 from embedtune.final.harm import do_no_harm
 from embedtune.final.pick import epoch_entries, pick_models
 from embedtune.final.registry import log_report, log_report_files, register_winner, standalone_run
@@ -60,28 +60,32 @@ def cross_encoders(
     datasets: dict[str, PreparedData],
     triplets: dict[str, Any],
     bi_encoders: dict[str, str] | None = None,
+    early: dict[str, tuple[RerankerJob, Path, GateResult | None]] | None = None,
 ) -> tuple[dict[str, str], list[GateResult]]:
     """Cross-encoder path (or hub id) per dataset label, and the gate results; empty when the spec
     asks for none. A pretrained cross-encoder named in the spec is used as given. One trained here
     is trained without a held-back share of the training questions and used only where it improves
     the ordering of the dataset's bi-encoder (`bi_encoders[label]`, default the cross-encoder's own
-    base) on them (`cross_encoder_gate`)."""
+    base) on them (`cross_encoder_gate`). `early`: what was trained and gated beside the trials
+    (`EarlyCrossEncoders.wait()`), taken as is where it was made for the same job."""
     if spec.cross_encoder is None or "cross-encoder" not in spec.eval.rerankers:
         return {}, []
     if spec.cross_encoder != "train":
         return dict.fromkeys(datasets, spec.cross_encoder), []
     out, gates = {}, []
-    for job in reranker_jobs(spec, datasets, triplets):  # trained beside the trials: cache hits
-        label, data, held = job.label, job.data, job.held_back
-        path = job.train()
-        log.info("cross-encoder reranker for %s: %s", label, path)
-        bi = (bi_encoders or {}).get(label, spec.cross_encoder_base)
-        gate = gate_cross_encoder(data, held, str(path), bi, spec.leaderboard_metric, spec.eval.batch_size)
+    for job in reranker_jobs(spec, datasets, triplets, bi_encoders):
+        made = (early or {}).get(job.label)
+        if made is not None and made[0].key() == job.key():
+            path, gate = made[1], made[2]
+        else:
+            path = job.train()
+            gate = job.gate(path)
+        log.info("cross-encoder reranker for %s: %s", job.label, path)
         if gate is not None:
             gates.append(gate)
             if not gate.used:
                 continue
-        out[label] = str(path)
+        out[job.label] = str(path)
     return out, gates
 
 
@@ -128,6 +132,7 @@ def evaluate_and_report(
     sweep_name: str | None = None,
     sweep_metric: str = DEFAULT_SWEEP_METRIC,
     clock: StageClock | None = None,
+    early_cross_encoders: dict[str, tuple[RerankerJob, Path, GateResult | None]] | None = None,
 ) -> FinalResult:
     """Evaluate `entries` per dataset (and `epoch_models`, see `epoch_entries`, on vector search
     only), build the report, log and register. Shared by the sweep's final stage and
@@ -148,7 +153,9 @@ def evaluate_and_report(
     }
     clock = clock or StageClock()
     with clock.stage("final/cross_encoder"):
-        cross, gates = cross_encoders(spec, datasets, triplets, {k: v for k, v in bases.items() if v})
+        cross, gates = cross_encoders(
+            spec, datasets, triplets, {k: v for k, v in bases.items() if v}, early_cross_encoders
+        )
     if spec.cross_encoder != "train" or "cross-encoder" not in spec.eval.rerankers:
         clock.skip("final/cross_encoder", "none trained")
     no_ce = spec.eval.model_copy(
@@ -270,6 +277,15 @@ def evaluate_and_report(
     return final
 
 
+def with_eval_cut(spec: FinalSpec, max_seq_length: int | None) -> FinalSpec:
+    """`spec` with the sweep's training truncation as its evaluation's, unless `spec.eval` sets one."""
+    if max_seq_length and spec.eval.max_seq_length is None:
+        return spec.model_copy(
+            update={"eval": spec.eval.model_copy(update={"max_seq_length": max_seq_length})}
+        )
+    return spec
+
+
 def run_final_stage(
     rundir: RunDir,
     trials: list[TrialRecord],
@@ -283,15 +299,14 @@ def run_final_stage(
     sweep_name: str | None = None,
     sweep_metric: str = DEFAULT_SWEEP_METRIC,
     clock: StageClock | None = None,
+    early_cross_encoders: dict[str, tuple[RerankerJob, Path, GateResult | None]] | None = None,
 ) -> FinalResult:
     """Pick (see `pick_models`), evaluate in LanceDB, report, log to the parent run, register the winner.
     `max_seq_length` (the sweep's training truncation) applies to every model unless `spec.eval`
-    sets its own, so the base models are not scored on longer inputs than the tuned ones."""
+    sets its own, so the base models are not scored on longer inputs than the tuned ones.
+    `early_cross_encoders`: the cross-encoders made beside the trials (`EarlyCrossEncoders`)."""
     clock = clock or StageClock()
-    if max_seq_length and spec.eval.max_seq_length is None:
-        spec = spec.model_copy(
-            update={"eval": spec.eval.model_copy(update={"max_seq_length": max_seq_length})}
-        )
+    spec = with_eval_cut(spec, max_seq_length)
     entries = pick_models(trials, base_models, spec.top_k, spec.metric, spec.mode, datasets=list(datasets))
     entries = {k: v for k, v in entries.items() if k in datasets}
     extra = epoch_entries(trials, entries, spec.metric, spec.mode) if spec.epoch_compare else None
@@ -308,6 +323,7 @@ def run_final_stage(
         sweep_name,
         sweep_metric,
         clock,
+        early_cross_encoders,
     )
     if spec.serve:
         with clock.stage("final/served"):

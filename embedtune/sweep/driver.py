@@ -185,9 +185,10 @@ def final_stage(
     from embedtune.final import run_final_stage
 
     try:
+        made = None
         if early is not None:
             with (clock or StageClock()).stage("final/cross_encoder"):
-                early.wait()
+                made = early.wait()
         return run_final_stage(
             rundir,
             trials,
@@ -201,6 +202,7 @@ def final_stage(
             sweep_name=spec.name,
             sweep_metric=spec.scheduler.metric,
             clock=clock,
+            early_cross_encoders=made,
         )
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
@@ -216,8 +218,12 @@ def start_early_cross_encoders(spec: SweepSpec, inputs: Inputs) -> EarlyCrossEnc
     """Start training the final stage's cross-encoders in a thread while the trials run (they need
     only the data and its negatives); None when the spec trains none."""
     from embedtune.final.cross_encoder_early import EarlyCrossEncoders
+    from embedtune.final.stage import with_eval_cut
 
-    return EarlyCrossEncoders.start(spec.final, inputs.datasets, inputs.triplets)
+    final = with_eval_cut(spec.final, spec.train.max_seq_length)  # as run_final_stage scores
+    # each dataset's cross-encoder must beat its first base model's ordering (pick_models' order)
+    bi_encoders = dict.fromkeys(inputs.datasets, spec.models[0])
+    return EarlyCrossEncoders.start(final, inputs.datasets, inputs.triplets, bi_encoders)
 
 
 def default_run_dir(spec: SweepSpec, run_dir: str | None) -> str:
