@@ -243,6 +243,33 @@ def test_callback_replaces_the_stale_run_of_a_rerun_config(tmp_path: Path) -> No
     ) == [("h1", "c", "FINISHED"), ("h2", "b", "FINISHED")]
 
 
+def test_child_runs_are_all_found_past_one_page(tmp_path: Path, monkeypatch) -> None:
+    """MLflow returns one page of runs per search (1,000 by default): the children of a sweep with
+    more trials than a page are all found, and closing the open ones reaches every one of them."""
+    uri, exp, parent = _store(tmp_path, "paged")
+    client = MlflowClient(uri)
+    ids = [
+        client.create_run(
+            exp, tags={mlc.PARENT_TAG: parent, mlc.KIND_TAG: "trial"}, run_name=f"t{i}"
+        ).info.run_id
+        for i in range(7)
+    ]
+    assert sorted(
+        r.info.run_id for r in mlc.all_runs(uri, exp, f"tags.`{mlc.PARENT_TAG}` = '{parent}'", page_size=3)
+    ) == sorted(ids)
+    real, searches = mlc.all_runs, []
+
+    def in_pages_of_two(*a, **k):
+        searches.append(a)
+        return real(*a, **{**k, "page_size": 2})
+
+    monkeypatch.setattr(mlc, "all_runs", in_pages_of_two)
+    assert len(mlc.child_runs(uri, exp, parent)) == 7
+    assert mlc.close_open_children(uri, exp, parent) == 7
+    assert len(searches) == 2  # both went through the paging search
+    assert {client.get_run(i).info.status for i in ids} == {"KILLED"}
+
+
 def test_redact_hides_uri_credentials() -> None:
     redact = mlc.redact
     assert redact("http://alice:hunter2@127.0.0.1:5000") == "http://alice:***@127.0.0.1:5000"

@@ -274,7 +274,19 @@ def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
 def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str, where: str = "") -> list:
     """The runs under `parent_run_id`, optionally filtered further (an MLflow filter clause)."""
     clause = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" + (f" and {where}" if where else "")
-    return client(tracking_uri).search_runs([experiment_id], filter_string=clause)
+    return all_runs(tracking_uri, experiment_id, clause)
+
+
+def all_runs(tracking_uri: str, experiment_id: str, clause: str, page_size: int = 1000) -> list:
+    """Every run matching `clause`, page after page (one search returns at most 1,000, and a
+    study-scale sweep has thousands of trials)."""
+    c, out, token = client(tracking_uri), [], None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=clause, max_results=page_size, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
 
 
 def close_open_children(
