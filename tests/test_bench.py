@@ -133,3 +133,39 @@ def test_driver_bookkeeping_part_counts_real_writes(tmp_path):
     # the cost is per result: seconds / (trials x epochs)
     assert out["driver_us_per_result_9"] == pytest.approx(out["driver_seconds_9"] / (9 * 3) * 1e6)
     assert json.loads((tmp_path / "run-9" / "trials.json").read_text()).__len__() == 9
+
+
+def test_a_failed_part_is_named_and_the_others_are_still_written(tmp_path, monkeypatch):
+    """One part that raises (the driver part once met MLflow's 1,000-run page) costs only its own
+    keys: the others land in results.json, the failure is named there and the exit code is 1.
+    The parts are stand-ins here; each real part has its own test above."""
+    keys = {
+        "bench_sweep_local": {"sweep_local_seconds": 600.0, "sweep_local_tune_trials": 4},
+        "bench_ingest": {"ingest_vs_encode": 0.95},
+        "bench_encode": {"encode_speedup_backend": 2.5},
+        "bench_mining": {"mining_cost_vs_per_trial": 0.2},
+        "bench_throughput": {"trial_throughput_vs_plain": 1.0},
+        "bench_epoch_axis": {"epoch_axis_cost_ratio": 0.5},
+    }
+    for name, out in keys.items():
+        monkeypatch.setattr(bench, name, lambda *a, _out=out, **k: dict(_out))
+    monkeypatch.setattr(
+        bench,
+        "bench_eval",
+        lambda *a, **k: {"eval_speedup_vs_loop": 30.0, "_data": 0, "_model": 0, "_path": 0},
+    )
+
+    def broken(*a, **k):
+        raise RuntimeError("1000 finished trial runs in MLflow, expected 2000")
+
+    monkeypatch.setattr(bench, "bench_driver", broken)
+    monkeypatch.setattr(bench, "log_to_mlflow", lambda *a, **k: None)
+    code = bench.main(["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")])
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert code == 1
+    assert written["failed_parts"] == {
+        "driver": "RuntimeError: 1000 finished trial runs in MLflow, expected 2000"
+    }
+    for out in keys.values():
+        assert all(written[k] == v for k, v in out.items())
+    assert written["eval_speedup_vs_loop"] == 30.0 and "driver_cost_ratio" not in written
