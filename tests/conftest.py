@@ -181,19 +181,10 @@ def grid_sweep(tmp_path_factory):
     from embedtune.specs import parse_spec
     from embedtune.sweep import run_sweep
 
-    # Only the prefixes the sweep's own code makes in /tmp: the cluster session runs beside this one and
-    # keeps its own embedtune-launcher-*/embedtune-cl-test-* folders there.
-    product_prefixes = (
-        "etray-",
-        "embedtune-rayhome-",
-        "embedtune-trial-",
-        "embedtune-train-",
-        "embedtune-probe-",
-        "embedtune-download-",
-    )
-
+    # Everything the product names etray-*/embedtune-* in /tmp. Tests keep their own folders there
+    # under etest-* (the cluster session runs beside this one), so they are never counted here.
     def leftovers() -> set[Path]:
-        return {p for prefix in product_prefixes for p in Path("/tmp").glob(prefix + "*")}
+        return {*Path("/tmp").glob("etray-*"), *Path("/tmp").glob("embedtune-*")}
 
     # separate mode: one Tune trial per (model, epochs), the study's setup (branch mode: test_sweep)
     spec = parse_spec(

@@ -219,7 +219,7 @@ def _our_leftovers(cluster_id: str) -> list[int]:
 @pytest.fixture(scope="module")
 def cluster():
     # /tmp, not pytest's 0700 tmp root: the PostgreSQL OS user must reach the state dir.
-    state = Path(tempfile.mkdtemp(prefix="embedtune-cl-test-", dir="/tmp")) / "state"
+    state = Path(tempfile.mkdtemp(prefix="etest-cl-", dir="/tmp")) / "state"
     state.parent.chmod(0o755)
     up = subprocess.run([sys.executable, str(SCRIPT), "up", "--state-dir", str(state), "--idle-timeout-minutes", "0.25"],
                         capture_output=True, text=True, timeout=600)  # fmt: skip

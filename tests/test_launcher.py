@@ -277,7 +277,7 @@ def _spec() -> dict:
 @pytest.fixture(scope="module")
 def launched():
     _require_host()
-    tmp = Path(tempfile.mkdtemp(prefix="embedtune-launcher-", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="etest-launcher-", dir="/tmp"))
     tmp.chmod(0o711)  # the user reaches tmp/mnt; nothing else here is readable to it
     state = cl.State(tmp / "state")
     state.data.update(
