@@ -1,12 +1,13 @@
-"""The final stage's cross-encoders, trained beside the trials.
+"""The final stage's cross-encoders, trained and gated beside the trials.
 
 A cross-encoder trained here depends only on the data, its mined negatives and the spec, never on
-a trial, so the driver starts that training in a thread of its own while Ray Tune runs the trials
-(the driver is otherwise idle then; on a cluster it runs on the head, whose cores the trials do not
-use), and gates each one on its held-back questions there too. The final stage then takes the
-finished ones as they are (and finds the models in the reranker cache, keyed by their inputs). Measured on `make sweep-local` (2 cores, both busy with trials): the
-cross-encoder part of the final stage went from ~100 s to the gate alone (README, "Where the time
-went"). Ctrl-C or a failed trial phase stops the training at its next step and caches nothing.
+a trial, so the driver trains it in a thread of its own while Ray Tune runs the trials (the driver
+is otherwise idle then; on a cluster it runs on the head, whose cores the trials do not use) and
+gates it on its held-back questions there too. The final stage takes a finished job as it is when
+it is the job it would run itself (`RerankerJob.key`), else trains (a cache hit, keyed by the same
+inputs) and gates again. Measured by `make bench --only sweep` (README, "Where the time went"): the
+final stage 205 s → 121 s. Ctrl-C or a failed trial phase stops the training at its next step and
+caches nothing.
 """
 
 from __future__ import annotations
