@@ -14,7 +14,7 @@ from typing import Any
 from embedtune import rerank
 from embedtune.errors import EmbedtuneError
 from embedtune.models import check_model
-from embedtune.records import ENCODE_COST_COLUMNS, EncodeCost, ModelEntry
+from embedtune.records import ENCODE_COST_COLUMNS, TRUNCATED, EncodeCost, ModelEntry
 from embedtune.specs import EvalSpec
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,7 @@ class _Scorer:
         self.limit = min(len(data.corpus), spec.depth * spec.overfetch) if deep else spec.depth
         self.fts_legs, self.fts_s = None, 0.0
         self.fts_rows: dict[tuple[str, str], tuple[dict, float]] = {}
+        self.truncated: tuple[Any, Any] = (None, None)  # the last model's table and query vectors
 
     def _scored(self, ranked: list[list[str]]) -> dict[str, Any]:
         per_query = per_query_metrics(ranked, self.relevant, self.spec.ks)
@@ -220,8 +221,8 @@ class _Scorer:
         else:
             rate = indexed.rows / indexed.encode_seconds
         cost = encoder.cost(rate)
-        vec_legs, vec_s = None, 0.0
-        if any(q in ("vector", "hybrid") for q, _ in self.combos):
+        vec_legs, vec_s, qv = None, 0.0, None
+        if any(q in ("vector", "hybrid") for q, _ in self.combos) or self.spec.dims:
             t = time.perf_counter()
             qv = encoder.encode(self.texts, batch_size=self.spec.batch_size)
             vec_legs, vec_s = vector_leg(tbl, qv, self.limit), time.perf_counter() - t
@@ -229,7 +230,51 @@ class _Scorer:
             t = time.perf_counter()
             self.fts_legs = fts_leg(tbl, self.texts, self.limit, self.spec.fts_threads)
             self.fts_s = time.perf_counter() - t
+        self.truncated = (tbl, qv)
         return vec_legs, vec_s, cost
+
+    def truncated_rows(self, entry: ModelEntry, cost: EncodeCost) -> list[dict[str, Any]]:
+        """Vector search on each `spec.dims` leading slice (below the model's own dimension) of the
+        corpus and query embeddings already computed, re-normalised: what a smaller index of the
+        same model scores. A Matryoshka-trained model keeps more of its quality there."""
+        import numpy as np
+
+        from embedtune.rerank.base import ids
+        from embedtune.retrieval import exact_top_k, table_vectors
+
+        dims = [d for d in self.spec.dims or [] if d < cost.dim]
+        if not dims:
+            return []
+        tbl, qv = self.truncated
+        doc_ids, rowids, mat = table_vectors(tbl)
+        rows = []
+        for d in dims:
+            t = time.perf_counter()
+            cut = mat[:, :d] / np.maximum(np.linalg.norm(mat[:, :d], axis=1, keepdims=True), 1e-12)
+            legs = exact_top_k(doc_ids, rowids, cut, np.asarray(qv)[:, :d], self.spec.depth)
+            metrics = self._scored([ids(leg) for leg in legs])
+            row_cost = {**cost.to_dict(), "dim": d}
+            rows.append(self._row(entry, "vector", "none", metrics, time.perf_counter() - t, row_cost))
+            rows[-1] |= {"model": f"{entry.label}@{d}d", "kind": TRUNCATED}
+        return rows
+
+    def _row(self, entry: ModelEntry, qtype: str, rname: str, metrics: dict, seconds: float, cost: dict):
+        return {
+            "dataset": self.data.label,
+            "model": entry.label,
+            "model_path": str(entry.path),
+            "base_model": entry.base_model,
+            "kind": entry.kind,
+            "trial_id": entry.trial_id,
+            "epochs": entry.epochs,
+            "query_type": qtype,
+            "reranker": rname,
+            **{k: v for k, v in metrics.items() if k != "per_query"},
+            "n_queries": len(self.qids),
+            "seconds": round(seconds, 4),
+            **cost,
+            "per_query": metrics["per_query"],
+        }
 
     def score(self, entry: ModelEntry) -> list[dict[str, Any]]:
         vec_legs, vec_s, cost = self._legs(entry)
@@ -246,25 +291,8 @@ class _Scorer:
                 metrics, seconds = self._scored(ranked), base_s + time.perf_counter() - t
                 if qtype == "fts":
                     self.fts_rows[(qtype, rname)] = (metrics, seconds)
-            rows.append(
-                {
-                    "dataset": self.data.label,
-                    "model": entry.label,
-                    "model_path": str(entry.path),
-                    "base_model": entry.base_model,
-                    "kind": entry.kind,
-                    "trial_id": entry.trial_id,
-                    "epochs": entry.epochs,
-                    "query_type": qtype,
-                    "reranker": rname,
-                    **{k: v for k, v in metrics.items() if k != "per_query"},
-                    "n_queries": len(self.qids),
-                    "seconds": round(seconds, 4),
-                    **cost.to_dict(),
-                    "per_query": metrics["per_query"],
-                }
-            )
-        return rows
+            rows.append(self._row(entry, qtype, rname, metrics, seconds, cost.to_dict()))
+        return rows + self.truncated_rows(entry, cost)
 
 
 def evaluate_models(

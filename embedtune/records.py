@@ -156,6 +156,9 @@ class ModelEntry:
     epochs: int | None = None
 
 
+TRUNCATED = "truncated"  # a leaderboard row of a model's embedding cut to its first d dimensions
+
+
 @dataclass
 class EncodeCost:
     """What encoding with one model costs on the machine that ran the final stage: the backend,

@@ -263,8 +263,8 @@ def build_loss(config: TrainConfig, model, guide=None):
     )
 
     if config.loss == "cached_mnrl":
-        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
-    if config.loss in ("gist", "cached_gist"):
+        loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
+    elif config.loss in ("gist", "cached_gist"):
         guide = guide if guide is not None else load_guide(config, str(model.device))
         rule = {
             "temperature": config.gist_temperature,
@@ -272,9 +272,28 @@ def build_loss(config: TrainConfig, model, guide=None):
             "margin": config.gist_margin,
         }
         if config.loss == "cached_gist":
-            return CachedGISTEmbedLoss(model, guide, mini_batch_size=config.mini_batch_size, **rule)
-        return GISTEmbedLoss(model, guide, **rule)
-    return MultipleNegativesRankingLoss(model)
+            loss = CachedGISTEmbedLoss(model, guide, mini_batch_size=config.mini_batch_size, **rule)
+        else:
+            loss = GISTEmbedLoss(model, guide, **rule)
+    else:
+        loss = MultipleNegativesRankingLoss(model)
+    return matryoshka(loss, model, config.matryoshka_dims)
+
+
+def matryoshka(loss, model, dims: list[int] | None):
+    """`loss` on each leading slice `dims` of the embedding as well (MatryoshkaLoss, equal weights;
+    it handles the cached losses' chunks itself), or `loss` as it is without dims."""
+    if not dims:
+        return loss
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    full = int((getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)())
+    if max(dims) > full:
+        raise EmbedtuneError(
+            f"train.matryoshka_dims {dims}: the model embeds in {full} dimensions; "
+            f"list dimensions of at most {full}"
+        )
+    return MatryoshkaLoss(model, loss, matryoshka_dims=dims)
 
 
 def checkpointing_on(model) -> bool:

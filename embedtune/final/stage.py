@@ -192,7 +192,9 @@ def evaluate_and_report(
                 log.info(
                     "epoch comparison on %s (vector search): %s", label, ", ".join(m.label for m in extra)
                 )
-                vector_only = spec.eval.model_copy(update={"query_types": ["vector"], "rerankers": ["none"]})
+                vector_only = spec.eval.model_copy(
+                    update={"query_types": ["vector"], "rerankers": ["none"], "dims": None}
+                )
                 frames.append(
                     evaluate_models(
                         extra,
@@ -277,13 +279,15 @@ def evaluate_and_report(
     return final
 
 
-def with_eval_cut(spec: FinalSpec, max_seq_length: int | None) -> FinalSpec:
-    """`spec` with the sweep's training truncation as its evaluation's, unless `spec.eval` sets one."""
+def with_eval_cut(spec: FinalSpec, max_seq_length: int | None, dims: list[int] | None = None) -> FinalSpec:
+    """`spec` with the sweep's training truncation as its evaluation's, and its Matryoshka
+    dimensions as the evaluation's `dims`, each unless `spec.eval` sets its own."""
+    update: dict[str, Any] = {}
     if max_seq_length and spec.eval.max_seq_length is None:
-        return spec.model_copy(
-            update={"eval": spec.eval.model_copy(update={"max_seq_length": max_seq_length})}
-        )
-    return spec
+        update["max_seq_length"] = max_seq_length
+    if dims and spec.eval.dims is None:
+        update["dims"] = sorted(set(dims), reverse=True)
+    return spec.model_copy(update={"eval": spec.eval.model_copy(update=update)}) if update else spec
 
 
 def run_final_stage(
@@ -300,13 +304,15 @@ def run_final_stage(
     sweep_metric: str = DEFAULT_SWEEP_METRIC,
     clock: StageClock | None = None,
     early_cross_encoders: dict[str, tuple[RerankerJob, Path, GateResult | None]] | None = None,
+    matryoshka_dims: list[int] | None = None,
 ) -> FinalResult:
     """Pick (see `pick_models`), evaluate in LanceDB, report, log to the parent run, register the winner.
     `max_seq_length` (the sweep's training truncation) applies to every model unless `spec.eval`
-    sets its own, so the base models are not scored on longer inputs than the tuned ones.
+    sets its own, so the base models are not scored on longer inputs than the tuned ones;
+    `matryoshka_dims` (the sweep's train.matryoshka_dims) become the evaluation's `dims`.
     `early_cross_encoders`: the cross-encoders made beside the trials (`EarlyCrossEncoders`)."""
     clock = clock or StageClock()
-    spec = with_eval_cut(spec, max_seq_length)
+    spec = with_eval_cut(spec, max_seq_length, matryoshka_dims)
     entries = pick_models(trials, base_models, spec.top_k, spec.metric, spec.mode, datasets=list(datasets))
     entries = {k: v for k, v in entries.items() if k in datasets}
     extra = epoch_entries(trials, entries, spec.metric, spec.mode) if spec.epoch_compare else None

@@ -34,6 +34,12 @@ class EvalSpec(Strict):
         "its train.max_seq_length, so base and tuned models compete under the same truncation); "
         "None: each model's own limit",
     )
+    dims: list[int] | None = Field(
+        None,
+        description="also score vector search on each of these leading slices of every model's "
+        "embedding (re-normalised), one row each (kind `truncated`, label `<model>@<d>d`): what serving "
+        "a smaller index costs in quality. A sweep sets its train.matryoshka_dims here unless given",
+    )
     linear_weight: float = Field(0.7, ge=0, le=1, description="weight of the vector leg in linear fusion")
     fts_threads: int = Field(4, ge=1, description="parallel FTS queries (LanceDB FTS takes one query string)")
 
@@ -44,6 +50,10 @@ class EvalSpec(Strict):
         self.ks = sorted(set(self.ks))
         if not self.query_types or not self.rerankers:
             raise ValueError("query_types and rerankers must not be empty")
+        if self.dims is not None:
+            if any(d < 1 for d in self.dims):
+                raise ValueError(f"dims must be positive embedding dimensions, got {self.dims}")
+            self.dims = sorted(set(self.dims), reverse=True)
         return self
 
     @property

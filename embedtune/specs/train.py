@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from embedtune.specs.base import Strict
 
@@ -44,7 +44,30 @@ class GistSettings(Strict):
     )
 
 
-class TrainSettings(GistSettings):
+MATRYOSHKA_HELP = (
+    "train every listed leading slice of the embedding too (MatryoshkaLoss around train.loss, e.g. "
+    "[384, 256, 128, 64]): the model can then be served truncated to any of them, and the final "
+    "stage scores each as a cost/quality point; None: the full embedding only"
+)
+
+
+class MatryoshkaSettings(Strict):
+    matryoshka_dims: list[int] | None = Field(None, description=MATRYOSHKA_HELP)
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _dims(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return None
+        if not v or any(d < 1 for d in v) or len(set(v)) != len(v):
+            raise ValueError(
+                "train.matryoshka_dims must be distinct positive dimensions, e.g. [384, 256, 128, 64] "
+                "(or left out)"
+            )
+        return sorted(v, reverse=True)  # the order does not change the loss; one spelling hashes alike
+
+
+class TrainSettings(GistSettings, MatryoshkaSettings):
     """Fixed training settings shared by every trial of a sweep (its `train:` block)."""
 
     max_seq_length: int | None = Field(128, ge=8)
@@ -58,7 +81,7 @@ class TrainSettings(GistSettings):
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
 
 
-class TrainConfig(GistSettings):
+class TrainConfig(GistSettings, MatryoshkaSettings):
     """Hyperparameters and settings of one fine-tuning run."""
 
     model: str = "all-MiniLM-L6-v2"

@@ -203,6 +203,7 @@ def final_stage(
             sweep_metric=spec.scheduler.metric,
             clock=clock,
             early_cross_encoders=made,
+            matryoshka_dims=spec.train.matryoshka_dims,
         )
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)

@@ -33,6 +33,7 @@ LATER_DEFAULTS = {
     "gist_temperature": 0.01,
     "gist_margin_strategy": "relative",
     "gist_margin": 0.05,
+    "matryoshka_dims": None,
 }
 # Branch mode's learning-rate schedule: warmup, then constant. The model after e epochs is then the
 # same whatever the run's total, so one run's checkpoint at e stands for an e-epoch run.
