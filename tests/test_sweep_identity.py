@@ -227,10 +227,10 @@ def test_branch_mode_runs_one_trial_per_config_and_resume_skips_done_members() -
         return TrialRecord("t", h, "m", "m", "medquad", 1, 5e-5, 16, 0.1, 42, status)
 
     done = [rec(m["config_hash"]) for m in members]
-    assert _todo(spec, hasher, done, []) == ([], 0)
+    assert _todo(spec, hasher, done, []) == ([], 0, None)
     first = trials[0]
     missing = member_hashes(first, hasher)[2]
-    todo, n = _todo(spec, hasher, [r for r in done if r.config_hash != missing], [])
+    todo, n, _ = _todo(spec, hasher, [r for r in done if r.config_hash != missing], [])
     assert n == 1 and todo == [first]
     failed = [rec(r.config_hash, "FAILED" if r.config_hash == missing else "FINISHED") for r in done]
     assert _todo(spec, hasher, failed, [])[0] == [first]  # a failed member reruns its branch

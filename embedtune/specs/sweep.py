@@ -43,11 +43,47 @@ class Distribution(Strict):
         return max(self.values) if self.values else float(self.high)
 
 
+class Budget(Strict):
+    """What `search.mode: auto` may spend on its trials: minutes of the trial phase, or epochs
+    trained summed over the trials (an epoch of a trial the scheduler stops early counts; the rest
+    of its planned epochs do not)."""
+
+    minutes: float | None = Field(None, gt=0, description="wall minutes of the trial phase (per sweep call)")
+    trial_epochs: int | None = Field(None, ge=1, description="training epochs summed over all trials")
+
+    @model_validator(mode="after")
+    def _one(self) -> Budget:
+        if (self.minutes is None) == (self.trial_epochs is None):
+            raise ValueError("give exactly one of minutes or trial_epochs, e.g. {minutes: 45}")
+        return self
+
+
+# What `search.mode: auto` searches on an axis the spec leaves out (an axis it gives, as a list or
+# a distribution, is searched as given). Ranges around sentence-transformers' defaults for
+# MiniLM-size models: lr 2e-5 (and the 5e-5..1e-4 that won on this project's data), warmup up to a
+# fifth of an epoch, batch sizes a CPU trains at (the memory probe refuses what does not fit).
+AUTO_SPACE: dict[str, Any] = {
+    "epochs": [1, 2, 3],
+    "lr": {"distribution": "loguniform", "low": 1e-5, "high": 2e-4},
+    "batch_size": {"distribution": "choice", "values": [16, 32, 64]},
+    "warmup_ratio": {"distribution": "uniform", "low": 0.0, "high": 0.2},
+}
+AUTO_LOSSES = ["mnrl", "gist"]  # when neither search.loss nor train.loss is given
+AUTO_BUDGET = {"minutes": 45}  # the trial phase of an about-an-hour run on a 2-core machine
+AUTO_MAX_TRIALS = 200  # draws a time budget may start at most (Tune needs a number)
+
+
 class SearchSpace(Strict):
     """Each entry: a list (grid axis, or a choice when sampling) or a distribution."""
 
-    mode: Literal["grid", "random", "optuna"] = "grid"
+    mode: Literal["grid", "random", "optuna", "auto"] = Field(
+        "grid",
+        description="grid: every combination of the lists; random / optuna: num_samples draws; auto: "
+        "Optuna's TPE with the scheduler's early stopping, drawing until `budget` is spent, over the "
+        "axes given and AUTO_SPACE's ranges for the axes left out (and the loss: mnrl or gist)",
+    )
     num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: trials")
+    budget: Budget | None = Field(None, description="mode auto: {minutes: M} or {trial_epochs: N}")
     epochs: list[int] | Distribution = [1]
     epochs_mode: Literal["branch", "separate"] = Field(
         "branch",
@@ -94,6 +130,30 @@ class SearchSpace(Strict):
         if isinstance(v, list) and (not v or any(not 0 < x < 1 for x in v)):
             raise ValueError("lr values must be in (0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _auto(self) -> SearchSpace:
+        if self.mode != "auto":
+            if self.budget is not None:
+                raise ValueError(f"budget is for mode: auto (mode is {self.mode}; it runs num_samples)")
+            return self
+        for axis, value in AUTO_SPACE.items():
+            if axis not in self.model_fields_set:
+                setattr(self, axis, Distribution(**value) if isinstance(value, dict) else list(value))
+                self.model_fields_set.add(axis)  # spelled out when the spec is stored
+        if self.budget is None:
+            self.budget = Budget(**AUTO_BUDGET)
+            self.model_fields_set.add("budget")
+        return self
+
+    @property
+    def draws(self) -> int:
+        """Trials a sampled search may start: num_samples, or in auto mode what the budget allows
+        (an epoch budget starts at most one trial per epoch; the stopper ends it sooner)."""
+        if self.mode != "auto":
+            return self.num_samples
+        assert self.budget is not None
+        return self.budget.trial_epochs or AUTO_MAX_TRIALS
 
     @model_validator(mode="after")
     def _grid_takes_lists(self) -> SearchSpace:
@@ -270,6 +330,19 @@ class SweepSpec(Strict):
                 "keep search.loss to compare losses, or train.loss for one"
             )
         return train
+
+    @model_validator(mode="after")
+    def _auto_loss(self) -> SweepSpec:
+        """mode auto searches the loss too unless the spec names one (search.loss or train.loss)."""
+        if (
+            self.search.mode == "auto"
+            and "loss" not in self.search.model_fields_set
+            and "loss" not in self.train.model_fields_set
+            and self.search.loss is None
+        ):
+            self.search.loss = list(AUTO_LOSSES)
+            self.search.model_fields_set.add("loss")
+        return self
 
     @property
     def losses(self) -> list[str]:

@@ -41,6 +41,7 @@ class SweepState:
     trials_done: bool = False
     experiments: list[str] = field(default_factory=list)  # Tune experiment names, oldest first
     fingerprints: dict[str, str] = field(default_factory=dict)  # dataset label -> data fingerprint
+    trial_seconds: float = 0.0  # wall time of the trial phases so far (search.budget.minutes counts it)
 
     @classmethod
     def load(cls, rundir: RunDir) -> SweepState | None:
@@ -165,7 +166,7 @@ def check_local_resources(spec: SweepSpec) -> None:
 def planned_trials(spec: SweepSpec) -> int:
     """How many trials the spec asks for (grid: models x datasets x search lists x repeats)."""
     if spec.search.mode != "grid":
-        return spec.search.num_samples
+        return spec.search.draws
     n = len(spec.models) * len(spec.datasets) * spec.search.num_samples
     for key in ("epochs", "lr", "batch_size", "warmup_ratio", "seed"):
         n *= len(getattr(spec.search, key))

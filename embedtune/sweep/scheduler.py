@@ -8,6 +8,8 @@ study is about look worse than they are and get stopped. `BudgetASHA` keeps one
 against trials of the same length at the same point of the same schedule. (Branch mode needs none
 of this: every trial trains to the same maximum with a schedule that does not depend on the total,
 so one ASHA ranks whole configurations fairly.)
+
+`EpochBudgetStopper` ends an auto sweep's experiment when its epoch budget is spent (`budget`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import pickle
 from typing import TYPE_CHECKING, Any
 
+from ray.tune import Stopper
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
 if TYPE_CHECKING:
@@ -98,3 +101,20 @@ class BudgetASHA(FIFOScheduler):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+
+
+class EpochBudgetStopper(Stopper):
+    """Ends the experiment once its trials have reported `epochs` training epochs between them;
+    the trials still running stop there (their last reported epoch is checkpointed and kept)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.reported: dict[str, int] = {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        epoch = int(result.get("epoch") or 0)  # 0: the base model's scores before training
+        self.reported[trial_id] = max(self.reported.get(trial_id, 0), epoch)
+        return False
+
+    def stop_all(self) -> bool:
+        return sum(self.reported.values()) >= self.epochs

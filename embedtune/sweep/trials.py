@@ -6,6 +6,8 @@ into the same MLflow runs); then the configs that have no done trial yet run as 
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ from embedtune.records import TrialRecord
 from embedtune.rundir import RunDir
 from embedtune.specs import SweepSpec
 from embedtune.sweep import preflight as pf
+from embedtune.sweep.budget import Left
+from embedtune.sweep.budget import left as budget_left
 from embedtune.sweep.identity import ConfigHasher, is_done, trial_configs
 from embedtune.sweep.inputs import Inputs
 from embedtune.sweep.parent_run import Tracking
@@ -27,16 +31,25 @@ from embedtune.tracking.trial_runs import TrialRuns
 log = logging.getLogger(__name__)
 
 
-def _todo(spec: SweepSpec, hasher: ConfigHasher, records: list[TrialRecord], attempted: list[TrialRecord]):
+def _todo(
+    spec: SweepSpec,
+    hasher: ConfigHasher,
+    records: list[TrialRecord],
+    attempted: list[TrialRecord],
+    trial_seconds: float = 0.0,
+) -> tuple[list[dict[str, Any]] | None, int, Left | None]:
     """What is left to run: (grid trial configs with a (config, epochs) neither done nor attempted in
-    this call, their count), or for sampled modes (None, draws left: num_samples minus the run dir's
-    done/attempted Tune trials)."""
+    this call, their count, None), or for sampled modes (None, draws left: num_samples minus the run
+    dir's done/attempted Tune trials, None), or in auto mode (None, draws left, the budget left)."""
     if spec.search.mode == "grid":
         skip = done_configs(records) | {r.config_hash for r in attempted}
         todo = [c for c in trial_configs(spec, hasher) if not is_done(c, hasher, skip)]
-        return todo, len(todo)
+        return todo, len(todo), None
     runs = done_runs(records) | {r.run_trial_id for r in attempted}
-    return None, max(0, spec.search.num_samples - len(runs))
+    if spec.search.mode == "auto":
+        budget = budget_left(spec, merge_records(records, attempted), len(runs), trial_seconds)
+        return None, budget.draws, budget
+    return None, max(0, spec.search.draws - len(runs)), None
 
 
 def _fit(tuner, tune_path: str, spec: SweepSpec, inputs: Inputs, callback, skip) -> list[TrialRecord]:
@@ -115,21 +128,44 @@ class TrialsStep:
         tuner = tune.Tuner.restore(
             restore_path, trainable=self.trainable(skip), resume_unfinished=True, resume_errored=True
         )
-        new = _fit(tuner, restore_path, self.spec, self.inputs, callback, skip)
+        with self.timed():
+            new = _fit(tuner, restore_path, self.spec, self.inputs, callback, skip)
         known = {r.run_trial_id for r in self.records if r.done}
         self.launched += len({r.run_trial_id for r in new} - known)
         self.save(new)
         return new
 
-    def run_new(self, todo: list[dict[str, Any]] | None, n_todo: int, attempted: list[TrialRecord]) -> None:
-        """Run what is left as a new Tune experiment."""
+    @contextmanager
+    def timed(self):
+        """Count a trial phase's wall time in the run dir's state (an auto sweep's time budget)."""
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.state.trial_seconds += time.time() - started
+            self.state.save(self.rundir)
+
+    def run_new(
+        self,
+        todo: list[dict[str, Any]] | None,
+        n_todo: int,
+        attempted: list[TrialRecord],
+        budget: Left | None = None,
+    ) -> None:
+        """Run what is left as a new Tune experiment (`budget`: what an auto sweep may spend)."""
         name = self.state.next_experiment()
         self.state.save(self.rundir)
         skip = done_configs(self.records) | {r.config_hash for r in attempted} if todo is None else set()
         callback = self.tracking.callback(skip)
-        log.info("running %d trial(s) as Tune experiment %s", n_todo, name)
-        tuner = build_tuner(self.spec, self.trainable(skip), self.storage, callback, name, todo, n_todo)
-        new = _fit(tuner, self.path(name), self.spec, self.inputs, callback, skip)
+        if budget is None:
+            log.info("running %d trial(s) as Tune experiment %s", n_todo, name)
+        else:
+            log.info("searching (auto) as Tune experiment %s until %s are spent", name, budget.text)
+        tuner = build_tuner(
+            self.spec, self.trainable(skip), self.storage, callback, name, todo, n_todo, budget
+        )
+        with self.timed():
+            new = _fit(tuner, self.path(name), self.spec, self.inputs, callback, skip)
         self.launched += len({r.run_trial_id for r in new})
         self.save(new)
 
@@ -145,7 +181,7 @@ class TrialsStep:
         )
         if restore_path and not tune.Tuner.can_restore(restore_path):
             restore_path = None
-        todo, n_todo = _todo(spec, self.inputs.hasher, self.records, [])
+        todo, n_todo, budget = _todo(spec, self.inputs.hasher, self.records, [], state.trial_seconds)
         if self.records and not restore_path:
             log.info(
                 "%d config(s) already done in %s; %d to run",
@@ -165,9 +201,11 @@ class TrialsStep:
                 attempted: list[TrialRecord] = []
                 if restore_path:
                     attempted = self.resume(restore_path)
-                    todo, n_todo = _todo(spec, self.inputs.hasher, self.records, attempted)
+                    todo, n_todo, budget = _todo(
+                        spec, self.inputs.hasher, self.records, attempted, state.trial_seconds
+                    )
                 if n_todo:
-                    self.run_new(todo, n_todo, attempted)
+                    self.run_new(todo, n_todo, attempted, budget)
             except KeyboardInterrupt:
                 self._close_interrupted()
                 raise KeyboardInterrupt from None

@@ -6,12 +6,13 @@ from typing import Any
 
 from embedtune import env
 from embedtune.specs import SweepSpec
+from embedtune.sweep.budget import Left
 from embedtune.sweep.identity import explicit_space, param_space, trial_dirname
 
 # Spec name -> the name in Ray Tune's registries (`create_scheduler`, `create_searcher`). To add
 # one, add its spec name here (and to the spec's Literal); its settings go through the kwargs.
 SCHEDULERS = {"asha": "async_hyperband"}
-SEARCHERS = {"optuna": "optuna"}
+SEARCHERS = {"optuna": "optuna", "auto": "optuna"}  # auto: TPE within a budget (sweep.budget)
 
 
 def scheduler_for(spec: SweepSpec):
@@ -51,14 +52,17 @@ def build_tuner(
     name: str,
     configs: list[dict[str, Any]] | None = None,
     num_samples: int | None = None,
+    budget: Left | None = None,
 ):
     """A Tuner over `configs` (grid mode: an explicit list, each run once) or, for sampled modes
-    (`configs` None), `num_samples` draws from the spec's space."""
+    (`configs` None), `num_samples` draws from the spec's space, ended early (auto mode) when
+    `budget` is spent: its epochs by a stopper, its seconds by Tune's time budget."""
     from ray import tune
     from ray.tune.search import create_searcher
 
     from embedtune.sweep.loggers import result_loggers
     from embedtune.sweep.progress import SweepProgress
+    from embedtune.sweep.scheduler import EpochBudgetStopper
 
     if configs is not None:
         space, search_alg = explicit_space(configs, spec.max_concurrent_trials)
@@ -77,6 +81,7 @@ def build_tuner(
             search_alg=search_alg,
             num_samples=samples,
             max_concurrent_trials=None if configs is not None else spec.max_concurrent_trials,
+            time_budget_s=budget.seconds if budget is not None else None,
             reuse_actors=False,
             trial_dirname_creator=trial_dirname if configs is not None else None,
         ),
@@ -89,6 +94,7 @@ def build_tuner(
                 checkpoint_score_order=spec.scheduler.mode,
             ),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            stop=EpochBudgetStopper(budget.epochs) if budget is not None and budget.epochs else None,
             # one progress line instead of Tune's status tables, unless --verbose
             callbacks=[callback, *result_loggers()]
             + ([] if env.verbose() else [SweepProgress(samples, *_shown(spec))]),
