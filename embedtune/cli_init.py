@@ -9,7 +9,7 @@ from embedtune.credentials import check_source
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedtune.init_spec import init_spec
+    from embedtune.init_spec import FIXED_S, init_spec
 
     check_source(args.data, "DATA")  # a source never carries a credential
     result = init_spec(
@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[embedtune] columns: question {ds.question_column!r}, answer {ds.answer_column!r}")
     print(
         f"[embedtune] wrote {result.out}: {s.usable} usable pairs, eval_size {s.eval_size}, "
-        f"max_train_pairs {s.max_train_pairs}, {s.num_samples} Optuna trials (at most ~{round(s.total_s / 60)} "
-        "min on 2 CPU cores)"
+        f"max_train_pairs {s.max_train_pairs}, an auto search of {s.budget_minutes} min (the run: "
+        f"~{round((s.budget_minutes * 60 + FIXED_S) / 60)} min on 2 CPU cores)"
     )
     print(f"[embedtune] run it: embedtune sweep {result.out}")
     return 0

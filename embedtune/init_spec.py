@@ -53,7 +53,8 @@ MAX_CORPUS = 2000
 BUDGET_S, FIXED_S = 3600, 600
 TRAIN_PAIRS_PER_S, ENCODE_TEXTS_PER_S = 8.0, 200.0
 EPOCHS = (1, 2, 3)
-TRIALS_PER_MODEL = 3
+TRIALS_PER_MODEL = 3  # whole trials the sizing plans for (auto mode then spends their time)
+MIN_BUDGET_MIN = 5
 MIN_TRAIN_PAIRS = 64
 # DATA's `?key=value` settings written into the spec as given (the sizes are chosen here).
 PASSED_ON = ("format", "hf_split", "hf_config", "beir_split", "corpus_distractors", "seed")
@@ -82,6 +83,12 @@ class Sizing:
     @property
     def total_s(self) -> float:
         return FIXED_S + self.trials_s
+
+    @property
+    def budget_minutes(self) -> int:
+        """search.budget of the written spec: the time `num_samples` whole trials would take (the
+        scheduler stops weak ones early, so more trials fit), within the hour, at least MIN_BUDGET_MIN."""
+        return max(MIN_BUDGET_MIN, math.ceil(min(self.trials_s, BUDGET_S - FIXED_S) / 60))
 
 
 @dataclass
@@ -304,8 +311,15 @@ def render(
         _c("models:", "--models; the first also mines the hard negatives (mining.model)"),
         *(f"  - {_q(m)}" for m in models),
         "search:",
-        _c("  mode: optuna", "Optuna (TPE) picks each trial's model and lr from the trials before it"),
-        _c(f"  num_samples: {s.num_samples}", f"trials: {TRIALS_PER_MODEL} per model"),
+        _c(
+            "  mode: auto",
+            "Optuna (TPE) draws each trial's model, lr, warmup and loss (mnrl or gist) from the trials "
+            "before it; ASHA stops weak ones after an epoch",
+        ),
+        _c(
+            f"  budget: {{minutes: {s.budget_minutes}}}",
+            f"trial phase: the time of ~{s.num_samples} whole trials ({TRIALS_PER_MODEL} per model) here",
+        ),
         _c(
             f"  epochs: [{epochs}]", f"one {max(EPOCHS)}-epoch run per trial, checkpointed and scored at each"
         ),
@@ -316,7 +330,6 @@ def render(
             "MNRL's in-batch negatives: more is better; 32 fits a CPU"
             + ("; 16 on small data: more steps" if s.batch_size < 32 else ""),
         ),
-        "  warmup_ratio: [0.1]",
         "  seed: [42]",
         "train:",
         _c("  max_seq_length: 128", "tokens per text; longer ones are cut (the cost grows with it)"),
@@ -367,7 +380,7 @@ def _check(loaded: SweepSpec, spec: DataSpec, s: Sizing, where: Path) -> None:
         "columns": (ds.question_column, ds.answer_column) == (spec.question_column, spec.answer_column),
         "sizes": (ds.eval_size, ds.max_train_pairs, ds.max_pairs)
         == (s.eval_size, s.max_train_pairs, s.max_pairs),
-        "num_samples": loaded.search.num_samples == s.num_samples,
+        "budget": loaded.search.budget is not None and loaded.search.budget.minutes == s.budget_minutes,
     }
     wrong = [k for k, ok in checks.items() if not ok]
     if wrong:

@@ -72,8 +72,9 @@ def _check_sized(out: Path, source_spec: dict, models: list[str] = DEFAULT_MODEL
     # every training pair left after the hold-out fits the hour: none dropped, none invented
     held = prepare(ds.model_copy(update={"max_train_pairs": None}))
     assert ds.max_train_pairs == held.counts["train_pairs"] == data.counts["train_pairs"]
-    assert spec.models == models and spec.search.mode == "optuna"
-    assert spec.search.num_samples == 3 * len(models)
+    assert spec.models == models and spec.search.mode == "auto"
+    assert 5 <= spec.search.budget.minutes <= 50 and spec.search.budget.trial_epochs is None
+    assert spec.losses == ["mnrl", "gist"] and isinstance(spec.search.warmup_ratio, Distribution)
     lr = spec.search.lr
     assert isinstance(lr, Distribution) and (lr.distribution, lr.low, lr.high) == ("loguniform", 1e-5, 1e-4)
     assert spec.search.epochs == [1, 2, 3] and spec.search.branch
@@ -184,7 +185,10 @@ def test_init_models_override_sizes_the_search(tmp_path):
     assert main(["init", "medquad-sample", "--models", "paraphrase-MiniLM-L3-v2", "--out", str(out)]) == 0
     spec = load_spec(out)
     assert spec.models == ["paraphrase-MiniLM-L3-v2"] and spec.mining.model == "paraphrase-MiniLM-L3-v2"
-    assert spec.search.num_samples == 3
+    assert "the time of ~3 whole trials (3 per model)" in out.read_text()
+    assert main(["init", "medquad-sample", "--out", str(tmp_path / "two.yaml")]) == 0
+    assert "the time of ~6 whole trials (3 per model)" in (tmp_path / "two.yaml").read_text()
+    assert spec.search.budget.minutes <= load_spec(tmp_path / "two.yaml").search.budget.minutes
 
 
 def test_init_large_data_caps_corpus_eval_and_training(tmp_path):
@@ -255,7 +259,7 @@ def test_guess_columns(columns, expected):
 @pytest.mark.slow
 def test_init_spec_runs_as_a_sweep(tmp_path):
     """The spec `init` writes for a CSV of its own, made tiny by a small edit (one model, one
-    Optuna trial of one epoch, 32 training pairs, no final stage), runs with `embedtune sweep`."""
+    auto-searched epoch, 32 training pairs, no final stage), runs with `embedtune sweep`."""
     data = _csv(tmp_path / "faq.csv", "User Query", "Best Answer", n=240)
     spec_file = tmp_path / "faq.yaml"
     cli = [sys.executable, "-m", "embedtune.cli"]
@@ -264,10 +268,10 @@ def test_init_spec_runs_as_a_sweep(tmp_path):
     )
     assert made.returncode == 0, made.stderr
     raw = yaml.safe_load(spec_file.read_text())
-    assert raw["search"]["mode"] == "optuna" and raw["datasets"][0]["question_column"] == "User Query"
+    assert raw["search"]["mode"] == "auto" and raw["datasets"][0]["question_column"] == "User Query"
     raw["models"] = ["paraphrase-MiniLM-L3-v2"]
     raw["mining"]["model"] = "paraphrase-MiniLM-L3-v2"
-    raw["search"].update(num_samples=1, epochs=[1])
+    raw["search"].update(budget={"trial_epochs": 1}, epochs=[1], loss=["mnrl"])
     raw["datasets"][0].update(max_train_pairs=32, eval_size=40)
     raw["train"]["max_seq_length"] = 64
     raw["mlflow"]["log_models"] = False
