@@ -8,9 +8,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
-# The second session: the cluster end-to-end modules, plus two CPU-bound modules with no session
-# fixture to share (LanceDB ingest, the cross-encoder) so that both sessions end near the same time.
-CLUSTER=(tests/test_cluster_local.py tests/test_launcher.py tests/test_index.py tests/test_rerank.py)
+# The second session: the cluster end-to-end modules, plus CPU-bound modules with no session
+# fixture to share (LanceDB ingest, the cross-encoder, Matryoshka, auto search) so that both sessions
+# end nearer the same time.
+CLUSTER=(tests/test_cluster_local.py tests/test_launcher.py tests/test_index.py tests/test_rerank.py
+  tests/test_matryoshka.py tests/test_auto_search.py)
 pytest_cmd=(env EMBEDTUNE_OFFLINE=1 "$PY" -m pytest -v -rs --durations=25 -m "not registry" -p no:cacheprovider)
 started=$(date +%s)
 rest_log=$(mktemp)
