@@ -9,7 +9,9 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ROW = re.compile(r"^\| `(?P<key>[a-z0-9_]+)` \| (?P<what>.*) \| (?P<result>[^|]+) \| (?P<target>(?:[^|\\]|\\\|)+) \|$")
+ROW = re.compile(
+    r"^\| `(?P<key>[a-z0-9_]+)` \| (?P<what>.*) \| (?P<result>[^|]+) \| (?P<target>(?:[^|\\]|\\\|)+) \|$"
+)
 NUMBER = re.compile(r"^(?P<num>-?\d+(?:\.(?P<dec>\d+))?)\s*(?:x|s|µs|ms)?$")
 
 
