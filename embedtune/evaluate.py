@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from embedtune import rerank
@@ -189,13 +190,13 @@ class _Scorer:
         self.limit = min(len(data.corpus), spec.depth * spec.overfetch) if deep else spec.depth
         self.fts_legs, self.fts_s = None, 0.0
         self.fts_rows: dict[tuple[str, str], tuple[dict, float]] = {}
-        self.truncated: tuple[Any, Any] = (None, None)  # the last model's table and query vectors
 
     def _scored(self, ranked: list[list[str]]) -> dict[str, Any]:
         per_query = per_query_metrics(ranked, self.relevant, self.spec.ks)
         return {**{m: sum(v) / len(v) for m, v in per_query.items()}, "per_query": per_query}
 
-    def _legs(self, entry: ModelEntry) -> tuple[Any, float, EncodeCost]:
+    def _legs(self, entry: ModelEntry) -> tuple[Any, float, EncodeCost, Any, Any]:
+        """(vector legs, their seconds, the encode cost, the model's table, its query vectors)."""
         from embedtune.encode import load_encoder
         from embedtune.index import build_table
         from embedtune.retrieval import fts_leg, vector_leg
@@ -230,32 +231,29 @@ class _Scorer:
             t = time.perf_counter()
             self.fts_legs = fts_leg(tbl, self.texts, self.limit, self.spec.fts_threads)
             self.fts_s = time.perf_counter() - t
-        self.truncated = (tbl, qv)
-        return vec_legs, vec_s, cost
+        return vec_legs, vec_s, cost, tbl, qv
 
-    def truncated_rows(self, entry: ModelEntry, cost: EncodeCost) -> list[dict[str, Any]]:
+    def truncated_rows(self, entry: ModelEntry, cost: EncodeCost, tbl, qv) -> list[dict[str, Any]]:
         """Vector search on each `spec.dims` leading slice (below the model's own dimension) of the
         corpus and query embeddings already computed, re-normalised: what a smaller index of the
         same model scores. A Matryoshka-trained model keeps more of its quality there."""
         import numpy as np
 
         from embedtune.rerank.base import ids
-        from embedtune.retrieval import exact_top_k, table_vectors
+        from embedtune.retrieval import exact_top_k, table_vectors, unit_rows
 
         dims = [d for d in self.spec.dims or [] if d < cost.dim]
         if not dims:
             return []
-        tbl, qv = self.truncated
         doc_ids, rowids, mat = table_vectors(tbl)
         rows = []
         for d in dims:
             t = time.perf_counter()
-            cut = mat[:, :d] / np.maximum(np.linalg.norm(mat[:, :d], axis=1, keepdims=True), 1e-12)
-            legs = exact_top_k(doc_ids, rowids, cut, np.asarray(qv)[:, :d], self.spec.depth)
+            legs = exact_top_k(doc_ids, rowids, unit_rows(mat[:, :d]), np.asarray(qv)[:, :d], self.spec.depth)
             metrics = self._scored([ids(leg) for leg in legs])
-            row_cost = {**cost.to_dict(), "dim": d}
-            rows.append(self._row(entry, "vector", "none", metrics, time.perf_counter() - t, row_cost))
-            rows[-1] |= {"model": f"{entry.label}@{d}d", "kind": TRUNCATED}
+            cut = replace(entry, label=f"{entry.label}@{d}d", kind=TRUNCATED)
+            seconds = time.perf_counter() - t
+            rows.append(self._row(cut, "vector", "none", metrics, seconds, {**cost.to_dict(), "dim": d}))
         return rows
 
     def _row(self, entry: ModelEntry, qtype: str, rname: str, metrics: dict, seconds: float, cost: dict):
@@ -277,7 +275,7 @@ class _Scorer:
         }
 
     def score(self, entry: ModelEntry) -> list[dict[str, Any]]:
-        vec_legs, vec_s, cost = self._legs(entry)
+        vec_legs, vec_s, cost, tbl, qv = self._legs(entry)
         rows = []
         for qtype, rname in self.combos:
             if qtype == "fts" and (qtype, rname) in self.fts_rows:
@@ -292,7 +290,7 @@ class _Scorer:
                 if qtype == "fts":
                     self.fts_rows[(qtype, rname)] = (metrics, seconds)
             rows.append(self._row(entry, qtype, rname, metrics, seconds, cost.to_dict()))
-        return rows + self.truncated_rows(entry, cost)
+        return rows + self.truncated_rows(entry, cost, tbl, qv)
 
 
 def evaluate_models(

@@ -151,7 +151,7 @@ class ModelEntry:
     label: str
     path: str  # local sentence-transformers directory (a base model: its reference until resolved)
     base_model: str  # label of the base model
-    kind: Literal["base", "tuned"] = "base"
+    kind: Literal["base", "tuned", "truncated"] = "base"  # truncated: its embedding cut (`TRUNCATED`)
     trial_id: str | None = None
     epochs: int | None = None
 

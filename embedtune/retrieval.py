@@ -25,9 +25,14 @@ def table_vectors(tbl):
     mat = (
         res["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     )
-    mat = mat.reshape(-1, dim)
-    norms = np.linalg.norm(mat, axis=1, keepdims=True)
-    return res["id"].combine_chunks(), res["_rowid"].combine_chunks(), mat / np.maximum(norms, 1e-12)
+    return res["id"].combine_chunks(), res["_rowid"].combine_chunks(), unit_rows(mat.reshape(-1, dim))
+
+
+def unit_rows(mat):
+    """`mat` (n x d float32) with each row scaled to unit length (an all-zero row stays zero)."""
+    import numpy as np
+
+    return mat / np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)
 
 
 def exact_top_k(ids, rowids, mat, query_vectors, limit: int, chunk: int = 1024) -> list:
@@ -36,8 +41,7 @@ def exact_top_k(ids, rowids, mat, query_vectors, limit: int, chunk: int = 1024) 
     import numpy as np
     import pyarrow as pa
 
-    q = np.asarray(query_vectors, dtype=np.float32).reshape(len(query_vectors), -1)
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    q = unit_rows(np.asarray(query_vectors, dtype=np.float32).reshape(len(query_vectors), -1))
     n, limit = len(mat), min(limit, len(mat))
     if limit < 1:
         empty = pa.table(

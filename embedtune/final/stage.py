@@ -286,7 +286,7 @@ def with_eval_cut(spec: FinalSpec, max_seq_length: int | None, dims: list[int] |
     if max_seq_length and spec.eval.max_seq_length is None:
         update["max_seq_length"] = max_seq_length
     if dims and spec.eval.dims is None:
-        update["dims"] = sorted(set(dims), reverse=True)
+        update["dims"] = list(dims)  # train.matryoshka_dims: distinct, largest first already
     return spec.model_copy(update={"eval": spec.eval.model_copy(update=update)}) if update else spec
 
 
