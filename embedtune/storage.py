@@ -13,14 +13,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from embedtune.errors import EmbedtuneError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def is_remote(location: str | Path) -> bool:
@@ -77,6 +82,23 @@ def full_path(exc: BaseException | None) -> str | None:
             return str(exc.filename)
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def waiting_out_outages(attempt: Callable[[], T], what: str, wait_s: float) -> T:
+    """`attempt()`, retried with backoff (2 s doubling to 30 s) while it raises an OSError that an
+    object store coming back would cure (pyarrow's S3 errors are OSErrors), for up to `wait_s`
+    seconds; a missing file or a full disk is raised at once, as is the last error at the deadline.
+    `attempt` must start from a clean state each time (no partial copy from the try before)."""
+    deadline, pause = time.monotonic() + wait_s, 2.0
+    while True:
+        try:
+            return attempt()
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) or is_disk_full(exc) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s failed (%s); retrying in %.0f s", what, exc, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 30.0)
 
 
 def disk_full_error(where: str | Path, what: str, fix: str) -> EmbedtuneError:

@@ -139,3 +139,41 @@ def test_a_restoring_trial_waits_out_an_object_store_outage(s3, tmp_path: Path, 
     assert (got / "state.json").read_text() == '{"epoch": 2}'
     assert (got / "model" / "model.safetensors").read_bytes() == bytes(range(256)) * 64
     assert "retrying in" in caplog.text  # the outage did hit the copy
+
+
+def test_a_checkpoint_upload_waits_out_an_object_store_outage(s3, tmp_path: Path, caplog) -> None:
+    """What a trial does when S3 goes away as it saves an epoch: the upload is retried until the
+    store is back (instead of failing the trial, which Tune restarts at once, into the same outage),
+    and arrives whole; a missing source is not waited for, nor is anything once the wait is spent."""
+    import threading
+
+    from embedtune.storage import waiting_out_outages
+
+    src = tmp_path / "ckpt"
+    (src / "model").mkdir(parents=True)
+    (src / "model" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    fs = _pyarrow_s3(s3.env)
+    calls: list[int] = []
+
+    def upload(source: Path = src) -> None:
+        calls.append(1)
+        pyarrow.fs.copy_files(str(source), "embedtune/up/checkpoint_000000", destination_filesystem=fs)
+
+    s3.kill()
+    with pytest.raises(OSError):
+        waiting_out_outages(upload, "saving the epoch 1 checkpoint", wait_s=0)
+    assert len(calls) == 1
+    with pytest.raises(FileNotFoundError):
+        waiting_out_outages(lambda: upload(tmp_path / "absent"), "saving", wait_s=90)
+    assert len(calls) == 2  # not retried
+
+    back = threading.Timer(6, s3.start)
+    back.start()
+    try:
+        waiting_out_outages(upload, "saving the epoch 1 checkpoint", wait_s=90)
+    finally:
+        back.join()
+    assert len(calls) > 3  # the outage did hit the upload, more than once
+    assert "saving the epoch 1 checkpoint failed" in caplog.text and "retrying in" in caplog.text
+    with fs.open_input_stream("embedtune/up/checkpoint_000000/model/model.safetensors") as f:
+        assert f.read() == bytes(range(256)) * 64

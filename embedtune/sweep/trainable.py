@@ -99,23 +99,47 @@ STORAGE_WAIT_S = 180.0  # how long a restoring trial waits out an object store t
 
 
 def restore_checkpoint(checkpoint, local: Path, wait_s: float = STORAGE_WAIT_S) -> Path:
-    """`checkpoint` copied into `local`, retried with backoff while storage errors (a trial that
-    failed because S3 went away is retried by Tune at once, while S3 may still be down: without the
-    wait every retry fails the same way and the trial ends FAILED). Each attempt starts from an
+    """`checkpoint` copied into `local`, waiting out an object store that does not answer (a trial
+    that failed because S3 went away is retried by Tune at once, while S3 may still be down: without
+    the wait every retry fails the same way and the trial ends FAILED). Each attempt starts from an
     empty folder, so a partial copy is never used."""
-    deadline, pause = time.monotonic() + wait_s, 2.0
-    while True:
+
+    def attempt() -> Path:
         shutil.rmtree(local, ignore_errors=True)
-        try:
-            return Path(checkpoint.to_directory(str(local)))
-        except OSError as exc:  # pyarrow's S3 errors are OSErrors; a missing file is not transient
-            if isinstance(exc, FileNotFoundError) or time.monotonic() + pause > deadline:
-                raise
-            log.warning(
-                "restoring checkpoint %s failed (%s); retrying in %.0f s", checkpoint.path, exc, pause
-            )
-            time.sleep(pause)
-            pause = min(pause * 2, 30.0)
+        return Path(checkpoint.to_directory(str(local)))
+
+    return storage.waiting_out_outages(attempt, f"restoring checkpoint {checkpoint.path}", wait_s)
+
+
+def report_checkpoint(
+    report: dict[str, Any], ckpt: Path, remote: bool, wait_s: float = STORAGE_WAIT_S
+) -> None:
+    """Report an epoch with its checkpoint; on remote storage, an upload that fails because the
+    object store is away is retried (into the next checkpoint index, after removing what the failed
+    upload left) until it is back: failing the trial instead makes Tune restart it at once, from its
+    last checkpoint, while the store is still down, and a short outage could spend every retry."""
+    from ray import tune
+
+    def attempt() -> None:
+        tune.report(dict(report), checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+
+    if not remote:
+        attempt()
+        return
+
+    def retry() -> None:
+        _drop_partial_checkpoint()
+        attempt()
+
+    try:
+        attempt()
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        log.warning(
+            "saving the epoch %s checkpoint failed (%s); waiting for storage", report.get("epoch"), exc
+        )
+        storage.waiting_out_outages(retry, f"saving the epoch {report.get('epoch')} checkpoint", wait_s)
 
 
 ROOM_MARGIN = 1.1  # a checkpoint copy needs its bytes plus the filesystem's own overhead
@@ -148,15 +172,17 @@ def check_checkpoint_room(ckpt: Path, storage_root: str, epoch: int) -> None:
 
 
 def _drop_partial_checkpoint() -> None:
-    """Remove what a failed checkpoint copy left in local Tune storage. Ray has no public handle
-    on the folder it was copying into; its session's storage context names it."""
+    """Remove what a failed checkpoint copy left in Tune storage (a local folder or an S3 prefix).
+    Ray has no public handle on the folder it was copying into; its session's storage context names it."""
     try:
+        import pyarrow.fs
         from ray.train._internal.session import get_session
 
-        folder = get_session().storage.checkpoint_fs_path
-        if folder and Path(folder).is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
-    except Exception as exc:  # noqa: BLE001 - best effort: Ray's internals may move
+        context = get_session().storage
+        fs, folder = context.storage_filesystem, context.checkpoint_fs_path
+        if folder and fs.get_file_info(folder).type == pyarrow.fs.FileType.Directory:
+            fs.delete_dir(folder)
+    except Exception as exc:  # noqa: BLE001 - best effort: Ray's internals may move, S3 may be away
         log.warning("could not remove a partial checkpoint: %s", exc)
 
 
@@ -220,7 +246,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
         (ckpt / "state.json").write_text(json.dumps({"epoch": epoch, "trial_config": config}))
         check_checkpoint_room(ckpt, payload.storage, epoch)
         try:
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+            report_checkpoint(report, ckpt, remote=storage.is_remote(payload.storage))
         except OSError as exc:
             if not storage.is_disk_full(exc) or not payload.storage or storage.is_remote(payload.storage):
                 raise
