@@ -24,4 +24,6 @@ def tiny_spec(name: str, **overrides) -> dict:
         "final": {"enabled": False},
     }
     raw.update(overrides)
+    if isinstance(raw.get("search"), dict):  # the full small grid unless a test names its mode
+        raw["search"] = {"mode": "grid", **raw["search"]}
     return raw

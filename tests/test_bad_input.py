@@ -16,7 +16,7 @@ GOOD = {
     "name": "bad-input",
     "datasets": [{"name": "medquad", "source": "medquad-sample", "max_pairs": 200, "eval_size": 30}],
     "models": ["paraphrase-MiniLM-L3-v2"],
-    "search": {"epochs": [1], "batch_size": [16]},
+    "search": {"mode": "grid", "epochs": [1], "batch_size": [16]},
     "ray": {"num_gpus": 0},
 }
 
@@ -218,13 +218,32 @@ def test_the_checkpoint_estimate_counts_kept_and_running_checkpoints() -> None:
     from embedtune.specs import parse_spec
     from embedtune.sweep import preflight as pf
 
-    spec = parse_spec(
-        {**GOOD, "search": {"epochs": [1, 2], "lr": [1e-5, 2e-5, 3e-5]}, "checkpoints": {"keep": 2}}
-    )
+    grid = {"mode": "grid", "epochs": [1, 2], "lr": [1e-5, 2e-5, 3e-5]}
+    spec = parse_spec({**GOOD, "search": grid, "checkpoints": {"keep": 2}})
     model = sum(f.stat().st_size for f in resolve_model("paraphrase-MiniLM-L3-v2").rglob("*") if f.is_file())
     need, how = pf.checkpoint_bytes(spec, cpus=4)
     assert pf.planned_trials(spec) == 6 and need == model * (2 * 6 + 4), how
     pf.check_disk(spec, Path("/tmp"))  # ~0.5 GiB: fits on this machine's disk
+
+
+def test_a_time_budgeted_search_counts_its_trial_cap_and_the_refusal_names_it(tmp_path: Path) -> None:
+    """An auto search on a time budget starts at most search.budget.max_trials trials: the disk check
+    counts that many (not an unbounded guess), and refuses naming the key that lowers it."""
+    from embedtune.errors import EmbedtuneError
+    from embedtune.models import resolve_model
+    from embedtune.specs import parse_spec
+    from embedtune.sweep import preflight as pf
+
+    model = sum(f.stat().st_size for f in resolve_model("paraphrase-MiniLM-L3-v2").rglob("*") if f.is_file())
+    auto = {"mode": "auto", "budget": {"minutes": 30, "max_trials": 7}}
+    spec = parse_spec({**GOOD, "search": auto, "checkpoints": {"keep": 2}, "max_concurrent_trials": 1})
+    assert pf.planned_trials(spec) == 7
+    assert pf.checkpoint_bytes(spec, cpus=4)[0] == model * (2 * 7 + 1)
+    huge = parse_spec(
+        {**GOOD, "search": {"budget": {"minutes": 30, "max_trials": 10**6}}}
+    )  # auto: the default
+    with pytest.raises(EmbedtuneError, match=r"fewer trials \(search.budget.max_trials\)"):
+        pf.check_disk(huge, tmp_path)
 
 
 @pytest.mark.slow
@@ -245,7 +264,7 @@ def test_a_disk_that_fills_mid_sweep_fails_the_trial_in_one_line_and_leaves_no_p
     disk = tmp_path / "small-disk"
     spec_file = tmp_path / "spec.yaml"
     data = [{**GOOD["datasets"][0], "max_train_pairs": 48}]
-    spec = {**GOOD, "datasets": data, "search": {"epochs": [1, 2], "batch_size": [16]},
+    spec = {**GOOD, "datasets": data, "search": {"mode": "grid", "epochs": [1, 2], "batch_size": [16]},
             "train": {"max_seq_length": 48}, "storage_path": str(disk / "tune")}  # fmt: skip
     spec_file.write_text(yaml.safe_dump({**spec, "checkpoints": {"keep": 1}, "max_failures": 2}))
     run = [sys.executable, "-m", "embedtune.cli", "sweep", str(spec_file), "--run-dir", str(tmp_path / "run"),

@@ -70,7 +70,13 @@ def _raw_spec(name: str, resources: dict, epochs: list[int], seeds: list[int], s
         ],
         "models": ["paraphrase-MiniLM-L3-v2"],
         # separate: one Tune trial per epoch count (these tests place trials on nodes)
-        "search": {"epochs": epochs, "batch_size": [16], "seed": seeds, "epochs_mode": "separate"},
+        "search": {
+            "mode": "grid",
+            "epochs": epochs,
+            "batch_size": [16],
+            "seed": seeds,
+            "epochs_mode": "separate",
+        },
         "train": {"max_seq_length": 64},
         "mining": {"model": "paraphrase-MiniLM-L3-v2"},
         "resources": resources,

@@ -245,7 +245,7 @@ def _spec_dir(tmp_path: Path, name: str, **changes) -> Path:
     raw.update(name=name, **changes)
     # The fault tests resume trials from the checkpoint of the epoch before the fault: separate mode
     # checkpoints every epoch, branch mode only its listed counts (README, "Faults a sweep survives").
-    raw["search"] = {**raw.get("search", {}), "epochs_mode": "separate"}
+    raw["search"] = {"mode": "grid", **raw.get("search", {}), "epochs_mode": "separate"}
     raw["mlflow"]["experiment"] = f"embedtune-{name}"
     workdir = tmp_path / name
     workdir.mkdir()

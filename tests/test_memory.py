@@ -51,7 +51,7 @@ def test_probe_keys_are_the_distinct_memory_shapes_of_a_sweep() -> None:
             "name": "k",
             "datasets": [{"source": "medquad-sample"}],
             "models": ["paraphrase-MiniLM-L3-v2", "all-MiniLM-L6-v2"],
-            "search": {"batch_size": [32, 16, 32], "epochs": [1, 2], "lr": [1e-5, 2e-5]},
+            "search": {"mode": "grid", "batch_size": [32, 16, 32], "epochs": [1, 2], "lr": [1e-5, 2e-5]},
             "train": {"max_seq_length": 96, "loss": "cached_mnrl", "mini_batch_size": 8},
             "resources": {"gpu": 0.5},
         }
@@ -94,7 +94,7 @@ def test_sweep_probe_is_skipped_with_a_line_without_a_gpu(caplog, monkeypatch) -
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: needs a CUDA GPU")
 def test_sweep_probe_on_this_gpu_accepts_a_small_config_and_refuses_a_tiny_share() -> None:
     raw = {"name": "g", "datasets": [{"source": "medquad-sample"}], "models": ["paraphrase-MiniLM-L3-v2"],
-           "search": {"batch_size": [8]}, "train": {"max_seq_length": 64}, "resources": {"gpu": 0.5}}  # fmt: skip
+           "search": {"mode": "grid", "batch_size": [8]}, "train": {"max_seq_length": 64}, "resources": {"gpu": 0.5}}  # fmt: skip
     [(key, got)] = pf.check_gpu_memory(parse_spec(raw))
     assert got["device"] == "cuda" and 0 < got["peak_gpu_bytes"] < got["device_total_bytes"] * 0.45
     with pytest.raises(EmbedtuneError, match=r"memory probe: paraphrase-MiniLM-L3-v2 at batch_size 8"):

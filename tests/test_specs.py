@@ -16,7 +16,7 @@ GOOD = {
     "name": "t",
     "datasets": [{"source": "medquad-sample", "eval_size": 20}],
     "models": ["all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"],
-    "search": {"epochs": [1, 2, 3], "lr": [2e-5], "batch_size": [16]},
+    "search": {"mode": "grid", "epochs": [1, 2, 3], "lr": [2e-5], "batch_size": [16]},
 }
 
 
@@ -38,6 +38,20 @@ def test_grid_param_space_crosses_models_datasets_epochs() -> None:
     assert space["lr"] == 2e-5  # a single value is fixed, not a grid axis
     branch = param_space(parse_spec(GOOD))  # the default: the epoch counts are checkpoints of one run
     assert branch["epochs"] == 3 and branch["branch_epochs"] == "1,2,3"
+
+
+def test_a_spec_that_names_no_mode_gets_a_budgeted_auto_search() -> None:
+    """auto is the default: a spec without search.mode searches its own axes as given plus the
+    default ranges for the rest, within the default budget; grid stays for specs that say so."""
+    from embedtune.specs.sweep import AUTO_BUDGET, AUTO_MAX_TRIALS
+
+    search = {k: v for k, v in GOOD["search"].items() if k != "mode"}
+    spec = parse_spec({**GOOD, "search": search})
+    assert spec.search.mode == "auto" and spec.search.budget.minutes == AUTO_BUDGET["minutes"]
+    assert spec.search.epochs == [1, 2, 3] and spec.search.lr == [2e-5]  # its axes, as given
+    assert spec.search.warmup_ratio.distribution == "uniform"  # an axis it left out: searched
+    assert spec.search.draws == AUTO_MAX_TRIALS
+    assert parse_spec(GOOD).search.mode == "grid"
 
 
 def test_sampled_space_uses_distributions() -> None:
@@ -71,7 +85,7 @@ def test_sampled_space_uses_distributions() -> None:
         ({"search": {"batch_size": [1]}}, "search.batch_size"),
         ({"search": {"lr": [0]}}, "search.lr"),
         (
-            {"search": {"lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-4}}},
+            {"search": {"mode": "grid", "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-4}}},
             "grid mode takes lists only",
         ),
         ({"resources": {"gpu": 1.5}}, "resources.gpu"),

@@ -43,6 +43,11 @@ class Distribution(Strict):
         return max(self.values) if self.values else float(self.high)
 
 
+# Trials a time budget starts at most (Tune needs a number; the disk check counts their
+# checkpoints): 45 minutes on 2 CPU cores start about 10-20, a GPU several times more.
+AUTO_MAX_TRIALS = 60
+
+
 class Budget(Strict):
     """What `search.mode: auto` may spend on its trials: minutes of the trial phase, or epochs
     trained summed over the trials (an epoch of a trial the scheduler stops early counts; the rest
@@ -50,12 +55,24 @@ class Budget(Strict):
 
     minutes: float | None = Field(None, gt=0, description="wall minutes of the trial phase (per sweep call)")
     trial_epochs: int | None = Field(None, ge=1, description="training epochs summed over all trials")
+    max_trials: int = Field(
+        AUTO_MAX_TRIALS,
+        ge=1,
+        description="with minutes: trials the search starts at most (the disk check before the sweep "
+        "counts this many trials' checkpoints)",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> Budget:
         if (self.minutes is None) == (self.trial_epochs is None):
             raise ValueError("give exactly one of minutes or trial_epochs, e.g. {minutes: 45}")
         return self
+
+    @property
+    def trials(self) -> int:
+        """Trials the search may start: one per epoch of an epoch budget (the stopper ends it
+        sooner), else max_trials."""
+        return self.trial_epochs or self.max_trials
 
 
 # What `search.mode: auto` searches on an axis the spec leaves out (an axis it gives, as a list or
@@ -70,17 +87,17 @@ AUTO_SPACE: dict[str, Any] = {
 }
 AUTO_LOSSES = ["mnrl", "gist"]  # when neither search.loss nor train.loss is given
 AUTO_BUDGET = {"minutes": 45}  # the trial phase of an about-an-hour run on a 2-core machine
-AUTO_MAX_TRIALS = 200  # draws a time budget may start at most (Tune needs a number)
 
 
 class SearchSpace(Strict):
     """Each entry: a list (grid axis, or a choice when sampling) or a distribution."""
 
     mode: Literal["grid", "random", "optuna", "auto"] = Field(
-        "grid",
-        description="grid: every combination of the lists; random / optuna: num_samples draws; auto: "
-        "Optuna's TPE with the scheduler's early stopping, drawing until `budget` is spent, over the "
-        "axes given and AUTO_SPACE's ranges for the axes left out (and the loss: mnrl or gist)",
+        "auto",
+        description="auto (the default): Optuna's TPE with the scheduler's early stopping, drawing "
+        "until `budget` is spent, over the axes given and AUTO_SPACE's ranges for the axes left out "
+        "(and the loss: mnrl or gist); grid: every combination of the lists (a study's full table); "
+        "random / optuna: num_samples draws",
     )
     num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: trials")
     budget: Budget | None = Field(None, description="mode auto: {minutes: M} or {trial_epochs: N}")
@@ -153,7 +170,7 @@ class SearchSpace(Strict):
         if self.mode != "auto":
             return self.num_samples
         assert self.budget is not None
-        return self.budget.trial_epochs or AUTO_MAX_TRIALS
+        return self.budget.trials
 
     @model_validator(mode="after")
     def _grid_takes_lists(self) -> SearchSpace:

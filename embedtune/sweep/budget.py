@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from embedtune.records import TrialRecord
 from embedtune.specs import SweepSpec
-from embedtune.specs.sweep import AUTO_MAX_TRIALS
 
 
 def epochs_spent(records: list[TrialRecord]) -> int:
@@ -47,4 +46,4 @@ def left(spec: SweepSpec, records: list[TrialRecord], runs: int, trial_seconds: 
         epochs = max(0, budget.trial_epochs - epochs_spent(records))
         return Left(draws=epochs, epochs=epochs)
     seconds = max(0.0, budget.minutes * 60 - trial_seconds)
-    return Left(draws=max(0, AUTO_MAX_TRIALS - runs) if seconds >= 1 else 0, seconds=seconds)
+    return Left(draws=max(0, budget.max_trials - runs) if seconds >= 1 else 0, seconds=seconds)

@@ -201,8 +201,9 @@ def check_disk(spec: SweepSpec, where: Path, cpus: float | None = None) -> None:
     if need > free:
         raise EmbedtuneError(
             f"not enough disk for the checkpoints at {where}: about {need / 2**30:.1f} GiB needed ({how}), "
-            f"{free / 2**30:.1f} GiB free; free space, lower checkpoints.keep or fewer trials, or set "
-            "storage_path to a bigger disk"
+            f"{free / 2**30:.1f} GiB free; free space, lower checkpoints.keep or fewer trials"
+            + (" (search.budget.max_trials)" if spec.search.mode == "auto" and spec.search.budget else "")
+            + ", or set storage_path to a bigger disk"
         )
 
 
