@@ -556,12 +556,16 @@ def test_sweep_flags_beat_the_spec_under_each_target(path: Path, target: str, mo
 def test_tracking_uri_flag_is_what_the_sweep_checks(tmp_path: Path, capsys) -> None:
     """The real CLI: the spec names one tracking server, the flag another (nothing listens there):
     the credential pre-check refuses the flag's, in one line, before any data work."""
-    from servers import free_port
+    import socket
 
     from embedtune.cli import main
 
     spec_file = tmp_path / "s.yaml"
-    port = free_port()
+    # A port bound and never listened on: refused for as long as the test holds it (a port found
+    # free and let go may be taken meanwhile by another test's server, which then answers).
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
     spec = {
         "name": "flags",
         "datasets": [{"name": "medquad", "source": "medquad-sample", "max_pairs": 60, "eval_size": 10}],
@@ -574,6 +578,7 @@ def test_tracking_uri_flag_is_what_the_sweep_checks(tmp_path: Path, capsys) -> N
     flags = ["--tracking-uri", f"http://127.0.0.1:{port}", "--storage-path", str(tmp_path / "tune")]
     assert main(["sweep", str(spec_file), "--run-dir", str(run_dir), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    closed.close()
     assert len(err) == 1 and f"127.0.0.1:{port} is unreachable" in err[0], err
     assert not run_dir.exists()
     # The storage flag is checked too: a path that cannot be written is named.
