@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 # The second session: the cluster end-to-end modules, plus CPU-bound modules with no session
 # fixture to share (LanceDB ingest, the cross-encoder, Matryoshka, auto search, the final stage)
-# so that both sessions end nearer the same time (the last full run: the rest 41.9 min, this one
-# 34.6 min, before test_final.py's ~4 minutes moved here).
+# so that both sessions end nearer the same time (the last full run: the rest 38.7 min, this one
+# 34.1 min).
 CLUSTER=(tests/test_cluster_local.py tests/test_launcher.py tests/test_index.py tests/test_rerank.py
   tests/test_matryoshka.py tests/test_auto_search.py tests/test_final.py)
 # The two sessions share 2 cores: OpenMP threads that spin while waiting for a core the other
