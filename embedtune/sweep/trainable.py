@@ -120,26 +120,17 @@ def report_checkpoint(
     last checkpoint, while the store is still down, and a short outage could spend every retry."""
     from ray import tune
 
+    tries = 0
+
     def attempt() -> None:
+        nonlocal tries
+        if tries:
+            _drop_partial_checkpoint()
+        tries += 1
         tune.report(dict(report), checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
 
-    if not remote:
-        attempt()
-        return
-
-    def retry() -> None:
-        _drop_partial_checkpoint()
-        attempt()
-
-    try:
-        attempt()
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        log.warning(
-            "saving the epoch %s checkpoint failed (%s); waiting for storage", report.get("epoch"), exc
-        )
-        storage.waiting_out_outages(retry, f"saving the epoch {report.get('epoch')} checkpoint", wait_s)
+    what = f"saving the epoch {report.get('epoch')} checkpoint"
+    storage.waiting_out_outages(attempt, what, wait_s if remote else 0.0)  # local storage: no wait
 
 
 ROOM_MARGIN = 1.1  # a checkpoint copy needs its bytes plus the filesystem's own overhead
