@@ -29,7 +29,8 @@ def test_device_is_the_gpu_when_there_is_one(monkeypatch) -> None:
     assert env.device() == "cuda"
 
 
-def test_base_scoring_loads_the_model_on_the_gpu(cuda_reported, small_data, tmp_path) -> None:
+def test_base_scoring_loads_the_model_on_the_gpu(cuda_reported, small_data, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EMBEDTUNE_HOME", str(tmp_path / "home"))  # no base score kept from another test
     from embedtune.rundir import RunDir
     from embedtune.specs import parse_spec
     from embedtune.sweep.inputs import base_metrics

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from embedtune import env
+from embedtune.cache import stable_hash
 from embedtune.clock import StageClock
 from embedtune.data import PreparedData, prepare
 from embedtune.errors import EmbedtuneError
@@ -91,7 +96,7 @@ def base_metrics(
     spec: SweepSpec, datasets: dict[str, PreparedData], triplets: dict[str, Triplets], rundir: RunDir
 ) -> dict[ModelData, dict[str, float]]:
     """Epoch-0 scores: every base model on every dataset, once (kept in the run dir by model,
-    dataset and data fingerprint)."""
+    dataset and data fingerprint, and across runs in embedtune's home, like mined negatives)."""
     from embedtune.models import load_model
     from embedtune.train import build_evaluator, evaluator_metrics
 
@@ -102,10 +107,14 @@ def base_metrics(
         for label, data in datasets.items():
             key = (model, label, data.fingerprint)
             if key not in stored:
-                if st is None:
-                    st = load_model(resolve_model(model))
-                    truncate(st, spec.train.max_seq_length)
-                stored[key] = evaluator_metrics(build_evaluator(data, triplets.get(label))(st))
+                cache = base_scores_cache(model, data, triplets.get(label), spec.train.max_seq_length)
+                stored[key] = _read_cached(cache)
+                if not stored[key]:
+                    if st is None:
+                        st = load_model(resolve_model(model))
+                        truncate(st, spec.train.max_seq_length)
+                    stored[key] = evaluator_metrics(build_evaluator(data, triplets.get(label))(st))
+                    _write_cached(cache, stored[key])
                 log.info(
                     "base %s on %s: %s=%.4f",
                     model_label(model),
@@ -116,3 +125,41 @@ def base_metrics(
             out[ModelData(model, label)] = stored[key]
     rundir.save_base_metrics(stored)
     return out
+
+
+# Bumped when the evaluator's metrics change, so no score of an older evaluator is reused.
+BASE_SCORES_VERSION = 1
+
+
+def base_scores_cache(
+    model: str, data: PreparedData, triplets: Triplets | None, max_seq_length: int | None
+) -> Path:
+    """Where a base model's epoch-0 scores on `data` are kept across runs: keyed by what decides
+    them (the model, the data fingerprint, the triplets, the truncation, the evaluator's version),
+    so a rerun into a new run dir (or a second sweep on the same data) scores no base model again."""
+    from embedtune.models import packaged_name
+
+    key = stable_hash(
+        BASE_SCORES_VERSION,
+        packaged_name(model) or model,
+        data.fingerprint,
+        triplets.key if triplets is not None else None,
+        max_seq_length,
+    )
+    return env.home() / "base-scores" / f"{data.label}-{key}.json"
+
+
+def _read_cached(path: Path) -> dict[str, float]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: scored again (and rewritten)
+    ok = isinstance(raw, dict) and raw and all(isinstance(v, int | float) for v in raw.values())
+    return {k: float(v) for k, v in raw.items()} if ok else {}
+
+
+def _write_cached(path: Path, metrics: dict[str, float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(metrics))
+    tmp.replace(path)  # whole or not at all: a killed run leaves no half-written file
