@@ -104,18 +104,34 @@ def test_a_local_ray_leaves_the_drivers_sigterm_handler_and_runs_in_its_own_proc
     assert f"handled [{int(signal.SIGTERM)}] ray alive True" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
-def _connect(address: str, env: dict[str, str], home: Path) -> subprocess.CompletedProcess[str]:
-    """A separate client process (another local user's, say) that joins the Ray at `address` and
-    runs one task."""
+def _connect(address: str, envs: list[dict[str, str]], home: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Separate client processes (another local user's, say), one per environment in `envs`, each
+    joining the Ray at `address` and running one task; all at once (a refused client spends most
+    of its time in Ray's connection retries)."""
     code = (
         f"import ray; ray.init(address={address!r}, log_to_driver=False); "
         "print('RAN', ray.get(ray.remote(lambda: 6 * 7).remote()))"
     )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**clean, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", **env},
-    )  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**clean, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", **env},
+        )  # fmt: skip
+        for env in envs
+    ]
+    done = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
 
 
 @pytest.mark.slow
@@ -148,17 +164,16 @@ def test_the_private_ray_refuses_a_client_without_its_token(tmp_path, monkeypatc
                           run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"))).fit()  # fmt: skip
         assert sorted(r.metrics["score"] for r in grid) == [2, 4] and not grid.errors
 
-        for env in (
+        refused_envs = [
             {"RAY_AUTH_MODE": "disabled"},
             {},
             {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
-        ):
-            refused = _connect(address, env, bootstrap_home)
+        ]
+        allowed_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        *refused_clients, allowed = _connect(address, [*refused_envs, allowed_env], bootstrap_home)
+        for env, refused in zip(refused_envs, refused_clients, strict=True):
             assert refused.returncode != 0 and "RAN" not in refused.stdout, (env, refused.stdout)
             assert "uthentication" in refused.stderr + refused.stdout, (env, refused.stderr[-2000:])
-        allowed = _connect(
-            address, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}, bootstrap_home
-        )
         assert "RAN 42" in allowed.stdout, allowed.stderr[-2000:]
     finally:
         ray_env.shutdown()
@@ -237,25 +252,40 @@ def test_a_joined_clusters_workers_get_the_drivers_verbosity(tmp_path) -> None:
     )  # fmt: skip
     try:
         keys = json.dumps([*QUIET_IN_WORKERS, "EMBEDTUNE_VERBOSE"])
-        seen = {}
-        for verbose in ("0", "1"):
-            for _ in range(60):  # the head takes a while to come up on a busy machine
-                proc = subprocess.run(
+        seen: dict[str, dict] = {}
+        for _ in range(60):  # the head takes a while to come up on a busy machine
+            drivers = {  # a quiet and a --verbose driver, joining at once
+                verbose: subprocess.Popen(
                     [sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", verbose, keys],
-                    capture_output=True, text=True, timeout=180, env={**node_env, "HOME": str(home)},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env={**node_env, "HOME": str(home)},
                 )  # fmt: skip
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("ENV ")), None)
-                if line or head.poll() is not None:
-                    break
-                time.sleep(2)
-            assert line, proc.stderr[-3000:]
-            seen[verbose] = json.loads(line.removeprefix("ENV "))
+                for verbose in ("0", "1")
+                if verbose not in seen
+            }
+            errors = {}
+            for verbose, proc in drivers.items():
+                try:
+                    out, errors[verbose] = proc.communicate(timeout=180)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                line = next((x for x in out.splitlines() if x.startswith("ENV ")), None)
+                if line:
+                    seen[verbose] = json.loads(line.removeprefix("ENV "))
+            if len(seen) == 2 or head.poll() is not None:
+                break
+            time.sleep(2)
+        assert len(seen) == 2, errors
         assert seen["0"] == {**QUIET_IN_WORKERS, "EMBEDTUNE_VERBOSE": "0"}
         assert seen["1"] == {**dict.fromkeys(QUIET_IN_WORKERS), "EMBEDTUNE_VERBOSE": "1"}
     finally:
+        # `ray start --block` takes half a minute to stop on SIGTERM; its whole group is ours to kill
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
