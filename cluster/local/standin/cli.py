@@ -133,9 +133,9 @@ def _down(state: State, purge: bool) -> int:
     stopped = 0
     # Ray (its drivers and trials write to MLflow and S3) and MLflow first, then the stores.
     # `weed server` takes ~30s to stop on SIGTERM (it drains gRPC streams), hence the short grace:
-    # with no client left, SIGKILL loses nothing (checked: objects survive down/up).
+    # SIGKILL loses nothing (tests/test_cluster_local.py kills it mid-sweep and finds every object).
     stopped += stop_services(state, ("ray", "mlflow"), grace=15)
-    stopped += stop_services(state, ("postgres", "s3"), grace=10)
+    stopped += stop_services(state, ("postgres", "s3"), grace=2)
     left = owned_processes(state)
     for sock in weed_grpc_sockets(state):
         sock.unlink(missing_ok=True)

@@ -45,9 +45,24 @@ def owned_processes(state: State) -> dict[int, str]:
     return found
 
 
+# Ray's GCS server and autoscaler monitor ignore SIGTERM, and a raylet told to stop while its GCS
+# is stopping too waits ~10 s on it: so they go last, killed once every other process of theirs
+# has stopped (drivers, which close their runs on SIGTERM, raylets, workers, the dashboard), with
+# the GCS still answering. They hold nothing a later `up` needs (no external GCS store here).
+LAST_TO_GO = ("gcs_server", "autoscaler/_private/monitor.py")
+
+
+def _last_to_go(p) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return any(part in " ".join([p.name(), *p.cmdline()]) for part in LAST_TO_GO)
+    return False
+
+
 def stop_services(state: State, services: tuple[str, ...], grace: float) -> int:
-    """SIGTERM the processes of `services` together, SIGKILL what is left after `grace` s.
-    Returns how many processes there were."""
+    """SIGTERM the processes of `services` together (but LAST_TO_GO), SIGKILL what is left after
+    `grace` s, then the LAST_TO_GO ones. Returns how many processes there were."""
     import psutil
 
     if "postgres" in services:
@@ -57,15 +72,19 @@ def stop_services(state: State, services: tuple[str, ...], grace: float) -> int:
         if svc in services:
             with contextlib.suppress(psutil.Error):
                 procs.append(psutil.Process(pid))
-    for p in procs:
+    last = [p for p in procs if _last_to_go(p)]
+    first = [p for p in procs if p not in last]
+    for p in first:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
-    _, left = psutil.wait_procs(procs, timeout=grace)
+    _, left = psutil.wait_procs(first, timeout=grace)
     for p in left:
         with contextlib.suppress(psutil.Error):
             log.info("pid %d (%s) still running %.0fs after SIGTERM: SIGKILL", p.pid, p.name(), grace)
+    for p in [*left, *last]:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(left, timeout=10)
+    psutil.wait_procs([*left, *last], timeout=10)
     return len(procs)
 
 
