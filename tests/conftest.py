@@ -156,12 +156,27 @@ def sweep_command(tmp_path: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def mlflow_empty_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its schema made (MLflow's own migrations), made once: each test's
+    server starts on a copy instead of migrating a new file (a quarter of its start time)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "empty.db"
+    store = SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts"))
+    store.engine.dispose()
+    return path
+
+
 @pytest.fixture
-def mlflow_server(tmp_path: Path):
+def mlflow_server(tmp_path: Path, mlflow_empty_db: Path):
     """A real `mlflow server` on a loopback port (SQLite store, local artifacts) for the test; the test
     may `kill()` and `start()` it again (an outage), it is killed at the end."""
+    import shutil
+
     from servers import MlflowServer
 
+    shutil.copyfile(mlflow_empty_db, tmp_path / "server.db")
     server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", artifacts=tmp_path / "server-artifacts")
     server.start()
     try:
