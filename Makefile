@@ -36,7 +36,6 @@ sweep-local: setup
 # test needs pip's registry, so it runs after, outside the namespace.
 test: setup
 	scripts/test.sh $(PY)
-	EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -v -rs -m registry
 
 test-fast: setup
 	scripts/netns.sh env EMBEDTUNE_OFFLINE=1 $(PY) -m pytest -rs -m "not slow and not registry"

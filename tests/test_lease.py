@@ -3,9 +3,11 @@ by the project's own cluster-local S3 part (cluster/local/cluster_local.py's `st
 
 - N processes racing to take a free lease, and N racing to take over a dead one: exactly one wins;
 - the heartbeat survives the S3 server being killed and restarted under it;
-- a holder whose lease was taken over stops with one line and does not delete the new holder's;
-- two `embedtune sweep` processes with the same spec and S3 storage, started at once: exactly one
-  runs, the other ends with one line, and MLflow holds one set of trial runs.
+- a holder whose lease was taken over stops with one line and does not delete the new holder's.
+
+Two real drivers of the same sweep started at once (exactly one runs, the other ends with one
+line, MLflow holds one set of trial runs, the lease is gone after): tests/test_cluster_local.py's
+twin jobs, on the cluster path.
 """
 
 from __future__ import annotations
@@ -286,70 +288,6 @@ def test_hold_turns_the_interrupt_of_a_lost_lease_into_one_line() -> None:
     assert done.stdout.startswith("LeaseLost: ") and "lease expired" in done.stdout, done.stdout
     assert len(done.stdout.strip().splitlines()) == 1
     assert time.monotonic() - started < 25  # the sleep was cut short by the interrupt
-
-
-# ---------------------------------------------------------------- two real drivers
-
-
-@pytest.mark.slow
-def test_two_drivers_started_at_once_one_runs_the_other_stops_with_one_line(s3: S3, tmp_path: Path) -> None:
-    """Two `embedtune sweep` processes, same spec, run dir on S3 (`<storage_path>/<name>`), started
-    together: one runs the sweep, the other ends with one line naming it; MLflow holds one parent
-    run and one run per trial config, and the state on S3 is the winner's."""
-    import yaml
-    from mlflow.tracking import MlflowClient
-    from servers import MlflowServer
-    from specs import tiny_spec
-
-    name = f"lease-{uuid.uuid4().hex[:6]}"
-    raw = tiny_spec(name, models=["paraphrase-MiniLM-L3-v2"], search={"epochs": [1], "batch_size": [16]},
-                    max_concurrent_trials=1, storage_path=f"s3://{BUCKET}/sweeps")  # fmt: skip
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(raw))
-    server = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}", artifacts=tmp_path / "artifacts",
-                          log=tmp_path / "mlflow.log")  # fmt: skip
-    server.start()
-    try:
-        env = {**os.environ, **s3.env, "MLFLOW_TRACKING_URI": server.uri}
-        cmd = [sys.executable, "-m", "embedtune.cli", "sweep", str(spec_file)]
-        logs = [open(tmp_path / f"driver{i}.out", "w") for i in range(2)]  # noqa: SIM115
-        procs = [
-            subprocess.Popen(cmd, stdout=logs[i], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-            for i in range(2)
-        ]
-        try:
-            errs = [p.communicate(timeout=900)[1] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        codes = [p.returncode for p in procs]
-        outs = [(tmp_path / f"driver{i}.out").read_text() for i in range(2)]
-        report = "\n".join(
-            f"driver {i}: exit {codes[i]}\n{outs[i][-2500:]}\n{errs[i][-2500:]}" for i in range(2)
-        )
-        assert sorted(codes) == [0, 2], report
-        winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
-        lines = errs[loser].strip().splitlines()
-        run_dir = f"s3://{BUCKET}/sweeps/{name}"
-        assert len(lines) == 1, errs[loser]
-        assert f"run dir {run_dir} is in use by pid {procs[winner].pid}" in lines[0], lines
-        assert "resuming" not in outs[loser] and "trial" not in outs[loser].lower()  # it did no work
-
-        client = MlflowClient(server.uri)
-        exp = client.get_experiment_by_name(f"embedtune-{name}")
-        runs = client.search_runs([exp.experiment_id])
-        parents = [r for r in runs if r.data.tags.get("embedtune.kind") == "sweep"]
-        children = [r for r in runs if r.data.tags.get("embedtune.kind") == "trial"]
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED", [r.info for r in runs]
-        assert len(children) == 1 and children[0].info.status == "FINISHED", [r.info for r in runs]
-        bucket = s3.client()
-        trials = json.loads(bucket.get_object(Bucket=BUCKET, Key=f"sweeps/{name}/trials.json")["Body"].read())
-        assert [t["status"] for t in trials] == ["FINISHED"]
-        assert trials[0]["mlflow_run_id"] == children[0].info.run_id
-        assert "Contents" not in bucket.list_objects_v2(Bucket=BUCKET, Prefix=f"sweeps/{name}/lock.json")
-    finally:
-        server.stop()
 
 
 def test_refresh_tells_a_lost_lease_from_a_transient_error() -> None:
