@@ -42,6 +42,14 @@ def test_two_by_two_sweep_sqlite(grid_sweep) -> None:
 
     trials = json.loads((run_dir / "trials.json").read_text())
     assert len(trials) == 4 == len(result.trials)
+    # a finished trial's process took the next one: four trials, two at a time, in two processes
+    pids = {
+        json.loads(line)["pid"]
+        for path in (run_dir / "tune").glob("*/result.json")
+        for line in path.read_text().splitlines()
+        if line.strip()
+    }
+    assert len(pids) == spec.max_concurrent_trials == 2, pids
     assert {(t["model_label"], t["epochs"]) for t in trials} == {
         (m, e) for m in ("all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2") for e in (1, 2)
     }

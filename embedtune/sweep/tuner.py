@@ -82,7 +82,11 @@ def build_tuner(
             num_samples=samples,
             max_concurrent_trials=None if configs is not None else spec.max_concurrent_trials,
             time_budget_s=budget.seconds if budget is not None else None,
-            reuse_actors=False,
+            # A finished trial's process takes the next trial (same resources): no second torch /
+            # sentence-transformers import per trial. Measured on a 4-trial, 2-at-a-time tiny sweep
+            # on 2 cores: 70 instead of 88 CPU-seconds, 41 instead of 54 s. A trial whose thread
+            # does not stop within 2 s (one the scheduler stopped mid-epoch) gets a fresh process.
+            reuse_actors=True,
             trial_dirname_creator=trial_dirname if configs is not None else None,
         ),
         run_config=tune.RunConfig(
