@@ -83,6 +83,8 @@ def evaluator_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def build_evaluator(data: PreparedData, triplets: Triplets | None, batch_size: int = 64):
+    # What it scores keys the base scores kept across runs: bump sweep.inputs.BASE_SCORES_VERSION
+    # when its metrics change.
     from sentence_transformers.sentence_transformer.evaluation import (
         InformationRetrievalEvaluator,
         SequentialEvaluator,
