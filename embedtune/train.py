@@ -83,8 +83,7 @@ def evaluator_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def build_evaluator(data: PreparedData, triplets: Triplets | None, batch_size: int = 64):
-    # What it scores keys the base scores kept across runs: bump sweep.inputs.BASE_SCORES_VERSION
-    # when its metrics change.
+    # Its metrics key the base scores kept across runs: a change bumps BASE_SCORES_VERSION (sweep.inputs).
     from sentence_transformers.sentence_transformer.evaluation import (
         InformationRetrievalEvaluator,
         SequentialEvaluator,
