@@ -32,8 +32,8 @@ sweep-local: setup
 # The suite runs in a network namespace with only loopback (scripts/netns.sh; one line says so where
 # unshare is not allowed), and ends with how many tests skipped and why (tests/conftest.py).
 # Everything but the registry tests in loopback-only network namespaces (scripts/netns.sh), as two
-# sessions at once (scripts/test.sh: the cluster end-to-end modules beside the rest); the install
-# test needs pip's registry, so it runs after, outside the namespace.
+# sessions at once (scripts/test.sh: the cluster end-to-end modules beside the rest); the registry
+# tests need pip's registry, so they run beside them, outside the namespaces.
 test: setup
 	scripts/test.sh $(PY)
 

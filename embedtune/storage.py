@@ -119,7 +119,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_local_atomic(path: Path, data: bytes) -> None:
+def write_local_atomic(path: Path, data: bytes, advice: str = "give --run-dir a bigger disk") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -132,7 +132,7 @@ def write_local_atomic(path: Path, data: bytes) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)  # the old file (if any) stays whole
         if is_disk_full(exc):
-            raise disk_full_error(path.parent, path.name, "give --run-dir a bigger disk") from exc
+            raise disk_full_error(path.parent, path.name, advice) from exc
         raise
     _fsync_dir(path.parent)
 

@@ -12,9 +12,8 @@ cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 # The second session: the cluster end-to-end modules, plus CPU-bound modules with no session
 # fixture to share (LanceDB ingest, the cross-encoder, Matryoshka, auto search, the final stage,
-# the served winner)
-# so that both sessions end nearer the same time (the last full run: the rest 32.4 min, this one
-# 30.9 min).
+# the served winner) so that both sessions end nearer the same time (the last full run: the rest
+# 32.4 min, this one 30.9 min).
 CLUSTER=(tests/test_cluster_local.py tests/test_launcher.py tests/test_index.py tests/test_rerank.py
   tests/test_matryoshka.py tests/test_auto_search.py tests/test_final.py tests/test_serve.py)
 # The two sessions share 2 cores: OpenMP threads that spin while waiting for a core the other
@@ -47,7 +46,7 @@ echo
 echo "======== the registry tests (-m registry, outside the namespaces), run beside both ========"
 cat "$registry_log"
 
-total() {  # the sum over both sessions' summary lines of the counts named $1 (e.g. passed)
+total() {  # the sum over every session's summary lines of the counts named $1 (e.g. passed)
   local n=0 line v
   for log in "$rest_log" "$cluster_log" "$registry_log"; do
     line=$(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -n 1)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedtune import env
+from embedtune import env, storage
 from embedtune.cache import stable_hash
 from embedtune.clock import StageClock
 from embedtune.data import PreparedData, prepare
@@ -114,7 +113,9 @@ def base_metrics(
                         st = load_model(resolve_model(model))
                         truncate(st, spec.train.max_seq_length)
                     stored[key] = evaluator_metrics(build_evaluator(data, triplets.get(label))(st))
-                    _write_cached(cache, stored[key])
+                    storage.write_local_atomic(
+                        cache, json.dumps(stored[key]).encode(), "free space under EMBEDTUNE_HOME"
+                    )
                 log.info(
                     "base %s on %s: %s=%.4f",
                     model_label(model),
@@ -156,10 +157,3 @@ def _read_cached(path: Path) -> dict[str, float]:
         return {}  # none yet, or unreadable: scored again (and rewritten)
     ok = isinstance(raw, dict) and raw and all(isinstance(v, int | float) for v in raw.values())
     return {k: float(v) for k, v in raw.items()} if ok else {}
-
-
-def _write_cached(path: Path, metrics: dict[str, float]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(metrics))
-    tmp.replace(path)  # whole or not at all: a killed run leaves no half-written file
