@@ -113,25 +113,31 @@ def _connect(address: str, envs: list[dict[str, str]], home: Path) -> list[subpr
         "print('RAN', ray.get(ray.remote(lambda: 6 * 7).remote()))"
     )
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return _run_at_once(
+        [[sys.executable, "-c", code]] * len(envs),
+        [{**clean, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", **env} for env in envs],
+        timeout=120,
+    )
+
+
+def _run_at_once(
+    argvs: list[list[str]], envs: list[dict[str, str]], timeout: float
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run every argv (with its environment) at the same time; their results, in order."""
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**clean, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", **env},
-        )  # fmt: skip
-        for env in envs
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for argv, env in zip(argvs, envs, strict=True)
     ]
-    done = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=120)
-        finally:
+    try:
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]  # (stdout, stderr) each
+        return [
+            subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            for proc, (out, err) in zip(procs, outputs, strict=True)
+        ]
+    finally:
+        for proc in procs:  # none left behind when one ran past the timeout
             if proc.poll() is None:
                 proc.kill()
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return done
 
 
 @pytest.mark.slow
@@ -254,25 +260,15 @@ def test_a_joined_clusters_workers_get_the_drivers_verbosity(tmp_path) -> None:
         keys = json.dumps([*QUIET_IN_WORKERS, "EMBEDTUNE_VERBOSE"])
         seen: dict[str, dict] = {}
         for _ in range(60):  # the head takes a while to come up on a busy machine
-            drivers = {  # a quiet and a --verbose driver, joining at once
-                verbose: subprocess.Popen(
-                    [sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", verbose, keys],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env={**node_env, "HOME": str(home)},
-                )  # fmt: skip
-                for verbose in ("0", "1")
-                if verbose not in seen
-            }
-            errors = {}
-            for verbose, proc in drivers.items():
-                try:
-                    out, errors[verbose] = proc.communicate(timeout=180)
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                line = next((x for x in out.splitlines() if x.startswith("ENV ")), None)
+            todo = [verbose for verbose in ("0", "1") if verbose not in seen]  # quiet and --verbose
+            runs = _run_at_once(
+                [[sys.executable, "-c", DRIVER, f"127.0.0.1:{port}", verbose, keys] for verbose in todo],
+                [{**node_env, "HOME": str(home)}] * len(todo),
+                timeout=180,
+            )
+            errors = {verbose: run.stderr for verbose, run in zip(todo, runs, strict=True)}
+            for verbose, run in zip(todo, runs, strict=True):
+                line = next((x for x in run.stdout.splitlines() if x.startswith("ENV ")), None)
                 if line:
                     seen[verbose] = json.loads(line.removeprefix("ENV "))
             if len(seen) == 2 or head.poll() is not None:
