@@ -237,10 +237,12 @@ def test_cross_encoders_trained_beside_the_trials_are_the_final_stages_and_stop_
         assert not [r for r in caplog.records if "training a cross-encoder" in r.getMessage()]
         assert again == cross and [g.reranked for g in regated] == [gate.reranked]
 
+        # what the cache held before the start: a training that made its temp folder before a later
+        # snapshot would be seen only once it had finished, and cancelled too late
+        before = set(cache.iterdir())
         stopped = EarlyCrossEncoders.start(
             FinalSpec(cross_encoder="train", cross_encoder_max_pairs=41), datasets, triplets
         )
-        before = set(cache.iterdir())
         deadline = time.time() + 120
         while not [p for p in set(cache.iterdir()) - before if p.is_dir()]:  # build_once's temp folder
             assert stopped.running and time.time() < deadline, "the training never started"
