@@ -192,14 +192,15 @@ def test_hub_reachable_asks_the_endpoint_unless_offline(monkeypatch):
     import threading
 
     from huggingface_hub import constants
-    from servers import free_port
+    from servers import closed_port
 
     from embedtune import models
 
     monkeypatch.delenv("EMBEDTUNE_OFFLINE")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
-    assert models.hub_reachable(timeout_s=2) is False
+    with closed_port() as port:  # nothing listens
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert models.hub_reachable(timeout_s=2) is False
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

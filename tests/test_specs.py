@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import free_port
+from servers import closed_port
 
 from embedtune.errors import EmbedtuneError
 from embedtune.specs import load_spec, parse_spec
@@ -189,9 +189,10 @@ def test_unreachable_tracking_server_fails_before_any_work(tmp_path: Path, capsy
     from embedtune.cli import main
 
     spec_file = tmp_path / "s.yaml"
-    uri = f"http://ci:PLANTED-pw-77@127.0.0.1:{free_port()}"  # nothing listens there
-    spec_file.write_text(yaml.safe_dump({**GOOD, "mlflow": {"tracking_uri": uri}}))
-    assert main(["sweep", str(spec_file), "--run-dir", str(tmp_path / "run")]) == 2
+    with closed_port() as port:  # nothing listens there
+        uri = f"http://ci:PLANTED-pw-77@127.0.0.1:{port}"
+        spec_file.write_text(yaml.safe_dump({**GOOD, "mlflow": {"tracking_uri": uri}}))
+        assert main(["sweep", str(spec_file), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "MLflow tracking server" in err and "unreachable" in err
     assert "PLANTED-pw-77" not in err and "ci:***@127.0.0.1" in err  # named, without its password
