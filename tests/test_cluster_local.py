@@ -7,10 +7,11 @@ with `ray job submit`, as the README tells a cluster user.
   the trials run there (not on the head), every trial is one run in the PostgreSQL-backed MLflow
   with its model in S3, the final stage reads checkpoints from S3 and writes LanceDB tables and the
   report to S3;
-- faults, each injected for real: the driver killed and the job resubmitted (resumes from S3), a
-  worker node killed under a trial (retried on a new worker from its S3 checkpoint), the tracking
-  server and the object store crashed and restarted mid-sweep. Each checks: child runs in
-  PostgreSQL = the trial configs, epochs continuous per trial, checkpoints in the bucket;
+- faults, each injected for real: the driver killed and, later in the same sweep, the head lost
+  with its disk (each time the job resubmitted resumes from S3), a worker node killed under a trial
+  (retried on a new worker from its S3 checkpoint), the tracking server and the object store
+  crashed and restarted mid-sweep. Each checks: child runs in PostgreSQL = the trial
+  configs, epochs continuous per trial, checkpoints in the bucket;
 - the same sweep submitted twice at once: one job runs it, the other fails with one line (the
   run dir's lease on S3);
 - unauthenticated job submission and MLflow writes are refused; every listening socket of the
@@ -510,20 +511,6 @@ def _cluster_pids(c: Cluster) -> set[int]:
     return pids
 
 
-def test_driver_killed_and_job_resubmitted_resumes_from_s3(cluster: Cluster, tmp_path: Path) -> None:
-    workdir = _spec_dir(tmp_path, "resume-job", search={"epochs": [3], "lr": [5.0e-5], "batch_size": [16]})
-    first = f"resume-{uuid.uuid4().hex[:8]}"
-    assert cluster.submit(workdir, "spec.yaml", "--no-final", wait=False, job_id=first).returncode == 0
-    _wait_epoch(cluster, "resume-job", 1)
-    cluster.jobs().stop_job(first)  # SIGTERM to the driver (then SIGKILL): the driver is gone
-    assert cluster.wait_job(first, 300) == "STOPPED"
-    assert json.loads(cluster.read("sweeps/resume-job/sweep_state.json"))["finished"] is False
-    again = cluster.submit(workdir, "spec.yaml", "--no-final")
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
-    assert "resuming sweep from s3://embedtune/sweeps/resume-job/tune" in again.stdout
-    _check_sweep(cluster, "resume-job", configs=1, epochs=3)
-
-
 def test_worker_node_killed_trial_retried_on_a_new_worker(cluster: Cluster, tmp_path: Path) -> None:
     workdir = _spec_dir(tmp_path, "node-loss", max_failures=2,
                         search={"epochs": [3], "lr": [5.0e-5], "batch_size": [16]})  # fmt: skip
@@ -609,17 +596,31 @@ def test_two_jobs_submitted_at_once_one_runs_the_other_stops_with_one_line(
     assert not [k for k in cluster.files("sweeps/twin-jobs") if k.endswith("/lock.json")]  # the lease is gone
 
 
-def test_head_lost_with_its_disk_a_new_head_completes_the_resubmitted_job(
+def test_driver_killed_then_head_lost_each_resubmitted_job_resumes_from_s3(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    """The Ray head dies mid-sweep and its disk with it (Ray's temp dir and job packages, Tune's
-    staging dir, embedtune's caches: `cluster_local.py replace-head`); a new head starts against the
-    same S3, PostgreSQL and MLflow, knowing no job, and the same job submitted again completes from
-    S3: one FINISHED run per trial, every epoch reported once."""
-    workdir = _spec_dir(tmp_path, "head-loss", search={"epochs": [3], "lr": [5.0e-5], "batch_size": [16]})
-    job = f"head-{uuid.uuid4().hex[:8]}"
-    assert cluster.submit(workdir, "spec.yaml", "--no-final", wait=False, job_id=job).returncode == 0
-    _wait_epoch(cluster, "head-loss", 1)
+    """Two losses in one sweep, each followed by the same job submitted again. First the driver:
+    the job is stopped (SIGTERM, then SIGKILL) after epoch 1, and the resubmitted job resumes from
+    S3. Then the Ray head dies mid-sweep and its disk with it (Ray's temp dir and job packages,
+    Tune's staging dir, embedtune's caches: `cluster_local.py replace-head`); a new head starts
+    against the same S3, PostgreSQL and MLflow, knowing no job, and the job submitted once more
+    completes from S3: one FINISHED run per trial, every epoch reported once across both losses."""
+    sweep = "resume-job"
+    workdir = _spec_dir(tmp_path, sweep, search={"epochs": [4], "lr": [5.0e-5], "batch_size": [16]})
+    first, second = (f"resume-{i}-{uuid.uuid4().hex[:8]}" for i in range(2))
+    resumed = f"resuming sweep from s3://embedtune/sweeps/{sweep}/tune"
+
+    # 1. the driver is killed after epoch 1; the resubmitted job resumes from S3
+    assert cluster.submit(workdir, "spec.yaml", "--no-final", wait=False, job_id=first).returncode == 0
+    _wait_epoch(cluster, sweep, 1)
+    cluster.jobs().stop_job(first)  # SIGTERM to the driver (then SIGKILL): the driver is gone
+    assert cluster.wait_job(first, 300) == "STOPPED"
+    assert json.loads(cluster.read(f"sweeps/{sweep}/sweep_state.json"))["finished"] is False
+    assert cluster.submit(workdir, "spec.yaml", "--no-final", wait=False, job_id=second).returncode == 0
+
+    # 2. the head is lost with its disk after epoch 2 (two epochs left: the job is still running)
+    _wait_epoch(cluster, sweep, 2)
+    assert resumed in cluster.logs(second), cluster.logs(second)[-4000:]
     models = cluster.state / "ray" / "home" / ".cache" / "embedtune" / "models"  # the head's cache
     temp_dir = Path(json.loads((cluster.state / "state.json").read_text())["services"]["ray"]["temp_dir"])
     sessions = list(temp_dir.glob("session_2*"))  # Ray's session: logs, job packages, Tune's staging dir
@@ -627,9 +628,10 @@ def test_head_lost_with_its_disk_a_new_head_completes_the_resubmitted_job(
     cluster.script("replace-head", "--down-for", "2", timeout=400)
     cluster.refresh()
     assert not models.exists() and not [s for s in sessions if s.exists()]
-    assert job not in {j.submission_id for j in cluster.jobs().list_jobs()}  # the new head knows no job
-    assert json.loads(cluster.read("sweeps/head-loss/sweep_state.json"))["finished"] is False
+    known = {j.submission_id for j in cluster.jobs().list_jobs()}
+    assert not {first, second} & known  # the new head knows no job
+    assert json.loads(cluster.read(f"sweeps/{sweep}/sweep_state.json"))["finished"] is False
     again = cluster.submit(workdir, "spec.yaml", "--no-final")
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
-    assert "resuming sweep from s3://embedtune/sweeps/head-loss/tune" in again.stdout
-    _check_sweep(cluster, "head-loss", configs=1, epochs=3)
+    assert resumed in again.stdout
+    _check_sweep(cluster, sweep, configs=1, epochs=4)

@@ -4,6 +4,7 @@ and in CI (EMBEDTUNE_CI=1) a skip whose reason is not allowed fails the session.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,3 +75,19 @@ def test_netns_lets_every_process_reach_loopback_only(tmp_path: Path) -> None:
         pytest.skip("unshare --net is not allowed here (scripts/netns.sh ran the command without it)")
     assert "loopback: ok" in done.stdout, done.stdout + done.stderr
     assert "off-box: OSError: [Errno 101] Network is unreachable" in done.stdout, done.stdout
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """The README and docs name the test that shows each behaviour (`test_x.py::test_y`): a test
+    renamed or merged must take its mentions along, or a reader looks for a test that is gone."""
+    root = Path(__file__).resolve().parent.parent
+    docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    named = {m for doc in docs for m in re.findall(r"(test_\w+\.py)::(test_\w+)", doc.read_text())}
+    assert len(named) > 20  # the README's fault list alone names more
+    missing = [
+        f"{module}::{name}"
+        for module, name in sorted(named)
+        if not (root / "tests" / module).exists()
+        or not re.search(rf"^def {name}\(", (root / "tests" / module).read_text(), re.M)
+    ]
+    assert not missing, f"named in the docs but not in tests/: {missing}"
