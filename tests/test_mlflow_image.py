@@ -109,7 +109,9 @@ def test_the_requirements_install_by_hash_into_a_fresh_venv(tmp_path: Path) -> N
     # (--isolated: no PIP_* settings; the environment's CA settings stay, for a TLS-inspecting proxy)
     env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "PIP_CONFIG_FILE": os.devnull}
     proc = subprocess.run(
-        [python, "-m", *install, "--isolated", "--index-url", "https://pypi.org/simple", "--disable-pip-version-check"],
+        # --no-compile: no bytecode for the installed modules (CPU time; Python compiles what it imports)
+        [python, "-m", *install, "--isolated", "--index-url", "https://pypi.org/simple", "--disable-pip-version-check",
+         "--no-compile"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
