@@ -34,9 +34,12 @@ rand() { python3 -c 'import secrets; print(secrets.token_urlsafe(32))'; }
 if [ ! -s secrets/mlflow_backend_uri ]; then
   printf '%s\n' "$MLFLOW_BACKEND_URI" > secrets/mlflow_backend_uri
 fi
+# auth_cache_ttl_seconds: a login checked once per minute per server worker, not on every request
+# (each check is a deliberately slow scrypt hash, ~0.1 s of CPU; a sweep makes thousands of
+# requests). A password changed or a user deleted is refused by every worker within that minute.
 if [ ! -s secrets/mlflow_auth.ini ]; then
   password=$(rand)
-  printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = %s\nadmin_username = admin\nadmin_password = %s\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' "$MLFLOW_AUTH_DB_URI" "$password" > secrets/mlflow_auth.ini
+  printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = %s\nadmin_username = admin\nadmin_password = %s\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\nauth_cache_ttl_seconds = 60\n' "$MLFLOW_AUTH_DB_URI" "$password" > secrets/mlflow_auth.ini
 fi
 if [ ! -s secrets/mlflow_client.env ] || grep -q '^MLFLOW_TRACKING_USERNAME=admin$' secrets/mlflow_client.env; then
   printf 'MLFLOW_TRACKING_USERNAME=sweeper\nMLFLOW_TRACKING_PASSWORD=%s\n' "$(rand)" > secrets/mlflow_client.env

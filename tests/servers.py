@@ -80,6 +80,7 @@ class MlflowServer:
                 f"database_uri = sqlite:///{self.auth_dir / 'auth.db'}\n"
                 f"admin_username = {self.auth[0]}\nadmin_password = {self.auth[1]}\n"
                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                "auth_cache_ttl_seconds = 60\n"  # as the cluster's (cluster/make-secrets.sh)
             )
             ini.chmod(0o600)
             args += ["--app-name", "basic-auth"]

@@ -40,7 +40,9 @@ def start_mlflow(state: State) -> dict[str, Any]:
         f"database_uri = postgresql+psycopg2://{PG_DB_USER}@{LOOPBACK}:{pg_port}/mlflow_auth\n"
         f"admin_username = {MLFLOW_ADMIN}\n"
         f"admin_password = {admin_pw}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # as cluster/make-secrets.sh: a login's slow hash checked once a minute per worker, not per request
+        "auth_cache_ttl_seconds = 60\n",
     )
     env = base_env(state, "mlflow")
     env.update(s3_env(state))  # the server does the S3 writes (--serve-artifacts)
