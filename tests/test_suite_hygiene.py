@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from paths import REPO
+
 DEMO = """
 import pytest
 
@@ -80,14 +82,13 @@ def test_netns_lets_every_process_reach_loopback_only(tmp_path: Path) -> None:
 def test_every_test_the_docs_name_exists() -> None:
     """The README and docs name the test that shows each behaviour (`test_x.py::test_y`): a test
     renamed or merged must take its mentions along, or a reader looks for a test that is gone."""
-    root = Path(__file__).resolve().parent.parent
-    docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     named = {m for doc in docs for m in re.findall(r"(test_\w+\.py)::(test_\w+)", doc.read_text())}
     assert len(named) > 20  # the README's fault list alone names more
     missing = [
         f"{module}::{name}"
         for module, name in sorted(named)
-        if not (root / "tests" / module).exists()
-        or not re.search(rf"^def {name}\(", (root / "tests" / module).read_text(), re.M)
+        if not (REPO / "tests" / module).exists()
+        or not re.search(rf"^def {name}\(", (REPO / "tests" / module).read_text(), re.M)
     ]
     assert not missing, f"named in the docs but not in tests/: {missing}"
