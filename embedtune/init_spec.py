@@ -54,6 +54,7 @@ BUDGET_S, FIXED_S = 3600, 600
 TRAIN_PAIRS_PER_S, ENCODE_TEXTS_PER_S = 8.0, 200.0
 EPOCHS = (1, 2, 3)
 TRIALS_PER_MODEL = 3  # whole trials the sizing plans for (auto mode then spends their time)
+SECOND_SEED_TRIALS = 1  # search.second_seed: the best configuration again, after the budget
 MIN_BUDGET_MIN = 5
 MIN_TRAIN_PAIRS = 64
 # DATA's `?key=value` settings written into the spec as given (the sizes are chosen here).
@@ -78,7 +79,12 @@ class Sizing:
     corpus: int
     num_samples: int
     batch_size: int
-    trials_s: float
+    trial_s: float  # one whole trial (max(EPOCHS) epochs, each with its evaluation)
+
+    @property
+    def trials_s(self) -> float:
+        """The trial phase: `num_samples` whole trials, then the second seed's."""
+        return (self.num_samples + SECOND_SEED_TRIALS) * self.trial_s
 
     @property
     def total_s(self) -> float:
@@ -87,8 +93,12 @@ class Sizing:
     @property
     def budget_minutes(self) -> int:
         """search.budget of the written spec: the time `num_samples` whole trials would take (the
-        scheduler stops weak ones early, so more trials fit), within the hour, at least MIN_BUDGET_MIN."""
-        return max(MIN_BUDGET_MIN, math.ceil(min(self.trials_s, BUDGET_S - FIXED_S) / 60))
+        scheduler stops weak ones early, so more trials fit), within the hour less the second seed's
+        trial, at least MIN_BUDGET_MIN."""
+        search_s = min(
+            self.num_samples * self.trial_s, BUDGET_S - FIXED_S - SECOND_SEED_TRIALS * self.trial_s
+        )
+        return max(MIN_BUDGET_MIN, math.ceil(search_s / 60))
 
 
 @dataclass
@@ -164,9 +174,9 @@ def size(spec: DataSpec, n_models: int) -> Sizing:
     counts = held.counts
     num_samples = TRIALS_PER_MODEL * n_models
     eval_texts = counts["eval_questions"] + counts["corpus"]
-    max_train = min(counts["train_pairs"], train_cap(num_samples, eval_texts))
+    max_train = min(counts["train_pairs"], train_cap(num_samples + SECOND_SEED_TRIALS, eval_texts))
     batch_size = 32 if max_train >= 160 else 16  # at least ~10 steps an epoch on small data
-    trials_s = num_samples * max(EPOCHS) * (max_train / TRAIN_PAIRS_PER_S + eval_texts / ENCODE_TEXTS_PER_S)
+    trial_s = max(EPOCHS) * (max_train / TRAIN_PAIRS_PER_S + eval_texts / ENCODE_TEXTS_PER_S)
     return Sizing(
         usable=usable,
         pairs=len(pairs),
@@ -181,7 +191,7 @@ def size(spec: DataSpec, n_models: int) -> Sizing:
         corpus=counts["corpus"],
         num_samples=num_samples,
         batch_size=batch_size,
-        trials_s=trials_s,
+        trial_s=trial_s,
     )
 
 
@@ -319,6 +329,10 @@ def render(
         _c(
             f"  budget: {{minutes: {s.budget_minutes}}}",
             f"trial phase: the time of ~{s.num_samples} whole trials ({TRIALS_PER_MODEL} per model) here",
+        ),
+        _c(
+            "  second_seed: true",
+            "then the best configuration again with seed 43 (one more trial): is the gain real for both seeds?",
         ),
         _c(
             f"  epochs: [{epochs}]", f"one {max(EPOCHS)}-epoch run per trial, checkpointed and scored at each"

@@ -106,7 +106,8 @@ def test_an_auto_sweep_spends_its_epoch_budget_and_a_rerun_spends_nothing(tmp_pa
     from embedtune.sweep.budget import epochs_spent
 
     raw = auto_spec(
-        search={"epochs": [1, 2], "batch_size": [16], "budget": {"trial_epochs": 4}},
+        # the second seed (on in auto mode) trains after the budget: tests/test_second_seed.py
+        search={"epochs": [1, 2], "batch_size": [16], "budget": {"trial_epochs": 4}, "second_seed": False},
         mlflow={"log_models": False},
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
     )

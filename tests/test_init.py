@@ -259,7 +259,7 @@ def test_guess_columns(columns, expected):
 @pytest.mark.slow
 def test_init_spec_runs_as_a_sweep(tmp_path):
     """The spec `init` writes for a CSV of its own, made tiny by a small edit (one model, one
-    auto-searched epoch, 32 training pairs, no final stage), runs with `embedtune sweep`."""
+    auto-searched epoch, 32 training pairs, no second seed, no final stage), runs with `embedtune sweep`."""
     data = _csv(tmp_path / "faq.csv", "User Query", "Best Answer", n=240)
     spec_file = tmp_path / "faq.yaml"
     cli = [sys.executable, "-m", "embedtune.cli"]
@@ -271,7 +271,8 @@ def test_init_spec_runs_as_a_sweep(tmp_path):
     assert raw["search"]["mode"] == "auto" and raw["datasets"][0]["question_column"] == "User Query"
     raw["models"] = ["paraphrase-MiniLM-L3-v2"]
     raw["mining"]["model"] = "paraphrase-MiniLM-L3-v2"
-    raw["search"].update(budget={"trial_epochs": 1}, epochs=[1], loss=["mnrl"])
+    assert raw["search"]["second_seed"] is True  # tested in test_second_seed.py; off here: one trial
+    raw["search"].update(budget={"trial_epochs": 1}, epochs=[1], loss=["mnrl"], second_seed=False)
     raw["datasets"][0].update(max_train_pairs=32, eval_size=40)
     raw["train"]["max_seq_length"] = 64
     raw["mlflow"]["log_models"] = False

@@ -90,3 +90,28 @@ def epoch_entries(
         if ds in picked and (base, epochs) not in have:
             out.setdefault(ds, []).append(tuned_entry(t))
     return out
+
+
+def seed_entries(
+    trials: list[TrialRecord],
+    picked: dict[str, list[ModelEntry]],
+    also: dict[str, list[ModelEntry]] | None = None,
+    metric: str = DEFAULT_SWEEP_METRIC,
+) -> dict[str, list[ModelEntry]]:
+    """Per dataset: the seed twins (same recipe, another seed: `search.second_seed`) of each picked
+    tuned model that neither `picked` nor `also` holds, scored on vector search like `epoch_entries`
+    so the report can compare the seeds of a winner."""
+    by_id = {str(t.trial_id): t for t in trials}
+    usable = [t for t in trials if t.usable(metric)]
+    out: dict[str, list[ModelEntry]] = {}
+    for ds, entries in picked.items():
+        held = {e.trial_id for e in [*entries, *(also or {}).get(ds, [])] if e.trial_id}
+        for e in entries:
+            t = by_id.get(str(e.trial_id)) if e.kind == "tuned" else None
+            if t is None:
+                continue
+            for twin in sorted(usable, key=lambda r: (r.seed, str(r.trial_id))):
+                if twin.recipe == t.recipe and twin.seed != t.seed and twin.trial_id not in held:
+                    held.add(twin.trial_id)
+                    out.setdefault(ds, []).append(tuned_entry(twin))
+    return out

@@ -23,7 +23,7 @@ from embedtune.errors import EmbedtuneError
 from embedtune.final.cross_encoder_early import RerankerJob, reranker_jobs
 from embedtune.final.cross_encoder_gate import GateResult
 from embedtune.final.harm import do_no_harm
-from embedtune.final.pick import epoch_entries, pick_models
+from embedtune.final.pick import epoch_entries, pick_models, seed_entries
 from embedtune.final.registry import log_report, log_report_files, register_winner, standalone_run
 from embedtune.final.serve import serve_datasets
 from embedtune.models import resolve_model
@@ -134,8 +134,8 @@ def evaluate_and_report(
     clock: StageClock | None = None,
     early_cross_encoders: dict[str, tuple[RerankerJob, Path, GateResult | None]] | None = None,
 ) -> FinalResult:
-    """Evaluate `entries` per dataset (and `epoch_models`, see `epoch_entries`, on vector search
-    only), build the report, log and register. Shared by the sweep's final stage and
+    """Evaluate `entries` per dataset (and `epoch_models`, see `epoch_entries` and `seed_entries`,
+    on vector search only), build the report, log and register. Shared by the sweep's final stage and
     `embedtune evaluate`. Each part is timed as a `final/...` stage of `clock`."""
     import pandas as pd
 
@@ -316,6 +316,9 @@ def run_final_stage(
     entries = pick_models(trials, base_models, spec.top_k, spec.metric, spec.mode, datasets=list(datasets))
     entries = {k: v for k, v in entries.items() if k in datasets}
     extra = epoch_entries(trials, entries, spec.metric, spec.mode) if spec.epoch_compare else None
+    twins = seed_entries(trials, entries, extra, spec.metric)  # search.second_seed's, for the report
+    if twins:
+        extra = {ds: [*(extra or {}).get(ds, []), *twins.get(ds, [])] for ds in {*(extra or {}), *twins}}
     final = evaluate_and_report(
         rundir,
         entries,

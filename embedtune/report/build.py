@@ -21,6 +21,7 @@ from embedtune.report.leaderboard import leaderboard, pick_winner
 from embedtune.report.plots import COST_PLOT, plot_best, plot_cost, plot_epochs
 from embedtune.report.probe import probe_all
 from embedtune.report.render import page_blocks, render, with_time_line
+from embedtune.report.seeds import seed_checks
 from embedtune.report.verdict import should_fine_tune
 from embedtune.rundir import RunDir
 from embedtune.specs import SweepSpec
@@ -121,7 +122,7 @@ def build_report(
         sources if sources is not None else dataset_sources(rundir, spec),
         encode_backend,
     )
-    verdicts = should_fine_tune(board, probes, metric)
+    verdicts = should_fine_tune(board, probes, metric, seed_checks(board, trials, dataset_winners, metric))
     harm = store.current_harm(harm or HarmCheck(), dataset_winners)
     for ds, v in verdicts.items():
         mine = harm.for_dataset(ds)

@@ -8,9 +8,9 @@ from embedtune.records import number
 from embedtune.report.fmt import fmt_p
 from embedtune.report.leaderboard import SIGNIFICANCE
 from embedtune.report.probe import seen_verdict
+from embedtune.specs.metrics import WORTH_IT_POINTS
 
 # Verdict thresholds, in points of the leaderboard metric (1 point = 0.01).
-WORTH_IT_POINTS = 3.0  # a gain at least this large is worth a fine-tuning run
 HIGH_ZERO_SHOT = 0.85  # the base model "already handles the data" at or above this score
 LOW_ZERO_SHOT = 0.70  # below this there is room a fine-tune can usually take
 
@@ -21,10 +21,13 @@ def verdict(
     probe: dict[str, Any] | None,
     metric: str,
     p_value: float | None = None,
+    seeds: dict[str, Any] | None = None,
 ) -> str:
     """One line: should this dataset be fine-tuned on, judged from the best base model's zero-shot
     score, the best tuned model's score (and `p_value`, its paired test against its base model: a
-    large gain within noise is not called a reason to fine-tune) and the familiarity probe."""
+    large gain within noise is not called a reason to fine-tune), the winner's second seed when one
+    was trained (`report.seeds`: a gain that does not hold for every seed is not called real) and
+    the familiarity probe."""
     if zero_shot is None:
         return "No base-model score: cannot judge."
     familiar = ""
@@ -50,8 +53,14 @@ def verdict(
                 f"Promising, not proven: the best run gains {shown}, but that is within noise on these "
                 f"questions ({fmt_p(p_value)}); confirm on more held-out questions before relying on it."
             )
+        if seeds is not None and not seeds["holds"]:
+            return (
+                f"Promising, not proven: the best run gains {shown}, but not with every seed "
+                f"({seeds['line']}); train with more seeds before relying on it."
+            )
+        both = f" that holds for every seed (spread {seeds['spread'] * 100:.1f} points)" if seeds else ""
         return f"Fine-tune: the best run gains {shown}" + (
-            f", a real gain ({fmt_p(p_value)})." if p_value is not None else "."
+            f", a real gain ({fmt_p(p_value)}){both}." if p_value is not None else f"{both}."
         )
     why = (
         f"the base model already handles this data ({metric} {zero_shot:.3f}{familiar})"
@@ -63,9 +72,12 @@ def verdict(
     return f"Not worth it: the best run gains only {gain:+.1f} points; {why}."
 
 
-def should_fine_tune(board, probes: dict[str, dict], metric: str) -> dict[str, dict[str, Any]]:
+def should_fine_tune(
+    board, probes: dict[str, dict], metric: str, seeds: dict[str, dict] | None = None
+) -> dict[str, dict[str, Any]]:
     """Per dataset: a row per base model (zero-shot, best tuned, gain, probe) and the verdict line,
-    judged on the vector search without reranker (the embedding model alone) when present."""
+    judged on the vector search without reranker (the embedding model alone) when present, and with
+    the winner's seeds (`report.seeds.seed_checks`) when it has a twin: kept as `seeds`."""
     out = {}
     for ds, rows in board.groupby("dataset", sort=True):
         plain = rows[(rows["query_type"] == "vector") & (rows["reranker"] == "none")]
@@ -91,7 +103,8 @@ def should_fine_tune(board, probes: dict[str, dict], metric: str) -> dict[str, d
         )
         tuned_rows = rows[rows["kind"] == "tuned"].sort_values(metric, ascending=False, kind="stable")
         p_best = number(tuned_rows.iloc[0].get(f"p_{metric}")) if not tuned_rows.empty else None
-        line = verdict(zs_all, tuned_all, best_base["probe"] if best_base else None, metric, p_best)
+        check = (seeds or {}).get(str(ds))
+        line = verdict(zs_all, tuned_all, best_base["probe"] if best_base else None, metric, p_best, check)
         for b in per_base:
             b["seen"] = seen_verdict(b["probe"])
         seen = best_base["seen"] if best_base else None
@@ -102,5 +115,6 @@ def should_fine_tune(board, probes: dict[str, dict], metric: str) -> dict[str, d
             "verdict": line,
             "seen": seen,
             "basis": "vector, no reranker" if not plain.empty else "all query types",
+            "seeds": check,
         }
     return out

@@ -51,6 +51,9 @@ RECORDED_PREFIXES = ("ir_", "triplet_", "train_", "system/rss_mb")
 LOGGED_PREFIXES = ("ir_", "triplet_", "train_loss", "train_samples_per_s", "system/")
 
 HYPERPARAMS = ("epochs", "lr", "batch_size", "warmup_ratio", "seed")  # the search axes
+# A gain at least this large (points of the headline metric, 1 point = 0.01) is worth a fine-tuning
+# run: the report's verdict, and what search.second_seed confirms with another seed.
+WORTH_IT_POINTS = 3.0
 HP_TYPES = {"epochs": int, "lr": float, "batch_size": int, "warmup_ratio": float, "seed": int}
 
 # A trial's last result when it failed in a way a retry would repeat (divergence, bad input): the

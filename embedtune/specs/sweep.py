@@ -119,6 +119,13 @@ class SearchSpace(Strict):
         description="losses to compare, one trial each (a choice when sampling); None: train.loss alone. "
         + LOSS_HELP,
     )
+    second_seed: bool | None = Field(
+        None,
+        description="after the search, train each dataset's best configuration (the best trial that "
+        "beats its base model) again with seed + 1, to the same epoch count, as one more trial each; "
+        "the report gives the spread of the two and calls a gain real only if it holds for both "
+        "seeds. None: on in mode auto, off otherwise (a grid listing several seeds has its twins already)",
+    )
 
     @field_validator("epochs")
     @classmethod
@@ -162,6 +169,10 @@ class SearchSpace(Strict):
             self.budget = Budget(**AUTO_BUDGET)
             self.model_fields_set.add("budget")
         return self
+
+    @property
+    def checks_second_seed(self) -> bool:
+        return self.mode == "auto" if self.second_seed is None else self.second_seed
 
     @property
     def draws(self) -> int:
@@ -333,6 +344,13 @@ class SweepSpec(Strict):
         labels = [d.label for d in self.datasets]
         if len(set(labels)) != len(labels):
             raise ValueError(f"dataset labels must be unique (got {labels}); set 'name' on each dataset")
+        for i, ood in enumerate(self.final.ood):
+            unknown = [x for x in ood.in_domain_for if x not in labels]
+            if unknown:
+                raise ValueError(
+                    f"final.ood.{i}.in_domain_for names {', '.join(map(repr, unknown))}, not a dataset of "
+                    f"this sweep (its labels: {', '.join(labels)})"
+                )
         return self
 
     @field_validator("train")

@@ -14,7 +14,7 @@ from typing import Any
 from embedtune import storage
 from embedtune.records import TrialRecord
 from embedtune.rundir import RunDir
-from embedtune.specs import SweepSpec
+from embedtune.specs import Resources, SweepSpec
 from embedtune.sweep import preflight as pf
 from embedtune.sweep.budget import Left
 from embedtune.sweep.budget import left as budget_left
@@ -22,6 +22,7 @@ from embedtune.sweep.identity import ConfigHasher, is_done, trial_configs
 from embedtune.sweep.inputs import Inputs
 from embedtune.sweep.parent_run import Tracking
 from embedtune.sweep.results import collect_trials, done_configs, done_runs, merge_records, tune_score
+from embedtune.sweep.second_seed import twin_configs, twin_resources
 from embedtune.sweep.trainable import TrialPayload, run_trial
 from embedtune.sweep.tuner import build_tuner
 from embedtune.tracking import client as mlc
@@ -101,16 +102,16 @@ class TrialsStep:
     def path(self, name: str) -> str:
         return storage.join(self.storage, name)
 
-    def trainable(self, skip: set[str]):
+    def trainable(self, skip: set[str], resources: Resources | None = None):
         from dataclasses import replace
 
         from ray import tune
 
+        resources = resources or self.spec.resources
         scores = {r.config_hash: tune_score(r, self.spec) for r in self.records}
-        payload = replace(self.payload, skip={h: scores.get(h, 0.0) for h in skip})
+        payload = replace(self.payload, skip={h: scores.get(h, 0.0) for h in skip}, resources=resources)
         return tune.with_resources(
-            tune.with_parameters(run_trial, payload=payload),
-            {"cpu": self.spec.resources.cpu, "gpu": self.spec.resources.gpu},
+            tune.with_parameters(run_trial, payload=payload), {"cpu": resources.cpu, "gpu": resources.gpu}
         )
 
     def save(self, new: list[TrialRecord]) -> None:
@@ -151,8 +152,12 @@ class TrialsStep:
         n_todo: int,
         attempted: list[TrialRecord],
         budget: Left | None = None,
+        scheduled: bool = True,
+        resources: Resources | None = None,
     ) -> None:
-        """Run what is left as a new Tune experiment (`budget`: what an auto sweep may spend)."""
+        """Run what is left as a new Tune experiment (`budget`: what an auto sweep may spend;
+        `scheduled` False: no early stopping, every trial runs to its end; `resources`: each trial's,
+        instead of the spec's)."""
         name = self.state.next_experiment()
         self.state.save(self.rundir)
         skip = done_configs(self.records) | {r.config_hash for r in attempted} if todo is None else set()
@@ -162,7 +167,15 @@ class TrialsStep:
         else:
             log.info("searching (auto) as Tune experiment %s until %s are spent", name, budget.text)
         tuner = build_tuner(
-            self.spec, self.trainable(skip), self.storage, callback, name, todo, n_todo, budget
+            self.spec,
+            self.trainable(skip, resources),
+            self.storage,
+            callback,
+            name,
+            todo,
+            n_todo,
+            budget,
+            scheduled,
         )
         with self.timed():
             new = _fit(tuner, self.path(name), self.spec, self.inputs, callback, skip)
@@ -189,7 +202,8 @@ class TrialsStep:
                 self.rundir,
                 n_todo,
             )
-        if not (restore_path or n_todo):
+        twins = twin_configs(spec, self.records, self.inputs.hasher)  # left by an earlier run
+        if not (restore_path or n_todo or twins):
             return False
         state.trials_done = False
         state.save(self.rundir)
@@ -206,6 +220,7 @@ class TrialsStep:
                     )
                 if n_todo:
                     self.run_new(todo, n_todo, attempted, budget)
+                self.run_second_seed()
             except KeyboardInterrupt:
                 self._close_interrupted()
                 raise KeyboardInterrupt from None
@@ -217,6 +232,26 @@ class TrialsStep:
         if replayed:
             log.info("replayed %d kept MLflow record(s)", replayed)
         return True
+
+    def run_second_seed(self) -> None:
+        """`search.second_seed`: each dataset's best configuration again with another seed, as one
+        Tune experiment without early stopping (a twin is judged against its original, not ranked
+        against the other twins)."""
+        twins = twin_configs(self.spec, self.records, self.inputs.hasher)
+        if not twins:
+            return
+        import ray
+
+        nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources().get("CPU", 0.0)
+        resources = twin_resources(self.spec, len(twins), max(nodes, default=0.0), total)
+        log.info(
+            "second seed: training the best configuration of %s again (seed %s; %g CPU each)",
+            ", ".join(str(c["dataset"]) for c in twins),
+            ", ".join(str(c["seed"]) for c in twins),
+            resources.cpu,
+        )
+        self.run_new(twins, len(twins), [], scheduled=False, resources=resources)
 
     def _close_interrupted(self) -> None:
         t = self.tracking

@@ -53,10 +53,12 @@ def build_tuner(
     configs: list[dict[str, Any]] | None = None,
     num_samples: int | None = None,
     budget: Left | None = None,
+    scheduled: bool = True,
 ):
     """A Tuner over `configs` (grid mode: an explicit list, each run once) or, for sampled modes
     (`configs` None), `num_samples` draws from the spec's space, ended early (auto mode) when
-    `budget` is spent: its epochs by a stopper, its seconds by Tune's time budget."""
+    `budget` is spent: its epochs by a stopper, its seconds by Tune's time budget. `scheduled`
+    False: no scheduler (every trial runs to its end)."""
     from ray import tune
     from ray.tune.search import create_searcher
 
@@ -77,7 +79,7 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=spec.scheduler.tune_metric,
             mode=spec.scheduler.mode,
-            scheduler=scheduler_for(spec),
+            scheduler=scheduler_for(spec) if scheduled else None,
             search_alg=search_alg,
             num_samples=samples,
             max_concurrent_trials=None if configs is not None else spec.max_concurrent_trials,
