@@ -33,6 +33,9 @@ from embedtune.specs import DataSpec
 SAMPLES = {
     "medquad-sample": "medquad_sample.jsonl.gz",
     "squad-sample": "squad_sample.jsonl.gz",
+    # 1,000 SQuAD train paragraphs, one question each: an out-of-domain set (final.ood) with the
+    # power to see a 1-point loss (the SQuAD sample's 1,203 questions share 216 paragraphs)
+    "squad-paragraphs-sample": "squad_paragraphs_sample.jsonl.gz",
     "scifact-sample": "scifact_sample",  # a BEIR folder: out-of-domain checks (final.ood)
 }
 # Bump when the split or corpus construction changes, so every derived artefact is re-made.

@@ -110,6 +110,21 @@ class TrialRecord:
         """The Tune trial that trained this record (its MLflow run's trial tag)."""
         return self.tune_trial_id or self.trial_id
 
+    @property
+    def recipe(self) -> tuple:
+        """Everything of its config but the seed: trials with the same recipe and different seeds
+        are seed twins (`search.second_seed`)."""
+        return (
+            str(self.model),
+            str(self.dataset),
+            int(self.epochs),
+            float(self.lr),
+            int(self.batch_size),
+            float(self.warmup_ratio),
+            self.loss,
+            self.lr_schedule,
+        )
+
     def score(self, metric: str) -> float | None:
         """`metric` at the best epoch."""
         return number(self.best_metrics.get(metric))
@@ -244,6 +259,7 @@ class HarmCheck:
     rows: list[HarmRow] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)  # the OOD evaluation rows
     hits: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # ood -> model -> per-query
+    not_checked: dict[str, str] = field(default_factory=dict)  # dataset -> why its winner was not checked
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> HarmCheck:

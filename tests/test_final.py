@@ -416,6 +416,35 @@ def test_final_spec_takes_ood_data_specs():
     assert FinalSpec().ood == []
 
 
+def test_the_default_runs_winners_are_each_checked_on_an_ood_set_of_1000_questions_and_documents():
+    """sweeps/local.yaml: every dataset's winner meets at least one out-of-domain set with >= 1,000
+    questions and >= 1,000 documents (power to see a 1-point loss), never its own domain's; a set
+    declared in a dataset's domain (`in_domain_for`) is skipped for it, and naming a dataset the
+    sweep does not have is a clear error."""
+    from paths import REPO
+
+    from embedtune.data import prepare_ood
+    from embedtune.errors import EmbedtuneError
+    from embedtune.final.harm import own_data
+    from embedtune.specs import load_spec, parse_spec
+
+    spec = load_spec(REPO / "sweeps" / "local.yaml")
+    sources = {d.label: [d.source] for d in spec.datasets}
+    sets = {o.label: prepare_ood(o, spec.final.ood_max_corpus) for o in spec.final.ood}
+    wiki = sets["squad-wiki"]
+    assert len(wiki.queries) == len(wiki.corpus) == 1000  # one question per paragraph
+    for ds in sources:
+        checked = [o for o in spec.final.ood if not own_data(o, ds, sources)]
+        big = [o.label for o in checked if min(len(sets[o.label].queries), len(sets[o.label].corpus)) >= 1000]
+        assert big, (ds, [o.label for o in checked])
+    assert {o.label for o in spec.final.ood if own_data(o, "squad", sources)} == {"squad-wiki"}
+    assert {o.label for o in spec.final.ood if own_data(o, "medquad", sources)} == {"medquad-ood"}
+    raw = spec.model_dump(exclude_unset=True)
+    raw["final"]["ood"][1]["in_domain_for"] = ["wikipedia"]
+    with pytest.raises(EmbedtuneError, match=r"final.ood.1.in_domain_for names 'wikipedia', not a dataset"):
+        parse_spec(raw)
+
+
 def test_ood_data_from_beir_caps_the_corpus_and_keeps_relevant_docs():
     from embedtune.data import prepare_ood as ood_data
 
@@ -559,6 +588,31 @@ def test_do_no_harm_flags_a_harmed_winner_end_to_end(tmp_path, small_data):
     (run_dir / "report" / "leaderboard.md").unlink()
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report" / "leaderboard.md").read_text() == md
+
+
+def test_only_winners_that_are_served_or_registered_are_checked_for_harm():
+    """A dataset winner whose gain is not worth fine-tuning (its base model is served) and that is
+    not the run's registered winner gets no do-no-harm check: its forgetting line says why."""
+    import pandas as pd
+
+    from embedtune.final.harm import NOT_RECOMMENDED, harm_pairs
+    from embedtune.records import HarmCheck
+    from embedtune.report.render import forgetting_line
+
+    big, entries = _harm_results("/m/base", "/m/tuned")  # medquad: +0.10 MRR@10
+    small = big.assign(dataset="squad")
+    small.loc[small["kind"] == "tuned", "mrr_at_10"] = 0.41  # +1 point: "Not worth it"
+    results = pd.concat([big, small], ignore_index=True)
+    entries["squad"] = entries["medquad"]
+    skipped: dict[str, str] = {}
+    pairs = harm_pairs(results, [], entries, "mrr_at_10", skipped)
+    assert [ds for ds, _, _ in pairs] == ["medquad"] and skipped == {"squad": NOT_RECOMMENDED}
+    line = forgetting_line(
+        HarmCheck(not_checked=skipped).for_dataset("squad"), "mrr_at_10", why=skipped["squad"]
+    )
+    assert line == f"**Forgetting:** not checked ({NOT_RECOMMENDED})."
+    alone = harm_pairs(small, [], {"squad": entries["squad"]}, "mrr_at_10")  # the registered winner
+    assert [ds for ds, _, _ in alone] == ["squad"]
 
 
 def test_a_missing_ood_set_fails_before_any_evaluation(tmp_path):

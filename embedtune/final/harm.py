@@ -1,7 +1,8 @@
 """Do no harm: does fine-tuning make a dataset's winner worse on data from other domains?
 
-Only when `final.ood` names out-of-domain data specs: each dataset's winner and its base model are
-scored on every OOD set (`data.prepare_ood`: all questions are queries; vector search via
+Only when `final.ood` names out-of-domain data specs: each dataset's winner that is used (served:
+its verdict is to fine-tune; or the run's registered winner) and its base model are scored on every
+OOD set (`data.prepare_ood`: all questions are queries; vector search via
 `evaluate_models`), compared query by query (`harm_check`: paired bootstrap interval, exact McNemar p
 from `embedtune.stats`) and flagged "harm" on a significant drop. The result (`HarmCheck`) is stored
 with the report as `report/harm.json`, which every rebuild turns into a "Do no harm" table.
@@ -16,7 +17,7 @@ from embedtune.data import prepare_ood
 from embedtune.errors import EmbedtuneError
 from embedtune.evaluate import evaluate_models
 from embedtune.records import HarmCheck, HarmRow, ModelEntry, TrialRecord
-from embedtune.specs import DataSpec, EvalSpec, FinalSpec
+from embedtune.specs import EvalSpec, FinalSpec, OodSpec
 from embedtune.stats import N_BOOT
 
 log = logging.getLogger(__name__)
@@ -94,18 +95,39 @@ def harm_check(
     }
 
 
-def harm_pairs(results, trials: list[TrialRecord], entries: dict[str, list[ModelEntry]], metric: str):
-    """(training dataset, base entry, winner entry) per dataset whose winner (the report's
-    `pick_winner`: the best tuned row that beats its base) is a tuned model."""
-    from embedtune.report.leaderboard import PER_QUERY, leaderboard, pick_winner
+NOT_RECOMMENDED = "fine-tuning is not recommended here, so the base model is served (see the verdict)"
 
-    # Only the winner is needed here: without per-query values the leaderboard skips the bootstrap
-    # (the report computes the intervals once).
-    board = leaderboard(results.drop(columns=[PER_QUERY], errors="ignore"), trials, metric)
+
+def harm_pairs(
+    results,
+    trials: list[TrialRecord],
+    entries: dict[str, list[ModelEntry]],
+    metric: str,
+    skipped: dict[str, str] | None = None,
+):
+    """(training dataset, base entry, winner entry) per dataset whose winner (the report's
+    `pick_winner`: the best tuned row that beats its base) is a tuned model that is used: served
+    (its verdict is to fine-tune, `report.verdict`) or the run's registered winner
+    (`report.build.overall_winner`). A winner that is neither is left out, with the reason in
+    `skipped` (dataset -> why)."""
+    from embedtune.final.serve import FINE_TUNE
+    from embedtune.report.build import overall_winner
+    from embedtune.report.leaderboard import leaderboard, pick_winner
+    from embedtune.report.seeds import seed_checks
+    from embedtune.report.verdict import should_fine_tune
+
+    board = leaderboard(results, trials, metric)  # with per-query values: the verdict's p-values
+    winners = {str(ds): pick_winner(rows, metric) for ds, rows in board.groupby("dataset", sort=True)}
+    verdicts = should_fine_tune(board, {}, metric, seed_checks(board, trials, winners, metric))
+    top = overall_winner(board, winners, metric) or {}
+    registered = (str(top.get("dataset")), top.get("model"))
     out = []
-    for ds, rows in board.groupby("dataset", sort=True):
-        w = pick_winner(rows, metric)
+    for ds, w in sorted(winners.items()):
         if not w or w.get("kind") != "tuned":
+            continue
+        if not verdicts[ds]["verdict"].startswith(FINE_TUNE) and (ds, w.get("model")) != registered:
+            if skipped is not None:
+                skipped[ds] = NOT_RECOMMENDED
             continue
         by_label = {e.label: e for e in entries.get(str(ds), [])}
         tuned, base = by_label.get(w["model"]), by_label.get(w["base_model"])
@@ -118,10 +140,10 @@ def harm_pairs(results, trials: list[TrialRecord], entries: dict[str, list[Model
     return out
 
 
-def own_data(ood: DataSpec, dataset: str, sources: dict[str, list[str]]) -> bool:
-    """Whether the out-of-domain set `ood` is the training data of `dataset` itself (then it is in
-    domain for that dataset's winner, and not a harm check for it)."""
-    return ood.label == dataset or ood.source in sources.get(dataset, [])
+def own_data(ood: OodSpec, dataset: str, sources: dict[str, list[str]]) -> bool:
+    """Whether the out-of-domain set `ood` is the training data of `dataset` itself, or declared in
+    its domain (`in_domain_for`): then it is no harm check for that dataset's winner."""
+    return dataset in ood.in_domain_for or ood.label == dataset or ood.source in sources.get(dataset, [])
 
 
 def do_no_harm(
@@ -134,11 +156,13 @@ def do_no_harm(
 ) -> HarmCheck:
     """Score each dataset's winner and its base model on every out-of-domain set of `spec.ood`
     (vector search, no reranker) and compare them query by query on the headline metric
-    (`harm_check`). `entries` hold resolved model paths; `sources` (dataset label -> its sources)
+    (`harm_check`): the winners that are used (`harm_pairs`); the others are named in
+    `not_checked`. `entries` hold resolved model paths; `sources` (dataset label -> its sources)
     lets a sweep list all its datasets as OOD sets: each winner is checked on the others only."""
     sources = sources or {}
     metric = spec.leaderboard_metric
-    pairs = harm_pairs(results, trials, entries, metric)
+    skipped: dict[str, str] = {}
+    pairs = harm_pairs(results, trials, entries, metric, skipped)
     ood_spec = EvalSpec(
         query_types=["vector"],
         rerankers=["none"],
@@ -146,7 +170,9 @@ def do_no_harm(
         batch_size=spec.eval.batch_size,
         max_seq_length=spec.eval.max_seq_length,
     )
-    out = HarmCheck(metric=metric, alpha=spec.harm_alpha, test=_TEST[metric.startswith("hit_at_")])
+    out = HarmCheck(
+        metric=metric, alpha=spec.harm_alpha, test=_TEST[metric.startswith("hit_at_")], not_checked=skipped
+    )
     start = time.perf_counter()
     for ood in spec.ood if pairs else []:
         checked = [(ds, base, tuned) for ds, base, tuned in pairs if not own_data(ood, ds, sources)]

@@ -258,12 +258,12 @@ def forgetting_set(row: HarmRow, metric: str) -> str:
     return f"{row.ood} {', '.join(shown)} ({size}): {'**harm**' if verdict == 'harm' else verdict}"
 
 
-def forgetting_line(rows: list[HarmRow], metric: str, alpha: float = 0.05) -> str:
+def forgetting_line(rows: list[HarmRow], metric: str, alpha: float = 0.05, why: str | None = None) -> str:
     """Do no harm in one line: per out-of-domain set, the winner's change against its base model in
     points with its paired-bootstrap interval, and a verdict that says "cannot tell" when the
-    interval cannot rule out a loss of 1 point."""
+    interval cannot rule out a loss of 1 point. Without rows: not checked, and `why`."""
     if not rows:
-        return "**Forgetting:** not checked (no out-of-domain set in `final.ood`)."
+        return f"**Forgetting:** not checked ({why or 'no out-of-domain set in `final.ood`'})."
     level = f"{round((1 - alpha) * 100):d}%"
     return (
         f"**Forgetting** (winner − base out of domain, in points ×100 [{level} paired-bootstrap interval]): "
@@ -273,8 +273,9 @@ def forgetting_line(rows: list[HarmRow], metric: str, alpha: float = 0.05) -> st
 
 
 def summary_items(ds: str, winner, metric: str, advice, verdict, harm: HarmCheck) -> list[str]:
-    """The answer for one dataset in at most five lines: best setup with its interval, gain over
-    base with p and whether fine-tuning was worth it, recommended epochs, already seen, forgetting."""
+    """The answer for one dataset in at most six lines: best setup with its interval, gain over
+    base with p and whether fine-tuning was worth it, the winner's seeds when a second one was
+    trained, recommended epochs, already seen, forgetting."""
     items = []
     if winner:
         items.append(
@@ -286,14 +287,16 @@ def summary_items(ds: str, winner, metric: str, advice, verdict, harm: HarmCheck
         d, p = number((winner or {}).get(f"delta_{metric}")), number((winner or {}).get(f"p_{metric}"))
         gain = f"{d:+.3f} over `{winner['base_model']}` ({fmt_p(p)}); " if d is not None and winner else ""
         items.append(f"**Gain:** {gain}fine-tuning worth it? **{words}**")
+    if verdict and verdict.get("seeds"):
+        items.append(f"**Seeds:** {verdict['seeds']['line']}.")
     if advice:
         mine = next((a for a in advice if winner and a["base_model"] == winner.get("base_model")), advice[0])
         how = "best beyond noise" if mine["named_best"] else "fewest within noise of the best"
         items.append(f"**Epochs:** {mine['recommended_epochs']} ({how}, `{mine['base_model']}`)")
     if verdict and verdict.get("seen"):
         items.append(verdict["seen"].split(" (")[0].rstrip(".") + ".")
-    items.append(forgetting_line(harm.for_dataset(ds), harm.metric, harm.alpha))
-    return items[:5]
+    items.append(forgetting_line(harm.for_dataset(ds), harm.metric, harm.alpha, harm.not_checked.get(ds)))
+    return items[:6]
 
 
 EDGE_LABEL = "**Edge of the search:**"
@@ -302,7 +305,7 @@ EDGE_LABEL = "**Edge of the search:**"
 def summary_blocks(
     board, metric: str, dataset_winners, verdicts, epochs, harm: HarmCheck, gates, edges=None
 ) -> list[Block]:
-    """The summary: per dataset its five lines (`summary_items`), then one line per searched axis
+    """The summary: per dataset its lines (`summary_items`), then one line per searched axis
     whose best value sat at the edge of the search (`report.edges`)."""
     blocks = [heading("Summary")]
     for ds in sorted(str(d) for d in board["dataset"].unique()):

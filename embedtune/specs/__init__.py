@@ -2,7 +2,7 @@
 layer, imported by each stage, importing none of them."""
 
 from embedtune.specs.data import DataSpec
-from embedtune.specs.evaluation import EncodeBackend, EvalSpec, FinalSpec, QueryType, RerankerName
+from embedtune.specs.evaluation import EncodeBackend, EvalSpec, FinalSpec, OodSpec, QueryType, RerankerName
 from embedtune.specs.load import load_spec, parse_spec
 from embedtune.specs.sweep import (
     CheckpointSpec,
@@ -25,6 +25,7 @@ __all__ = [
     "FinalSpec",
     "MiningSpec",
     "MlflowSpec",
+    "OodSpec",
     "QueryType",
     "RaySpec",
     "RerankerName",

@@ -17,6 +17,17 @@ RerankerName = Literal["none", "rrf", "linear", "cross-encoder"]
 EncodeBackend = Literal["auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8"]
 
 
+class OodSpec(DataSpec):
+    """An out-of-domain set of `final.ood`: a data spec, and the datasets it is in the domain of."""
+
+    in_domain_for: list[str] = Field(
+        default_factory=list,
+        description="dataset labels whose winners are not checked on this set (it is their domain: "
+        "e.g. other SQuAD paragraphs for a SQuAD-trained winner); a set whose label or source is a "
+        "dataset's own is skipped for it anyway",
+    )
+
+
 class EvalSpec(Strict):
     """What to evaluate. Combinations a reranker does not apply to (see `embedtune.rerank`) are skipped."""
 
@@ -105,7 +116,7 @@ class FinalSpec(Strict):
         "its whole corpus embedded with the recommended model, searchable by text (embedtune search)",
     )
     probe_size: int = Field(200, ge=0, description="questions sampled for the 'should you fine-tune?' probe")
-    ood: list[DataSpec] = Field(
+    ood: list[OodSpec] = Field(
         default_factory=list,
         description="out-of-domain sets (pair files or BEIR folders) the winner must not get worse on: the "
         "do-no-harm check scores the winner and its base model on each (vector search)",
@@ -116,6 +127,19 @@ class FinalSpec(Strict):
         description="documents per out-of-domain corpus at most (relevant ones always kept); null: all",
     )
     harm_alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the do-no-harm flag")
+
+    @field_validator("ood", mode="before")
+    @classmethod
+    def _ood(cls, v):
+        """A plain `DataSpec` (the Python API) is an OOD set in no dataset's domain."""
+        if isinstance(v, list):
+            return [
+                x.model_dump(exclude_unset=True)
+                if isinstance(x, DataSpec) and not isinstance(x, OodSpec)
+                else x
+                for x in v
+            ]
+        return v
 
     @field_validator("leaderboard_metric")
     @classmethod
