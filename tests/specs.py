@@ -11,6 +11,17 @@ TINY_DATA = {
 }
 
 
+# A final stage reduced to vector search on the datasets themselves: no cross-encoder, registry,
+# probe or runners-up (what a test of the trials' side of a sweep needs).
+VECTOR_ONLY_FINAL = {
+    "cross_encoder": None,
+    "registry": False,
+    "probe_size": 0,
+    "top_k": 0,
+    "eval": {"query_types": ["vector"], "rerankers": ["none"]},
+}
+
+
 def tiny_spec(name: str, **overrides) -> dict:
     raw = {
         "name": name,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from specs import TINY_DATA, tiny_spec
+from specs import TINY_DATA, VECTOR_ONLY_FINAL, tiny_spec
 
 from embedtune.records import EpochPoint, TrialRecord
 from embedtune.report.seeds import seed_checks
@@ -150,14 +150,7 @@ def test_a_sweep_trains_the_winner_again_with_a_second_seed_and_the_report_compa
         train={"max_seq_length": 96},
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
         mlflow={"log_models": False},
-        final={
-            "cross_encoder": None,
-            "registry": False,
-            "serve": False,
-            "probe_size": 0,
-            "top_k": 0,
-            "eval": {"query_types": ["vector"], "rerankers": ["none"]},
-        },
+        final={**VECTOR_ONLY_FINAL, "serve": False},
     )
     spec = parse_spec(raw)
     result = run_sweep(spec, tmp_path / "run")

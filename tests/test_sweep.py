@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 from mlflow import MlflowClient
-from specs import tiny_spec
+from specs import VECTOR_ONLY_FINAL, tiny_spec
 
 from embedtune import ray_env
 from embedtune.errors import EmbedtuneError
@@ -328,13 +328,7 @@ def test_poisoned_trial_fails_alone_and_failed_final_stage_is_redone(tmp_path: P
         "finalfail",
         search={"epochs": [1], "batch_size": [16]},
         max_failures=2,
-        final={
-            "cross_encoder": None,
-            "registry": False,
-            "probe_size": 0,
-            "top_k": 0,
-            "eval": {"query_types": ["vector"], "rerankers": ["none"]},
-        },
+        final=VECTOR_ONLY_FINAL,
     )
     spec = parse_spec(raw)
     real_final = embedtune.final.run_final_stage

@@ -95,7 +95,7 @@ def harm_check(
     }
 
 
-NOT_RECOMMENDED = "fine-tuning is not recommended here, so the base model is served (see the verdict)"
+NOT_RECOMMENDED = "fine-tuning is not recommended here: the base model is served, see the verdict"
 
 
 def harm_pairs(
