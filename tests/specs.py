@@ -38,3 +38,24 @@ def tiny_spec(name: str, **overrides) -> dict:
     if isinstance(raw.get("search"), dict):  # the full small grid unless a test names its mode
         raw["search"] = {"mode": "grid", **raw["search"]}
     return raw
+
+
+def trial_record(trial_id: str, **fields):
+    """A `TrialRecord` for tests of the driver's and the final stage's own logic: a finished 1-epoch
+    trial of paraphrase-MiniLM-L3-v2 on medquad unless `fields` say otherwise."""
+    from embedtune.records import TrialRecord
+
+    values = {
+        "trial_id": trial_id,
+        "config_hash": f"h-{trial_id}",
+        "model": "paraphrase-MiniLM-L3-v2",
+        "model_label": "paraphrase-MiniLM-L3-v2",
+        "dataset": "medquad",
+        "epochs": 1,
+        "lr": 5e-5,
+        "batch_size": 16,
+        "warmup_ratio": 0.1,
+        "seed": 42,
+        "status": "FINISHED",
+    }
+    return TrialRecord(**{**values, **fields})

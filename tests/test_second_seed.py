@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from specs import TINY_DATA, VECTOR_ONLY_FINAL, tiny_spec
+from specs import TINY_DATA, VECTOR_ONLY_FINAL, tiny_spec, trial_record
 
 from embedtune.records import EpochPoint, TrialRecord
 from embedtune.report.seeds import seed_checks
@@ -19,26 +19,11 @@ from embedtune.sweep.identity import ConfigHasher, grid_configs
 
 
 def _record(trial_id: str, seed: int, score: float, base: float = 0.5, **kw) -> TrialRecord:
+    history = [EpochPoint(0, {"ir_mrr_at_10": base}), EpochPoint(1, {"ir_mrr_at_10": score})]
     values = dict(
-        trial_id=trial_id,
-        config_hash=f"h-{trial_id}",
-        model="paraphrase-MiniLM-L3-v2",
-        model_label="paraphrase-MiniLM-L3-v2",
-        dataset="medquad",
-        epochs=1,
-        lr=5e-5,
-        batch_size=16,
-        warmup_ratio=0.1,
-        seed=seed,
-        status="FINISHED",
-        epochs_done=1,
-        history=[EpochPoint(0, {"ir_mrr_at_10": base}), EpochPoint(1, {"ir_mrr_at_10": score})],
-        best_epoch=1,
-        best_metrics={"ir_mrr_at_10": score},
-        best_checkpoint=f"/ckpt/{trial_id}",
+        seed=seed, epochs_done=1, history=history, best_epoch=1, best_metrics={"ir_mrr_at_10": score}
     )
-    values.update(kw)
-    return TrialRecord(**values)
+    return trial_record(trial_id, **{**values, "best_checkpoint": f"/ckpt/{trial_id}", **kw})
 
 
 def test_twin_of_each_datasets_best_gaining_trial_has_its_identity_but_the_seed():

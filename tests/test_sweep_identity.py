@@ -10,7 +10,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from specs import TINY_DATA, tiny_spec
+from specs import TINY_DATA, tiny_spec, trial_record
 
 from embedtune.records import TrialRecord
 from embedtune.specs import parse_spec
@@ -105,19 +105,7 @@ def test_grid_configs_run_as_an_explicit_tune_space() -> None:
 
 def test_merge_records_keeps_one_record_per_config() -> None:
     def rec(h, tid, status):
-        return TrialRecord(
-            trial_id=tid,
-            config_hash=h,
-            model="m",
-            model_label="m",
-            dataset="d",
-            epochs=1,
-            lr=1e-5,
-            batch_size=16,
-            warmup_ratio=0.1,
-            seed=42,
-            status=status,
-        )
+        return trial_record(tid, config_hash=h, status=status)
 
     old = [rec("a", "t1", "FINISHED"), rec("b", "t2", "FAILED"), rec("c", "t3", "KILLED")]
     new = [rec("b", "t4", "FINISHED"), rec("c", "t5", "FAILED"), rec("d", "t6", "FINISHED")]
