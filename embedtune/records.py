@@ -110,6 +110,13 @@ class TrialRecord:
         """The Tune trial that trained this record (its MLflow run's trial tag)."""
         return self.tune_trial_id or self.trial_id
 
+    @staticmethod
+    def best_first(metric: str, mode: str = "max"):
+        """Sort key that puts the best trial first: its `metric` at its best epoch (highest for mode
+        max), then fewer epochs, then trial id, so the same trials always sort alike."""
+        sign = -1.0 if mode == "max" else 1.0
+        return lambda t: (sign * t.score(metric), int(t.best_epoch or 0), str(t.trial_id))
+
     @property
     def recipe(self) -> tuple:
         """Everything of its config but the seed: trials with the same recipe and different seeds

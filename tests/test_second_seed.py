@@ -43,7 +43,8 @@ def test_twin_of_each_datasets_best_gaining_trial_has_its_identity_but_the_seed(
         lr_schedule="constant_with_warmup",
     )  # fmt: skip
     below = _record("b", 42, 0.40, dataset="other", config_hash="x")  # loses to its base: no twin
-    assert best_per_dataset([one, two, below], "ir_mrr_at_10") == [two]
+    failed = _record("f", 42, 0.9, status="FAILED", best_checkpoint=None)  # never picked
+    assert best_per_dataset([failed, one, two, below], "ir_mrr_at_10") == [two]
     (twin,) = twin_configs(spec, [one, two, below], hasher)
     assert twin["seed"] == 43 and twin["epochs"] == 2 and twin["branch_epochs"] == "2"
     assert {k: v for k, v in twin.items() if k not in ("seed", "config_hash", "branch_epochs")} == {

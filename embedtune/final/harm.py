@@ -110,7 +110,7 @@ def harm_pairs(
     (its verdict is to fine-tune, `report.verdict`) or the run's registered winner
     (`report.build.overall_winner`). A winner that is neither is left out, with the reason in
     `skipped` (dataset -> why)."""
-    from embedtune.final.serve import FINE_TUNE
+    from embedtune.final.serve import serves_winner
     from embedtune.report.build import overall_winner
     from embedtune.report.leaderboard import leaderboard, pick_winner
     from embedtune.report.seeds import seed_checks
@@ -125,7 +125,7 @@ def harm_pairs(
     for ds, w in sorted(winners.items()):
         if not w or w.get("kind") != "tuned":
             continue
-        if not verdicts[ds]["verdict"].startswith(FINE_TUNE) and (ds, w.get("model")) != registered:
+        if not serves_winner(w, verdicts[ds]["verdict"]) and (ds, w.get("model")) != registered:
             if skipped is not None:
                 skipped[ds] = NOT_RECOMMENDED
             continue

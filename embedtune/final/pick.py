@@ -30,11 +30,6 @@ def tuned_entry(trial: TrialRecord) -> ModelEntry:
     )
 
 
-def _order(metric: str, mode: str):
-    sign = -1.0 if mode == "max" else 1.0
-    return lambda t: (sign * t.score(metric), int(t.best_epoch or 0), str(t.trial_id))
-
-
 def pick_models(
     trials: list[TrialRecord],
     base_models: list[str],
@@ -46,7 +41,7 @@ def pick_models(
     """Models to evaluate, per dataset label: every base model (kind "base", `path` = the reference
     as given, resolved later), the best trial of each (base model, dataset) and the `top_k` best
     trials overall (see the module docstring)."""
-    order = _order(metric, mode)
+    order = TrialRecord.best_first(metric, mode)
     usable = [t for t in trials if t.usable(metric)]
     chosen: dict[str, TrialRecord] = {}
     groups: dict[tuple[str, str], list[TrialRecord]] = {}

@@ -30,13 +30,19 @@ log = logging.getLogger(__name__)
 FINE_TUNE = "Fine-tune"  # how a verdict line that recommends the tuned model starts (report.verdict)
 
 
+def serves_winner(winner: dict[str, Any] | None, verdict: str) -> bool:
+    """Whether a dataset's winner is the model served for it: a tuned model whose verdict is to
+    fine-tune (otherwise the best base model is)."""
+    return bool(winner) and winner.get("kind") == "tuned" and verdict.startswith(FINE_TUNE)
+
+
 def recommended(final: Any, dataset: str) -> dict[str, Any] | None:
     """The leaderboard row of the model to serve for `dataset`: its winner when the verdict is to
     fine-tune, else the best base model's row (vector search, no reranker, when there is one)."""
     winner = final.dataset_winners.get(dataset)
     verdict = (final.verdicts.get(dataset) or {}).get("verdict", "")
     board = final.leaderboard
-    if winner and winner.get("kind") == "tuned" and verdict.startswith(FINE_TUNE):
+    if serves_winner(winner, verdict):
         return winner
     if board is None or board.empty:
         return None

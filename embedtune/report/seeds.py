@@ -12,6 +12,13 @@ from embedtune.report.fmt import fmt_p
 from embedtune.report.leaderboard import SIGNIFICANCE
 
 
+def real_gain(seed: dict[str, Any]) -> bool:
+    """A seed's gain over the base model is real: positive, with p < 0.05."""
+    return (
+        seed["delta"] is not None and seed["delta"] > 0 and seed["p"] is not None and seed["p"] < SIGNIFICANCE
+    )
+
+
 def seed_checks(board, trials: list[TrialRecord], dataset_winners: dict[str, Any], metric: str) -> dict:
     """Per dataset whose tuned winner has a scored seed twin: `seeds` (one dict per seed, the
     winner's first: seed, model, score, delta, p), `spread` (largest minus smallest score), `holds`
@@ -47,11 +54,7 @@ def seed_checks(board, trials: list[TrialRecord], dataset_winners: dict[str, Any
         if len(seeds) < 2 or any(s["score"] is None for s in seeds):
             continue
         scores = [s["score"] for s in seeds]
-        holds = all(
-            s["delta"] is not None and s["delta"] > 0 and s["p"] is not None and s["p"] < SIGNIFICANCE
-            for s in seeds
-        )
-        check = {"seeds": seeds, "spread": max(scores) - min(scores), "holds": holds}
+        check = {"seeds": seeds, "spread": max(scores) - min(scores), "holds": all(map(real_gain, seeds))}
         out[ds] = {**check, "line": seed_line(check, metric)}
     return out
 
@@ -63,11 +66,7 @@ def seed_line(check: dict[str, Any], metric: str) -> str:
     for s in check["seeds"]:
         gain = f"{s['delta'] * 100:+.1f} points, " if s["delta"] is not None else ""
         shown.append(f"seed {s['seed']} {s['score']:.3f} ({gain}{fmt_p(s['p'])})")
-    weak = [
-        str(s["seed"])
-        for s in check["seeds"]
-        if not (s["delta"] is not None and s["delta"] > 0 and s["p"] is not None and s["p"] < SIGNIFICANCE)
-    ]
+    weak = [str(s["seed"]) for s in check["seeds"] if not real_gain(s)]
     n = len(check["seeds"])
     if check["holds"]:
         tail = f"the gain holds for {'both' if n == 2 else f'all {n}'} seeds"

@@ -22,21 +22,15 @@ log = logging.getLogger(__name__)
 
 def best_per_dataset(records: list[TrialRecord], metric: str, mode: str = "max") -> list[TrialRecord]:
     """Per dataset, the usable trial scoring best on `metric` (absolute, as the report picks its
-    winner) among those that beat their base model; none for a dataset where no trial does."""
+    winner; ties as `pick_models` breaks them) among those that beat their base model; none for a
+    dataset where no trial does."""
     sign = 1.0 if mode == "max" else -1.0
     best: dict[str, TrialRecord] = {}
-    for t in records:
-        score, base = t.score(metric), t.base_score(metric)
-        if not t.usable(metric) or base is None or sign * (score - base) <= 0:
-            continue
-        order = (sign * score, -int(t.best_epoch or 0), str(t.trial_id))
-        held = best.get(str(t.dataset))
-        if held is None or order > (
-            sign * held.score(metric),
-            -int(held.best_epoch or 0),
-            str(held.trial_id),
-        ):
-            best[str(t.dataset)] = t
+    usable = [t for t in records if t.usable(metric)]
+    for t in sorted(usable, key=TrialRecord.best_first(metric, mode)):
+        base = t.base_score(metric)
+        if base is not None and sign * (t.score(metric) - base) > 0:
+            best.setdefault(str(t.dataset), t)
     return [best[k] for k in sorted(best)]
 
 
